@@ -1,0 +1,57 @@
+# Simple Bank: the two commands a newcomer needs are `make run` and `make test`.
+# Everything else here is a thin alias; the real work lives in Python (devstack/, scripts/).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+READY := $(VENV)/.ready
+
+.PHONY: help venv gen check lint test up down run status logs clean-stack
+
+help:
+	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
+	@echo "make test     install what is missing, start what the tests need, run them"
+	@echo "make up/down  start the stack in the background / stop what it started"
+	@echo "make status   what runs;  make logs C=<component>"
+	@echo "make gen      regenerate gen/ from proto/;  make check  buf lint + buf breaking + gen freshness"
+
+# The virtual environment inside the repo (git-ignored); gen/ and the repo root go on its path.
+$(READY): requirements.txt
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q python3-venv)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/simplebank.pth"
+	touch $(READY)
+
+venv: $(READY)
+
+gen: $(READY)
+	$(PY) scripts/gen_protos.py
+
+check: $(READY)
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/buf breaking --against '.git#branch=main'
+	$(PY) scripts/gen_protos.py --check
+
+lint: $(READY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(READY) lint
+	$(PY) -m pytest
+
+up: $(READY)
+	$(PY) -m devstack up
+
+down: $(READY)
+	$(PY) -m devstack down
+
+run: $(READY)
+	$(PY) -m devstack run
+
+status: $(READY)
+	$(PY) -m devstack status
+
+logs: $(READY)
+	$(PY) -m devstack logs $(C)

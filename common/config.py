@@ -1,0 +1,111 @@
+"""The one configuration loader: every setting of the bank comes from an environment variable.
+
+Each setting is declared once below with its variable name, its default for the local stack
+and a line of documentation; `python -m devstack env` prints the table, and the README's
+configuration section is that table. Services and the stack launcher read the same object, so
+a port changed in the environment moves both the process and everything that talks to it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setting(env: str, default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the local stack keeps its data, logs, pids and downloads (git-ignored).
+    stack_dir: str = _setting("BANK_STACK_DIR", str(REPO_ROOT / ".stack"), "local stack state: data, logs, pids, downloads")
+    # Interface the bank's own processes listen on; containers set 0.0.0.0.
+    bind_host: str = _setting("BANK_BIND_HOST", "127.0.0.1", "interface the services, Envoy and infra listen on")
+    log_level: str = _setting("BANK_LOG_LEVEL", "INFO", "default log level of every service (per service: BANK_<SERVICE>_LOG_LEVEL)")
+
+    pg_host: str = _setting("BANK_PG_HOST", "127.0.0.1", "PostgreSQL host")
+    pg_port: int = _setting("BANK_PG_PORT", 5432, "PostgreSQL port")
+    pg_user: str = _setting("BANK_PG_USER", "bank", "PostgreSQL user")
+    pg_password: str = _setting("BANK_PG_PASSWORD", "bank-local-password", "PostgreSQL password (local default only)")
+    pg_database: str = _setting("BANK_PG_DATABASE", "bank", "PostgreSQL database; each service owns one schema in it")
+    pg_pool_min: int = _setting("BANK_PG_POOL_MIN", 2, "connections each service process keeps open")
+    pg_pool_max: int = _setting("BANK_PG_POOL_MAX", 10, "connections each service process may open at most")
+
+    redis_host: str = _setting("BANK_REDIS_HOST", "127.0.0.1", "Redis host")
+    redis_port: int = _setting("BANK_REDIS_PORT", 6379, "Redis port")
+
+    kafka_bootstrap: str = _setting("BANK_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers")
+    kafka_controller_port: int = _setting("BANK_KAFKA_CONTROLLER_PORT", 9093, "Kafka KRaft controller port (local stack)")
+    kafka_version: str = _setting("BANK_KAFKA_VERSION", "4.1.2", "Apache Kafka version fetched from Maven Central")
+
+    cassandra_host: str = _setting("BANK_CASSANDRA_HOST", "127.0.0.1", "Cassandra host")
+    cassandra_port: int = _setting("BANK_CASSANDRA_PORT", 9042, "Cassandra CQL port")
+    cassandra_storage_port: int = _setting("BANK_CASSANDRA_STORAGE_PORT", 7000, "Cassandra internode port (local stack)")
+    cassandra_version: str = _setting("BANK_CASSANDRA_VERSION", "5.0.6", "Apache Cassandra version fetched from Maven Central")
+    cassandra_heap_mb: int = _setting("BANK_CASSANDRA_HEAP_MB", 1024, "Cassandra JVM heap (local stack)")
+
+    smtp_host: str = _setting("BANK_SMTP_HOST", "127.0.0.1", "SMTP server host (Mailpit locally)")
+    smtp_port: int = _setting("BANK_SMTP_PORT", 1025, "SMTP server port")
+    smtp_user: str = _setting("BANK_SMTP_USER", "", "SMTP user (empty: no authentication)")
+    smtp_password: str = _setting("BANK_SMTP_PASSWORD", "", "SMTP password")
+    mailpit_http_port: int = _setting("BANK_MAILPIT_HTTP_PORT", 8025, "Mailpit web UI and HTTP API port")
+
+    prometheus_port: int = _setting("BANK_PROMETHEUS_PORT", 9090, "Prometheus web and API port")
+    envoy_port: int = _setting("BANK_ENVOY_PORT", 8080, "public gateway: REST/JSON and gRPC")
+    envoy_admin_port: int = _setting("BANK_ENVOY_ADMIN_PORT", 9901, "Envoy admin (loopback only)")
+    envoy_route_timeout_s: float = _setting("BANK_ENVOY_ROUTE_TIMEOUT_S", 10.0, "timeout of every Envoy route")
+
+    customer_grpc_port: int = _setting("BANK_CUSTOMER_GRPC_PORT", 50051, "svc_customer gRPC port")
+    account_grpc_port: int = _setting("BANK_ACCOUNT_GRPC_PORT", 50052, "svc_account gRPC port")
+    transfer_grpc_port: int = _setting("BANK_TRANSFER_GRPC_PORT", 50053, "svc_transfer gRPC port")
+    notify_grpc_port: int = _setting("BANK_NOTIFY_GRPC_PORT", 50054, "svc_notify gRPC port")
+    customer_metrics_port: int = _setting("BANK_CUSTOMER_METRICS_PORT", 9101, "svc_customer Prometheus metrics port")
+    account_metrics_port: int = _setting("BANK_ACCOUNT_METRICS_PORT", 9102, "svc_account Prometheus metrics port")
+    transfer_metrics_port: int = _setting("BANK_TRANSFER_METRICS_PORT", 9103, "svc_transfer Prometheus metrics port")
+    notify_metrics_port: int = _setting("BANK_NOTIFY_METRICS_PORT", 9104, "svc_notify Prometheus metrics port")
+    # Where a service reaches another service's gRPC port (internal RPCs, never through Envoy).
+    customer_addr: str = _setting("BANK_CUSTOMER_ADDR", "127.0.0.1:50051", "address other services use for svc_customer")
+    account_addr: str = _setting("BANK_ACCOUNT_ADDR", "127.0.0.1:50052", "address other services use for svc_account")
+    transfer_addr: str = _setting("BANK_TRANSFER_ADDR", "127.0.0.1:50053", "address other services use for svc_transfer")
+    notify_addr: str = _setting("BANK_NOTIFY_ADDR", "127.0.0.1:50054", "address other services use for svc_notify")
+
+    grpc_shutdown_grace_s: float = _setting("BANK_GRPC_SHUTDOWN_GRACE_S", 5.0, "time in-flight RPCs get to finish on SIGTERM")
+    teller_username: str = _setting("BANK_TELLER_USERNAME", "teller", "the local stack's teller login")
+    teller_password: str = _setting("BANK_TELLER_PASSWORD", "teller-local-password", "the local stack's teller password (local default only)")
+
+    @property
+    def pg_conninfo(self) -> str:
+        return (
+            f"host={self.pg_host} port={self.pg_port} user={self.pg_user} "
+            f"password={self.pg_password} dbname={self.pg_database}"
+        )
+
+    def service_log_level(self, service: str) -> str:
+        return os.environ.get(f"BANK_{service.upper()}_LOG_LEVEL", self.log_level).upper()
+
+
+def load(environ: dict[str, str] | None = None) -> Settings:
+    """Build Settings from the environment; unknown BANK_* variables are ignored, bad types fail loudly."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        name = f.metadata["env"]
+        if name not in env:
+            continue
+        raw = env[name]
+        kind = type(f.default)
+        try:
+            values[f.name] = kind(raw) if kind is not str else raw
+        except ValueError as exc:
+            raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
+    return Settings(**values)
+
+
+def documented() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting, in declaration order."""
+    return [(f.metadata["env"], str(f.default), f.metadata["doc"]) for f in fields(Settings)]

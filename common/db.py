@@ -1,0 +1,82 @@
+"""PostgreSQL for a service: one connection pool on the service's own schema, and the numbered
+SQL migrations of that service applied at start (each file once, in order, recorded in
+<schema>.schema_migrations; an advisory lock makes concurrent starts safe)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from psycopg import AsyncConnection, sql
+from psycopg_pool import AsyncConnectionPool
+
+from common.config import Settings
+
+log = logging.getLogger("db")
+
+MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+STATEMENT_TIMEOUT_MS = 5000
+LOCK_TIMEOUT_MS = 2000
+POOL_WAIT_TIMEOUT_S = 5.0
+
+
+def conninfo(settings: Settings, schema: str) -> str:
+    # Every session of a service sees only its schema first, and never waits forever.
+    options = f"-c search_path={schema} -c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}"
+    return f"{settings.pg_conninfo} application_name=svc_{schema} options='{options}'"
+
+
+async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
+    pool = AsyncConnectionPool(
+        conninfo(settings, schema),
+        min_size=settings.pg_pool_min,
+        max_size=settings.pg_pool_max,
+        timeout=POOL_WAIT_TIMEOUT_S,
+        open=False,
+        name=f"svc_{schema}",
+    )
+    await pool.open(wait=True, timeout=30.0)
+    return pool
+
+
+def migration_files(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        match = MIGRATION_NAME.match(path.name)
+        if match is None:
+            raise ValueError(f"migration {path} is not named NNNN_lowercase_words.sql")
+        found.append((int(match.group(1)), path))
+    versions = [v for v, _ in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"two migrations share a number in {directory}")
+    return found
+
+
+async def migrate(pool: AsyncConnectionPool, schema: str, directory: Path) -> list[int]:
+    """Apply the migrations not yet applied, all in one transaction; return their numbers."""
+    applied_now: list[int] = []
+    async with pool.connection() as conn:
+        conn: AsyncConnection  # type: ignore[no-redef]
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"migrate:{schema}",))
+            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            await conn.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL, applied_time timestamptz NOT NULL DEFAULT now())"
+            ).format(sql.Identifier(schema)))
+            cursor = await conn.execute(sql.SQL("SELECT version FROM {}.schema_migrations").format(sql.Identifier(schema)))
+            done = {row[0] for row in await cursor.fetchall()}
+            for version, path in migration_files(directory):
+                if version in done:
+                    continue
+                await conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
+                await conn.execute(path.read_text())  # type: ignore[arg-type]  # our own files, no parameters
+                await conn.execute(
+                    sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)").format(sql.Identifier(schema)),
+                    (version, path.name),
+                )
+                applied_now.append(version)
+    if applied_now:
+        log.info("applied migrations %s to schema %s", applied_now, schema)
+    return applied_now

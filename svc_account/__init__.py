@@ -1,0 +1,1 @@
+"""svc_account: accounts and statements."""

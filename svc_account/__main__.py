@@ -1,0 +1,3 @@
+from svc_account.server import main
+
+main()

@@ -1,0 +1,1 @@
+"""svc_customer: registration, email verification, credentials and sessions."""

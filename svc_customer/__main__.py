@@ -1,0 +1,3 @@
+from svc_customer.server import main
+
+main()

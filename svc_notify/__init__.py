@@ -1,0 +1,1 @@
+"""svc_notify: emails and the notification log."""

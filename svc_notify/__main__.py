@@ -1,0 +1,3 @@
+from svc_notify.server import main
+
+main()

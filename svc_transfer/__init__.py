@@ -1,0 +1,1 @@
+"""svc_transfer: the ledger (transfers, deposits, withdrawals)."""

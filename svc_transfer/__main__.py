@@ -1,0 +1,3 @@
+from svc_transfer.server import main
+
+main()

@@ -1,0 +1,63 @@
+"""The launcher's own rules, without starting anything: stop only what it started, order by
+dependency, reject bad settings."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from common import config
+from devstack import proc
+from devstack.stack import Stack, StackError
+
+
+def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        pidfile = tmp_path / "x.pid"
+        proc.write_pidfile(pidfile, sleeper.pid)
+        record = proc.read_pidfile(pidfile)
+        assert record is not None and proc.alive(record)
+        # Same pid, different start time: what a recycled pid looks like.
+        stale = proc.PidRecord(record.pid, record.start_ticks - 1)
+        assert not proc.alive(stale)
+        assert proc.stop(stale, signal.SIGTERM, 1.0) is False
+        assert sleeper.poll() is None
+        assert proc.stop(record, signal.SIGTERM, 5.0) is True
+        assert not proc.alive(record)
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+
+
+def test_stop_escalates_to_sigkill_when_ignored(tmp_path: Path) -> None:
+    stubborn = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 30"], start_new_session=True)
+    try:
+        proc.write_pidfile(tmp_path / "s.pid", stubborn.pid)
+        record = proc.read_pidfile(tmp_path / "s.pid")
+        assert record is not None
+        started = time.monotonic()
+        assert proc.stop(record, signal.SIGTERM, 0.5) is True
+        assert not proc.alive(record)
+        assert time.monotonic() - started < 5
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
+
+
+def test_selecting_a_service_brings_its_dependencies() -> None:
+    stack = Stack(config.load({}))
+    names = [c.name for c in stack.select(["svc_notify"])]
+    assert names == ["postgres", "kafka", "cassandra", "mailpit", "svc_notify"]
+    with pytest.raises(StackError):
+        stack.select(["no_such_component"])
+
+
+def test_bad_setting_names_the_variable() -> None:
+    with pytest.raises(ValueError, match="BANK_PG_PORT"):
+        config.load({"BANK_PG_PORT": "not-a-port"})
+    assert config.load({"BANK_PG_PORT": "6543"}).pg_port == 6543

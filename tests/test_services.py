@@ -1,0 +1,85 @@
+"""Each service on its own gRPC port: health, reflection, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from common.config import REPO_ROOT, Settings
+from devstack.stack import Stack
+
+EXPECTED_SERVICES = {
+    "customer": {"bank.customer.v1.CustomerService", "bank.auth.v1.AuthService",
+                 "bank.customer.v1.CustomerInternalService"},
+    "account": {"bank.account.v1.AccountService"},
+    "transfer": {"bank.transfer.v1.TransferService", "bank.transfer.v1.LedgerService"},
+    "notify": {"bank.notify.v1.NotificationService"},
+}
+
+
+async def _reflected_services(address: str) -> set[str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(timeout=5)
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        await call.done_writing()
+        reply = await call.read()
+    return {s.name for s in reply.list_services_response.service}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SERVICES))
+async def test_service_is_healthy_and_reflects_its_services(stack: Stack, settings: Settings, name: str) -> None:
+    address = f"127.0.0.1:{getattr(settings, f'{name}_grpc_port')}"
+    reflected = await _reflected_services(address)
+    assert EXPECTED_SERVICES[name] <= reflected
+    assert {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= reflected
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ["", *EXPECTED_SERVICES[name]]:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SERVICES))
+def test_service_serves_prometheus_metrics(stack: Stack, settings: Settings, name: str) -> None:
+    port = getattr(settings, f"{name}_metrics_port")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert "grpc_server_handled_total" in text
+    assert "grpc_server_handling_seconds_bucket" in text
+
+
+def test_service_shuts_down_gracefully_on_sigterm(stack: Stack, settings: Settings) -> None:
+    """A second svc_notify on spare ports: healthy, then SIGTERM, then a clean exit."""
+    env = dict(os.environ, BANK_NOTIFY_GRPC_PORT="50154", BANK_NOTIFY_METRICS_PORT="9204", PYTHONUNBUFFERED="1")
+    child = subprocess.Popen([sys.executable, "-m", "svc_notify"], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        serving = False
+        while not serving and time.monotonic() < deadline and child.poll() is None:
+            with grpc.insecure_channel("127.0.0.1:50154") as channel:
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        assert serving, "the second svc_notify never became healthy"
+        child.send_signal(signal.SIGTERM)
+        code = child.wait(timeout=settings.grpc_shutdown_grace_s + 10)
+        output = child.stdout.read().decode() if child.stdout else ""
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert code == 0, output
+    assert '"message": "stopped"' in output
