@@ -76,7 +76,9 @@ class Settings:
 
     grpc_shutdown_grace_s: float = _setting("BANK_GRPC_SHUTDOWN_GRACE_S", 5.0, "time in-flight RPCs get to finish on SIGTERM")
     teller_username: str = _setting("BANK_TELLER_USERNAME", "teller", "the local stack's teller login")
-    teller_password: str = _setting("BANK_TELLER_PASSWORD", "teller-local-password", "the local stack's teller password (local default only)")
+    teller_password: str = _setting(
+        "BANK_TELLER_PASSWORD", "teller-local-password", "the local stack's teller password (local default only)"
+    )
 
     @property
     def pg_conninfo(self) -> str:
@@ -98,7 +100,8 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         if name not in env:
             continue
         raw = env[name]
-        kind = type(f.default)
+        default: Any = f.default
+        kind = type(default)
         try:
             values[f.name] = kind(raw) if kind is not str else raw
         except ValueError as exc:

@@ -17,7 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from psycopg_pool import AsyncConnectionPool
 
-from common import config, db, logging as bank_logging, metrics
+from common import config, db, metrics
+from common import logging as bank_logging
 from common.interceptors import ServerInterceptor
 
 log = logging.getLogger("server")

@@ -21,7 +21,7 @@ from devstack.stack import Stack, StackError
 
 def _up(stack: Stack, names: list[str] | None) -> int:
     t0 = time.monotonic()
-    print("Starting the Simple Bank local stack (data in %s)" % stack.paths.root, file=sys.stderr)
+    print(f"Starting the Simple Bank local stack (data in {stack.paths.root})", file=sys.stderr)
     try:
         asyncio.run(stack.up(names))
     except StackError as exc:

@@ -90,7 +90,7 @@ async def _http_ok(url: str, expect: str | None = None, timeout_s: float = 2.0) 
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (loopback URL we build)
                 body = resp.read().decode("utf-8", "replace")
-                return resp.status == 200 and (expect is None or expect in body)
+                return bool(resp.status == 200 and (expect is None or expect in body))
         except OSError:
             return False
 
@@ -100,7 +100,7 @@ async def _http_ok(url: str, expect: str | None = None, timeout_s: float = 2.0) 
 async def _tcp_ok(host: str, port: int) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=1.0)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     writer.close()
     return True
@@ -156,7 +156,7 @@ async def _kafka_healthy(s: Settings) -> bool:
         await asyncio.wait_for(admin.start(), timeout=5)
         cluster = await asyncio.wait_for(admin.describe_cluster(), timeout=5)
         return bool(cluster.get("brokers"))
-    except (KafkaError, OSError, asyncio.TimeoutError):
+    except (TimeoutError, KafkaError, OSError):
         return False
     finally:
         await admin.close()
@@ -191,7 +191,7 @@ def _grpc_healthy(port_of: Callable[[Settings], int]) -> Callable[[Settings], Aw
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             except grpc.aio.AioRpcError:
                 return False
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     return check
 
@@ -343,6 +343,10 @@ def _envoy(s: Settings, p: Paths) -> list[str]:
             "--concurrency", "2"]
 
 
+def _grpc_port_of(name: str) -> Callable[[Settings], int]:
+    return lambda s: int(getattr(s, f"{name}_grpc_port"))
+
+
 def _service(name: str) -> Callable[[Settings, Paths], list[str]]:
     def prepare(s: Settings, p: Paths) -> list[str]:
         return [sys.executable, "-m", f"svc_{name}"]
@@ -374,7 +378,7 @@ def all_components() -> list[Component]:
     services = [
         Component(
             f"svc_{name}", f"grpc://127.0.0.1:{{{name}_grpc_port}} (metrics :{{{name}_metrics_port}})",
-            _service(name), _grpc_healthy(lambda s, n=name: int(getattr(s, f"{n}_grpc_port"))),
+            _service(name), _grpc_healthy(_grpc_port_of(name)),
             after=needs[name], start_timeout_s=60,
         )
         for name in SERVICES

@@ -54,6 +54,8 @@ def spawn(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> su
     """Start a process in its own session (so its whole group can be stopped), output to its log."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        log.write(f"\n===== devstack start {time.strftime('%Y-%m-%dT%H:%M:%S')} =====\n".encode())
+        log.flush()
         return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -128,12 +129,8 @@ class Stack:
         st.phase, st.detail = "installing", ""
         argv = await asyncio.to_thread(c.prepare, s, self.paths)
         st.phase, st.detail = "starting", ""
-        log = self.paths.log(c.name)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as f:
-            f.write(f"\n===== devstack start {time.strftime('%Y-%m-%dT%H:%M:%S')} =====\n".encode())
         env = dict(os.environ, PYTHONUNBUFFERED="1", **c.env(s))
-        child = proc.spawn(argv, log, env, REPO_ROOT)
+        child = proc.spawn(argv, self.paths.log(c.name), env, REPO_ROOT)
         proc.write_pidfile(self.pidfile(c.name), child.pid)
         st.started_here = True
         record = proc.read_pidfile(self.pidfile(c.name))
@@ -145,11 +142,11 @@ class Stack:
         st.phase, st.detail = "healthy", f"pid {child.pid}"
 
     async def _wait_healthy(self, st: _State, record: proc.PidRecord | None, timeout_s: float,
-                            child: object | None = None) -> bool:
+                            child: subprocess.Popen[bytes] | None = None) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if child is not None and getattr(child, "poll")() is not None:
-                st.detail = f"exited with code {getattr(child, 'returncode')} while starting"
+            if child is not None and child.poll() is not None:
+                st.detail = f"exited with code {child.returncode} while starting"
                 return False
             if child is None and not proc.alive(record):
                 st.detail = "exited while starting"
