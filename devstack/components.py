@@ -201,9 +201,8 @@ def _grpc_healthy(port_of: Callable[[Settings], int]) -> Callable[[Settings], Aw
 def _postgres(s: Settings, p: Paths) -> list[str]:
     log = p.install_log("postgres")
     bindir = install.postgres_bindir(log)
-    data = p.data / "postgres"
-    sockets = p.run / "postgres"
     as_root = os.geteuid() == 0
+    data, sockets = _postgres_dirs(p, as_root)
     # PostgreSQL refuses to run as root: as root, the server runs as the `postgres` user, which
     # must own its data folder.
     runas = ["runuser", "-u", "postgres", "--"] if as_root else []
@@ -232,6 +231,23 @@ def _postgres(s: Settings, p: Paths) -> list[str]:
         # A dev database: durability settings stay at their safe defaults (fsync on).
         "-c", "shared_buffers=256MB",
     ]
+
+
+def _postgres_dirs(p: Paths, as_root: bool) -> tuple[Path, Path]:
+    """Data and socket folders. As root, the server runs as `postgres`, which must be able to
+    reach them: when the checkout sits below a folder closed to other users (a CI clone in a
+    private folder, say), they move to /var/lib/postgresql/simplebank/<hash of the stack folder>."""
+    data, sockets = p.data / "postgres", p.run / "postgres"
+    if not as_root or all(os.stat(d).st_mode & 0o001 for d in [p.root, *p.root.parents] if d.exists()):
+        return data, sockets
+    import hashlib
+
+    home = Path("/var/lib/postgresql/simplebank") / hashlib.sha256(str(p.root).encode()).hexdigest()[:12]
+    home.mkdir(parents=True, exist_ok=True)
+    uid, gid = _postgres_uid_gid()
+    for folder in (home.parent, home):
+        os.chown(folder, uid, gid)
+    return home / "data", home / "run"
 
 
 def _postgres_uid_gid() -> tuple[int, int]:
