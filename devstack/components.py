@@ -211,7 +211,8 @@ def _postgres(s: Settings, p: Paths) -> list[str]:
         os.chown(sockets, *_postgres_uid_gid())
     if not (data / "PG_VERSION").exists():
         data.mkdir(parents=True, exist_ok=True)
-        pwfile = p.run / "pg.pw"
+        # Beside the data folder: the one place the postgres user can surely read.
+        pwfile = data.parent / "initdb.pw"
         pwfile.write_text(s.pg_password + "\n")
         if as_root:
             uid, gid = _postgres_uid_gid()
