@@ -6,13 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: help venv gen check lint test up down run status logs clean-stack
+.PHONY: help venv gen check lint test up down run status logs tools
 
 help:
 	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
 	@echo "make test     install what is missing, start what the tests need, run them"
 	@echo "make up/down  start the stack in the background / stop what it started"
 	@echo "make status   what runs;  make logs C=<component>"
+	@echo "make tools    build grpcurl and ghz into .stack/bin"
 	@echo "make gen      regenerate gen/ from proto/;  make check  buf lint + buf breaking + gen freshness"
 
 # The virtual environment inside the repo (git-ignored); gen/ and the repo root go on its path.
@@ -52,6 +53,9 @@ run: $(READY)
 
 status: $(READY)
 	$(PY) -m devstack status
+
+tools: $(READY)
+	$(PY) -m devstack tools
 
 logs: $(READY)
 	$(PY) -m devstack logs $(C)
