@@ -74,6 +74,15 @@ class Settings:
     transfer_addr: str = _setting("BANK_TRANSFER_ADDR", "127.0.0.1:50053", "address other services use for svc_transfer")
     notify_addr: str = _setting("BANK_NOTIFY_ADDR", "127.0.0.1:50054", "address other services use for svc_notify")
 
+    token_key_dir: str = _setting("BANK_TOKEN_KEY_DIR", "", "folder of token keys: <name>.private.pem, <name>.public.pem "
+                                  "(empty: <stack_dir>/keys)")
+    token_signing_key: str = _setting("BANK_TOKEN_SIGNING_KEY", "local-1", "name of the key that signs access tokens")
+    token_generate_local_keys: bool = _setting("BANK_TOKEN_GENERATE_LOCAL_KEYS", True,
+                                               "create a key pair and service token when missing (local stack only)")
+    service_token: str = _setting("BANK_SERVICE_TOKEN", "", "shared secret for internal RPCs (empty: <key_dir>/service.token)")
+    access_token_ttl_s: int = _setting("BANK_ACCESS_TOKEN_TTL_S", 900, "access token lifetime")
+    refresh_token_ttl_s: int = _setting("BANK_REFRESH_TOKEN_TTL_S", 30 * 24 * 3600, "refresh token lifetime")
+
     grpc_shutdown_grace_s: float = _setting("BANK_GRPC_SHUTDOWN_GRACE_S", 5.0, "time in-flight RPCs get to finish on SIGTERM")
     teller_username: str = _setting("BANK_TELLER_USERNAME", "teller", "the local stack's teller login")
     teller_password: str = _setting(
@@ -86,6 +95,10 @@ class Settings:
             f"host={self.pg_host} port={self.pg_port} user={self.pg_user} "
             f"password={self.pg_password} dbname={self.pg_database}"
         )
+
+    @property
+    def key_dir(self) -> str:
+        return self.token_key_dir or str(Path(self.stack_dir) / "keys")
 
     def service_log_level(self, service: str) -> str:
         return os.environ.get(f"BANK_{service.upper()}_LOG_LEVEL", self.log_level).upper()
@@ -103,7 +116,12 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         default: Any = f.default
         kind = type(default)
         try:
-            values[f.name] = kind(raw) if kind is not str else raw
+            if kind is bool:
+                if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise ValueError(raw)
+                values[f.name] = raw.lower() in ("1", "true", "yes")
+            else:
+                values[f.name] = kind(raw) if kind is not str else raw
         except ValueError as exc:
             raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
     return Settings(**values)

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from common import metrics
+from common import auth, metrics
 from common.errors import DomainError, internal, not_implemented
 from common.logging import fields, request_id_var
 
@@ -31,6 +31,9 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: auth.Authenticator) -> None:
+        self._authenticator = authenticator
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -44,15 +47,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         service, _, method = full_method.lstrip("/").rpartition("/")
         inner = handler.unary_unary
         quiet = service in QUIET_SERVICES
+        authenticator = self._authenticator
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             request_id = _request_id(context)
             token = request_id_var.set(request_id)
+            caller_token = auth.set_current(None)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             reason = ""
+            caller: auth.Caller | None = None
             metrics.RPC_STARTED.labels(service, method).inc()
             try:
+                caller = await authenticator.authenticate(full_method, context.invocation_metadata() or ())
+                auth.set_current(caller)
                 return await inner(request, context)
             except DomainError as exc:
                 code, reason = exc.code, exc.reason
@@ -77,8 +85,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     log.info(
                         "rpc",
                         extra=fields(method=full_method, grpc_code=code.name, reason=reason or None,
-                                     duration_ms=round(elapsed * 1000, 2)),
+                                     duration_ms=round(elapsed * 1000, 2),
+                                     caller=f"{caller.role.value}:{caller.subject}" if caller else None),
                     )
+                auth.reset_current(caller_token)
                 request_id_var.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(

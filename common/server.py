@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
+import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from psycopg_pool import AsyncConnectionPool
 
-from common import config, db, metrics
+from common import auth, config, db, metrics
 from common import logging as bank_logging
 from common.interceptors import ServerInterceptor
 
@@ -33,6 +35,20 @@ class Resources:
 
     settings: config.Settings
     pool: AsyncConnectionPool
+    keys: auth.KeyRing
+    redis: redis.Redis
+    revocations: auth.Revocations
+    # register() appends the service's workers here.
+    workers: list[Worker] = field(default_factory=list)
+
+
+class Worker(Protocol):
+    """Work a service does besides answering RPCs (outbox relay, Kafka consumer, bootstrap):
+    started after the gRPC server and before health says SERVING, stopped after the server."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,10 @@ class ServiceSpec:
     # Adds the servicers to the server; returns the full names of the gRPC services it added.
     register: Callable[[grpc.aio.Server, Resources], list[str]]
     migrations: Path
+    # Access level per full method name ("/pkg.Service/Method") or per service ("/pkg.Service/");
+    # anything not listed needs an authenticated customer or teller.
+    access: Mapping[str, auth.Access] = field(default_factory=dict)
+    signs_tokens: bool = False  # only svc_customer holds the signing key
 
 
 async def _open_pool_when_ready(settings: config.Settings, schema: str) -> AsyncConnectionPool:
@@ -66,15 +86,20 @@ async def serve(spec: ServiceSpec, settings: config.Settings) -> None:
     pool = await _open_pool_when_ready(settings, spec.name)
     await db.migrate(pool, spec.name, spec.migrations)
 
+    keys = auth.load_keys(settings, signing=spec.signs_tokens)
+    redis_client = auth.redis_client(settings)
+    revocations = auth.Revocations(redis_client, settings.access_token_ttl_s)
+    authenticator = auth.Authenticator(auth.TokenVerifier(keys), revocations, keys.service_token, spec.access)
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor()],
+        interceptors=[ServerInterceptor(authenticator)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
-    names = spec.register(server, Resources(settings, pool))
+    resources = Resources(settings, pool, keys, redis_client, revocations)
+    names = spec.register(server, resources)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -84,6 +109,9 @@ async def serve(spec: ServiceSpec, settings: config.Settings) -> None:
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()
+    workers = list(resources.workers)
+    for worker in workers:
+        await worker.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra=bank_logging.fields(address=address, services=names, metrics_port=metrics_port))
@@ -97,7 +125,10 @@ async def serve(spec: ServiceSpec, settings: config.Settings) -> None:
     log.info("shutting down", extra=bank_logging.fields(grace_s=settings.grpc_shutdown_grace_s))
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grpc_shutdown_grace_s)
+    for worker in reversed(workers):
+        await worker.stop()
     await pool.close()
+    await redis_client.aclose()
     log.info("stopped")
 
 

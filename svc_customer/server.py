@@ -1,9 +1,6 @@
 """svc_customer's gRPC entrypoint: CustomerService and AuthService (public, routed by Envoy) and
-CustomerInternalService (internal, for other services only).
-
-Not built yet: every RPC answers UNIMPLEMENTED (the generated base classes raise it; the
-interceptor maps it to a google.rpc.Status with reason NOT_IMPLEMENTED). See README's status table.
-"""
+CustomerInternalService (internal, for other services only). Thin: requests to use cases,
+results to messages."""
 
 from __future__ import annotations
 
@@ -12,27 +9,114 @@ from pathlib import Path
 import grpc
 from bank.auth.v1 import auth_pb2, auth_pb2_grpc
 from bank.customer.v1 import customer_internal_pb2, customer_internal_pb2_grpc, customer_pb2, customer_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from common import server
+from common import auth, server
 from common.grpcutil import service_name
+from common.outbox import OutboxRelay
+from svc_customer import store
+from svc_customer.service import CustomerUseCases, IssuedSession
+
+ACCESS = {
+    "/bank.customer.v1.CustomerService/RegisterCustomer": auth.Access.PUBLIC,
+    "/bank.customer.v1.CustomerService/VerifyEmail": auth.Access.PUBLIC,
+    "/bank.auth.v1.AuthService/CreateCredential": auth.Access.PUBLIC,
+    "/bank.auth.v1.AuthService/Login": auth.Access.PUBLIC,
+    "/bank.auth.v1.AuthService/RefreshSession": auth.Access.PUBLIC,
+    "/bank.customer.v1.CustomerInternalService/": auth.Access.INTERNAL,
+}
+
+
+def _customer(row: store.Customer) -> customer_pb2.Customer:
+    message = customer_pb2.Customer(customer_id=str(row.customer_id), email=row.email, full_name=row.full_name,
+                                    email_verified=row.email_verified)
+    message.create_time.FromDatetime(row.create_time)
+    return message
+
+
+def _session(issued: IssuedSession) -> auth_pb2.Session:
+    access_expire, refresh_expire = Timestamp(), Timestamp()
+    access_expire.FromDatetime(issued.access_token.expire_time)
+    refresh_expire.FromDatetime(issued.refresh_expire_time)
+    return auth_pb2.Session(session_id=issued.session_id, customer_id=issued.customer_id,
+                            access_token=issued.access_token.token, access_token_expire_time=access_expire,
+                            refresh_token=issued.refresh_token, refresh_token_expire_time=refresh_expire)
 
 
 class CustomerService(customer_pb2_grpc.CustomerServiceServicer):
-    pass
+    def __init__(self, use_cases: CustomerUseCases) -> None:
+        self._uc = use_cases
+
+    async def RegisterCustomer(self, request: customer_pb2.RegisterCustomerRequest,
+                               context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
+        return _customer(await self._uc.register_customer(request.email, request.full_name, request.phone_number))
+
+    async def VerifyEmail(self, request: customer_pb2.VerifyEmailRequest,
+                          context: grpc.aio.ServicerContext) -> customer_pb2.VerifyEmailResponse:
+        customer, token = await self._uc.verify_email(request.customer_id, request.code)
+        return customer_pb2.VerifyEmailResponse(customer=_customer(customer), enrollment_token=token)
+
+    async def GetCustomer(self, request: customer_pb2.GetCustomerRequest,
+                          context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
+        return _customer(await self._uc.get_customer(auth.current(), request.customer_id))
 
 
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
-    pass
+    def __init__(self, use_cases: CustomerUseCases) -> None:
+        self._uc = use_cases
+
+    async def CreateCredential(self, request: auth_pb2.CreateCredentialRequest,
+                               context: grpc.aio.ServicerContext) -> auth_pb2.Credential:
+        customer_id, username = await self._uc.create_credential(request.enrollment_token, request.username,
+                                                                 request.password)
+        return auth_pb2.Credential(customer_id=customer_id, username=username)
+
+    async def Login(self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext) -> auth_pb2.Session:
+        return _session(await self._uc.login(request.username, request.password))
+
+    async def RefreshSession(self, request: auth_pb2.RefreshSessionRequest,
+                             context: grpc.aio.ServicerContext) -> auth_pb2.Session:
+        return _session(await self._uc.refresh_session(request.refresh_token))
+
+    async def Logout(self, request: auth_pb2.LogoutRequest, context: grpc.aio.ServicerContext) -> auth_pb2.LogoutResponse:
+        await self._uc.logout(auth.current(), request.session_id)
+        return auth_pb2.LogoutResponse()
 
 
 class CustomerInternalService(customer_internal_pb2_grpc.CustomerInternalServiceServicer):
-    pass
+    def __init__(self, use_cases: CustomerUseCases) -> None:
+        self._uc = use_cases
+
+    async def GetCustomerProfile(self, request: customer_internal_pb2.GetCustomerProfileRequest,
+                                 context: grpc.aio.ServicerContext) -> customer_internal_pb2.CustomerProfile:
+        row = await self._uc.customer_profile(request.customer_id)
+        return customer_internal_pb2.CustomerProfile(customer_id=str(row.customer_id), email=row.email,
+                                                     full_name=row.full_name, email_verified=row.email_verified)
+
+
+class TellerBootstrap:
+    """Creates or updates the local teller login (BANK_TELLER_USERNAME/PASSWORD) at start."""
+
+    def __init__(self, use_cases: CustomerUseCases, username: str, password: str) -> None:
+        self._uc, self._username, self._password = use_cases, username, password
+
+    async def start(self) -> None:
+        await self._uc.ensure_teller(self._username, self._password)
+
+    async def stop(self) -> None:
+        pass
 
 
 def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[str]:
-    customer_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(), grpc_server)
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(), grpc_server)
-    customer_internal_pb2_grpc.add_CustomerInternalServiceServicer_to_server(CustomerInternalService(), grpc_server)
+    s = resources.settings
+    use_cases = CustomerUseCases(resources.pool, resources.keys, resources.revocations,
+                                 s.access_token_ttl_s, s.refresh_token_ttl_s)
+    customer_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(use_cases), grpc_server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(use_cases), grpc_server)
+    customer_internal_pb2_grpc.add_CustomerInternalServiceServicer_to_server(CustomerInternalService(use_cases),
+                                                                            grpc_server)
+    resources.workers.append(TellerBootstrap(use_cases, s.teller_username, s.teller_password))
+    resources.workers.append(OutboxRelay(s, resources.pool, "customer"))
     return [
         service_name(customer_pb2, "CustomerService"),
         service_name(auth_pb2, "AuthService"),
@@ -41,4 +125,5 @@ def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[
 
 
 def main() -> None:
-    server.run(server.ServiceSpec("customer", register, Path(__file__).parent / "migrations"))
+    server.run(server.ServiceSpec("customer", register, Path(__file__).parent / "migrations", access=ACCESS,
+                                  signs_tokens=True))

@@ -1,0 +1,207 @@
+"""Cassandra for a service: one Cluster with an explicit load-balancing policy and no silent
+driver retries, an asyncio bridge for the driver's callback futures, and the service's CQL
+schema files applied at start.
+
+- Load balancing is explicit: token-aware (a request goes to a replica of its partition) over
+  DC-aware round robin pinned to the local data center, so a request never crosses to a remote
+  DC by accident.
+- The driver does not retry on its own (FallthroughRetryPolicy): callers retry with their own
+  bounded backoff, so there is one retry budget per operation, visible in one place.
+- Every statement carries its consistency level: `prepare()` takes it as a required keyword
+  and `execute()` refuses a statement without one.
+- Schema files `NNNN_lowercase_words.cql` are applied at every start, in order; each statement
+  must be `CREATE ... IF NOT EXISTS`, so applying them again changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from cassandra import (
+    ConsistencyLevel,
+    CoordinationFailure,
+    OperationTimedOut,
+    ReadTimeout,
+    Unavailable,
+    WriteTimeout,
+)
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResultSet, Session
+from cassandra.connection import ConnectionException
+from cassandra.policies import DCAwareRoundRobinPolicy, FallthroughRetryPolicy, TokenAwarePolicy
+from cassandra.query import PreparedStatement, SimpleStatement, Statement, dict_factory
+
+from common.config import Settings
+
+log = logging.getLogger("cassandra_client")
+
+LOCAL_DC = "datacenter1"  # the local stack's single DC (SimpleSnitch names it so)
+PROTOCOL_VERSION = 5
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 5.0
+SCHEMA_TIMEOUT_S = 30.0  # DDL waits for schema agreement
+# The driver enforces request timeouts itself; this extra margin only guards the bridge.
+BRIDGE_SLACK_S = 2.0
+DEPENDENCY_WAIT_S = 60.0
+
+CQL_FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.cql$")
+KEYSPACE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+# Errors worth another try: the cluster is (for now) unreachable, overloaded or slow. A
+# WriteTimeout on a lightweight transaction is ambiguous (it may have applied): callers retry
+# it as the same conditional statement, whose answer then tells them what happened.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    Unavailable,
+    ReadTimeout,
+    WriteTimeout,
+    CoordinationFailure,
+    OperationTimedOut,
+    NoHostAvailable,
+    ConnectionException,
+)
+
+
+def new_cluster(settings: Settings, local_dc: str = LOCAL_DC) -> Cluster:
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=local_dc)),
+        retry_policy=FallthroughRetryPolicy(),
+        # A safety net only: execute() insists each statement carries its own level.
+        consistency_level=ConsistencyLevel.LOCAL_QUORUM,
+        serial_consistency_level=ConsistencyLevel.SERIAL,
+        request_timeout=REQUEST_TIMEOUT_S,
+        row_factory=dict_factory,
+    )
+    return Cluster(
+        [settings.cassandra_host],
+        port=settings.cassandra_port,
+        protocol_version=PROTOCOL_VERSION,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        connect_timeout=CONNECT_TIMEOUT_S,
+        control_connection_timeout=CONNECT_TIMEOUT_S,
+    )
+
+
+async def connect(settings: Settings, local_dc: str = LOCAL_DC, wait_s: float = DEPENDENCY_WAIT_S) -> tuple[Cluster, Session]:
+    """A connected session; Cassandra may still be starting, so retry with backoff up to wait_s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    attempt = 0
+    while True:
+        attempt += 1
+        cluster = new_cluster(settings, local_dc)
+        try:
+            session = await asyncio.to_thread(cluster.connect)
+            return cluster, session
+        except (NoHostAvailable, OperationTimedOut, OSError) as exc:
+            await asyncio.to_thread(cluster.shutdown)
+            if loop.time() > deadline:
+                raise
+            log.warning("cassandra not ready (attempt %d): %s", attempt, exc)
+            await asyncio.sleep(min(2.0, 0.2 * attempt))
+
+
+async def close(cluster: Cluster) -> None:
+    await asyncio.to_thread(cluster.shutdown)
+
+
+async def prepare(
+    session: Session,
+    cql: str,
+    *,
+    consistency_level: int,
+    serial_consistency_level: int | None = None,
+) -> PreparedStatement:
+    """Prepare cql with its consistency levels (serial: for the Paxos phase of an IF statement)."""
+    prepared = await asyncio.to_thread(session.prepare, cql)
+    prepared.consistency_level = consistency_level
+    if serial_consistency_level is not None:
+        prepared.serial_consistency_level = serial_consistency_level
+    return prepared
+
+
+async def execute(
+    session: Session,
+    statement: Statement,
+    parameters: Any = None,
+    *,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+) -> ResultSet:
+    """Run statement without blocking the event loop; the result's current_rows is the first
+    page only (never iterate past it: fetching more pages would block)."""
+    if getattr(statement, "consistency_level", None) is None:
+        raise ValueError("every statement needs an explicit consistency level")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[ResultSet] = loop.create_future()
+    response = session.execute_async(statement, parameters, timeout=timeout_s)
+
+    def settle(error: BaseException | None) -> None:  # runs on the event loop
+        if done.done():  # the awaiting task was cancelled
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(response.result())  # already complete: does not block
+
+    def from_driver_thread(error: BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:  # the loop closed while the request was in flight
+            pass
+
+    response.add_callbacks(lambda _rows: from_driver_thread(None), from_driver_thread)
+    return await asyncio.wait_for(done, timeout_s + BRIDGE_SLACK_S)
+
+
+async def create_keyspace(session: Session, keyspace: str, replication_factor: int) -> None:
+    if not KEYSPACE_NAME.match(keyspace):
+        raise ValueError(f"keyspace name {keyspace!r} is not lowercase words")
+    if not 1 <= replication_factor <= 9:
+        raise ValueError(f"replication factor {replication_factor} is out of range")
+    # SimpleStrategy suits one data center; a multi-DC deployment moves to NetworkTopologyStrategy.
+    cql = (f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication ="
+           f" {{'class': 'SimpleStrategy', 'replication_factor': {replication_factor}}}")
+    # DDL ignores the consistency level; it is set because execute() wants every level explicit.
+    await execute(session, SimpleStatement(cql, consistency_level=ConsistencyLevel.LOCAL_QUORUM),
+                  timeout_s=SCHEMA_TIMEOUT_S)
+
+
+def cql_files(directory: Path) -> list[Path]:
+    found: list[tuple[int, Path]] = []
+    for path in sorted(directory.glob("*.cql")):
+        match = CQL_FILE_NAME.match(path.name)
+        if match is None:
+            raise ValueError(f"CQL file {path} is not named NNNN_lowercase_words.cql")
+        found.append((int(match.group(1)), path))
+    numbers = [n for n, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"two CQL files share a number in {directory}")
+    return [path for _, path in found]
+
+
+def cql_statements(text: str) -> list[str]:
+    """The statements of a schema file: `--` comment lines dropped, split on `;` (which must not
+    appear inside a statement), each checked to be idempotent."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
+    statements = [" ".join(part.split()) for part in "\n".join(lines).split(";")]
+    statements = [s for s in statements if s]
+    for statement in statements:
+        upper = statement.upper()
+        if not upper.startswith("CREATE ") or "IF NOT EXISTS" not in upper:
+            raise ValueError(f"schema statement is not CREATE ... IF NOT EXISTS: {statement[:80]}")
+    return statements
+
+
+async def apply_cql_files(session: Session, keyspace: str, directory: Path) -> list[str]:
+    """Use keyspace in this session and apply the schema files in directory; return their names."""
+    files = cql_files(directory)
+    await asyncio.to_thread(session.set_keyspace, keyspace)
+    for path in files:
+        for statement in cql_statements(path.read_text()):
+            await execute(session, SimpleStatement(statement, consistency_level=ConsistencyLevel.LOCAL_QUORUM),
+                          timeout_s=SCHEMA_TIMEOUT_S)
+    names = [path.name for path in files]
+    log.info("applied CQL files", extra={"fields": {"keyspace": keyspace, "files": names}})
+    return names

@@ -1,0 +1,52 @@
+"""Channels for internal RPCs between services (never through Envoy): each call carries the
+service token, a deadline, and the request id of the RPC that caused it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
+
+import grpc
+from google.rpc import status_pb2
+
+from common import auth
+from common.errors import DomainError, error_info
+from common.logging import request_id_var
+
+T = TypeVar("T")
+
+INTERNAL_TIMEOUT_S = 3.0
+
+
+class InternalChannel:
+    def __init__(self, address: str, keys: auth.KeyRing, service: str) -> None:
+        self.channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1)]
+        )
+        self._metadata = auth.service_metadata(keys, service)
+
+    def metadata(self) -> Sequence[tuple[str, str]]:
+        request_id = request_id_var.get()
+        return [*self._metadata, ("x-request-id", request_id)] if request_id else list(self._metadata)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def call(rpc: Awaitable[T]) -> T:
+    """Await an internal RPC; its failure becomes a DomainError with the same code and reason, so
+    the public caller sees e.g. ACCOUNT_NOT_EMPTY from the ledger, not an opaque INTERNAL."""
+    try:
+        return await rpc
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise DomainError(grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE",
+                              "a service the bank depends on is unavailable; retry") from exc
+        info = None
+        for key, value in exc.trailing_metadata() or ():
+            if key == "grpc-status-details-bin" and isinstance(value, bytes):
+                info = error_info(status_pb2.Status.FromString(value))
+        if info is None:
+            raise DomainError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the request id is in the logs") from exc
+        raise DomainError(code, info.reason, exc.details() or info.reason, dict(info.metadata)) from exc

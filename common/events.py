@@ -1,0 +1,46 @@
+"""Kafka topics and how events are written to the outbox.
+
+One topic per aggregate, keyed by the aggregate id so order holds per key; several partitions
+so consumers scale out in a group. Each record carries headers event_type (the protobuf full
+name of the value), event_id (consumers drop duplicates by it) and request_id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+from psycopg import AsyncConnection
+
+from common.ids import new_id
+from common.logging import request_id_var
+
+CUSTOMER_TOPIC = "bank.customer.v1"
+TRANSFER_TOPIC = "bank.transfer.v1"
+# topic -> partitions. Created by the outbox relay at start (auto-creation is off).
+TOPICS = {CUSTOMER_TOPIC: 6, TRANSFER_TOPIC: 6}
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    topic: str
+    aggregate_id: str
+    message: Message  # a bank.events.v1 message whose event_id field is set
+
+    @property
+    def event_type(self) -> str:
+        return str(self.message.DESCRIPTOR.full_name)
+
+
+async def append(conn: AsyncConnection, event: OutboxEvent) -> None:
+    """Write the event to this schema's outbox in the caller's transaction; the relay publishes
+    it after commit (NOTIFY is delivered only at commit, so it never announces a rolled-back row)."""
+    event_id = getattr(event.message, "event_id", "") or new_id()
+    headers = {"request_id": request_id_var.get()}
+    await conn.execute(
+        "INSERT INTO outbox (event_id, topic, aggregate_id, event_type, payload, headers)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (event_id, event.topic, event.aggregate_id, event.event_type, event.message.SerializeToString(),
+         json.dumps(headers)),
+    )
+    await conn.execute("SELECT pg_notify('outbox_' || current_schema(), '')")

@@ -1,0 +1,166 @@
+"""The transactional outbox relay, run inside every service that publishes events.
+
+Rows committed to <schema>.outbox are published to Kafka by an idempotent producer (acks=all,
+keyed by aggregate id) and marked sent only after the broker acknowledged them, in bounded
+batches, oldest first. One relay per schema is active at a time (a Postgres advisory lock held
+on a dedicated connection), so a second process of the same service cannot publish a later
+event of a key before an earlier one. When Kafka is down the batch is not marked, and the
+relay retries with bounded backoff: events may be published again (consumers drop duplicates
+by event_id) but never lost or reordered per key.
+
+Costs per batch: one SELECT … FOR UPDATE, one Kafka round trip (all records of the batch in
+flight together), one UPDATE; the relay wakes on NOTIFY at commit, with a poll as a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from prometheus_client import Counter, Gauge
+from psycopg import AsyncConnection, sql
+from psycopg_pool import AsyncConnectionPool
+
+from common import db
+from common.config import Settings
+from common.events import TOPICS
+
+log = logging.getLogger("outbox")
+
+BATCH_SIZE = 200
+POLL_INTERVAL_S = 1.0
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_MAX_S = 5.0
+SEND_TIMEOUT_S = 30.0
+
+PUBLISHED = Counter("outbox_published_total", "Outbox events published to Kafka", ["topic"])
+BACKLOG = Gauge("outbox_backlog", "Outbox events not yet published (seen by the active relay)")
+OLDEST_AGE = Gauge("outbox_oldest_unsent_age_seconds", "Age of the oldest unpublished outbox event")
+
+
+async def ensure_topics(settings: Settings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        for topic, partitions in TOPICS.items():
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+class OutboxRelay:
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool, schema: str) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._schema = schema
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"outbox-relay-{self._schema}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_INITIAL_S
+        while not self._stopping:
+            try:
+                await self._lead_and_relay()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker or database down: retry, bounded backoff
+                log.warning("outbox relay interrupted; retrying", exc_info=exc,
+                            extra={"fields": {"retry_in_s": backoff}})
+                await asyncio.sleep(backoff)
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+            else:
+                backoff = BACKOFF_INITIAL_S
+
+    async def _lead_and_relay(self) -> None:
+        # A dedicated connection (autocommit) holds the leader lock and listens for NOTIFY.
+        conninfo = db.conninfo(self._settings, self._schema)
+        async with await AsyncConnection.connect(conninfo, autocommit=True) as leader:
+            while True:
+                cursor = await leader.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"outbox:{self._schema}",))
+                row = await cursor.fetchone()
+                if row and row[0]:
+                    break
+                await asyncio.sleep(POLL_INTERVAL_S)  # another process of this service is the relay
+            await leader.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"outbox_{self._schema}")))
+            await ensure_topics(self._settings)
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._settings.kafka_bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=2,
+                request_timeout_ms=int(SEND_TIMEOUT_S * 1000),
+            )
+            await producer.start()
+            log.info("outbox relay active", extra={"fields": {"schema": self._schema}})
+            notifies = asyncio.get_running_loop().create_task(self._listen(leader))
+            try:
+                while not self._stopping:
+                    published = await self._relay_batch(producer)
+                    if published < BATCH_SIZE:
+                        self._wake.clear()
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), timeout=POLL_INTERVAL_S)
+                    if notifies.done():
+                        notifies.result()  # the listening connection broke: raise, reconnect
+            finally:
+                notifies.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await notifies
+                await producer.stop()
+
+    async def _listen(self, conn: AsyncConnection) -> None:
+        async for _ in conn.notifies():
+            self._wake.set()
+
+    async def _relay_batch(self, producer: AIOKafkaProducer) -> int:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "SELECT outbox_id, event_id, topic, aggregate_id, event_type, payload, headers, create_time"
+                " FROM outbox WHERE sent_time IS NULL ORDER BY outbox_id LIMIT %s FOR UPDATE",
+                (BATCH_SIZE,),
+            )
+            rows = await cursor.fetchall()
+            if not rows:
+                BACKLOG.set(0)
+                OLDEST_AGE.set(0)
+                return 0
+            OLDEST_AGE.set(max(0.0, time.time() - rows[0][7].timestamp()))
+            # All records in flight together; the idempotent producer keeps their order per partition.
+            futures = []
+            for _, event_id, topic, aggregate_id, event_type, payload, headers, _ in rows:
+                record_headers = [("event_type", event_type.encode()), ("event_id", str(event_id).encode())]
+                record_headers += [(k, str(v).encode()) for k, v in (headers or {}).items() if v]
+                futures.append(await producer.send(topic, bytes(payload), key=aggregate_id.encode(),
+                                                   headers=record_headers))
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=SEND_TIMEOUT_S)
+            await conn.execute("UPDATE outbox SET sent_time = now() WHERE outbox_id = ANY(%s)",
+                               ([r[0] for r in rows],))
+            for row in rows:
+                PUBLISHED.labels(row[2]).inc()
+            cursor = await conn.execute("SELECT count(*) FROM outbox WHERE sent_time IS NULL")
+            backlog = await cursor.fetchone()
+            BACKLOG.set(backlog[0] if backlog else 0)
+            return len(rows)
+
+
+def decode_headers(raw: list[tuple[str, bytes]] | None) -> dict[str, str]:
+    return {key: value.decode("utf-8", "replace") for key, value in (raw or [])}
+

@@ -1,0 +1,309 @@
+"""svc_customer's use cases: registration, email verification, credentials and sessions.
+
+Each function reads like the rules of ../shared/API.md. Costs: registration and verification
+are one Postgres transaction each (the event goes to the outbox in it); login is one read, one
+argon2id verification (~tens of ms of CPU, run off the event loop) and one transaction;
+refresh is one transaction; logout is one transaction and one Redis write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+import grpc
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from bank.events.v1 import events_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg_pool import AsyncConnectionPool
+
+from common import auth, events
+from common.errors import DomainError
+from common.ids import new_id, parse_uuid, uuid7
+from svc_customer import store
+
+log = logging.getLogger("customer")
+
+CODE_TTL = timedelta(minutes=15)
+ENROLLMENT_TTL = timedelta(minutes=15)
+MAX_CODE_ATTEMPTS = 5
+CODE_DIGITS = 6
+EMAIL_MAX_LENGTH = 254
+FULL_NAME_MAX_LENGTH = 100
+PASSWORD_MIN_LENGTH = 10
+PASSWORD_MAX_LENGTH = 128  # argon2 takes any length; a bound keeps a request from buying CPU
+USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{2,31}$")
+EMAIL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]+@[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$")
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+COMMON_PASSWORDS_FILE = Path(__file__).with_name("common_passwords.txt")
+
+# OWASP's argon2id parameters: 19 MiB, 2 iterations, 1 degree of parallelism.
+HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16)
+# Verified against when the username is unknown, so both failures cost the same time.
+_DUMMY_HASH = HASHER.hash(secrets.token_urlsafe(16))
+
+
+def _invalid(field: str, description: str, reason: str = "INVALID_ARGUMENT") -> DomainError:
+    return DomainError(grpc.StatusCode.INVALID_ARGUMENT, reason, f"{field}: {description}",
+                       field_violations=[(field, description)])
+
+
+def _load_common_passwords(path: Path) -> frozenset[str]:
+    return frozenset(line.strip().lower() for line in path.read_text().splitlines()
+                     if line.strip() and not line.startswith("#"))
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _sha256(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+@dataclass(frozen=True)
+class IssuedSession:
+    session_id: str
+    customer_id: str
+    access_token: auth.AccessToken
+    refresh_token: str
+    refresh_expire_time: datetime
+
+
+class CustomerUseCases:
+    def __init__(self, pool: AsyncConnectionPool, keys: auth.KeyRing, revocations: auth.Revocations,
+                 access_ttl_s: int, refresh_ttl_s: int, common_passwords_file: Path = COMMON_PASSWORDS_FILE) -> None:
+        self._pool = pool
+        self._issuer = auth.TokenIssuer(keys, access_ttl_s)
+        self._revocations = revocations
+        self._refresh_ttl = timedelta(seconds=refresh_ttl_s)
+        # Verification codes are short: stored as an HMAC under a server-side key, so a copy of
+        # the table alone does not give them away.
+        self._code_key = hmac.new(keys.service_token.encode(), b"verification-code", hashlib.sha256).digest()
+        self._common_passwords = _load_common_passwords(common_passwords_file)
+
+    def _code_hash(self, customer_id: UUID, code: str) -> bytes:
+        return hmac.new(self._code_key, f"{customer_id}:{code}".encode(), hashlib.sha256).digest()
+
+    # --- registration and verification ----------------------------------------------------
+
+    async def register_customer(self, email: str, full_name: str, phone_number: str) -> store.Customer:
+        email = email.strip().lower()
+        if len(email) > EMAIL_MAX_LENGTH or not EMAIL.match(email):
+            raise _invalid("email", "must be a valid email address")
+        full_name = " ".join(full_name.split())
+        if not 1 <= len(full_name) <= FULL_NAME_MAX_LENGTH:
+            raise _invalid("full_name", f"must be 1 to {FULL_NAME_MAX_LENGTH} characters")
+        phone = phone_number.strip() or None
+        if phone is not None and not E164.match(phone):
+            raise _invalid("phone_number", "must be in E.164 form, e.g. +14155550123")
+
+        customer_id = uuid7()
+        code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
+        now = datetime.now(UTC)
+        async with self._pool.connection() as conn, conn.transaction():
+            try:
+                customer = await store.insert_customer(conn, customer_id, email, full_name, phone)
+            except store.Conflict as exc:
+                raise DomainError(grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN",
+                                  "a customer with this email already exists") from exc
+            await store.set_verification_code(conn, customer_id, self._code_hash(customer_id, code), now + CODE_TTL)
+            event = events_pb2.CustomerRegistered(
+                event_id=new_id(), customer_id=str(customer_id), email=email, full_name=full_name,
+                verification_code=code, create_time=_timestamp(customer.create_time),
+            )
+            await events.append(conn, events.OutboxEvent(events.CUSTOMER_TOPIC, str(customer_id), event))
+        return customer
+
+    async def verify_email(self, customer_id: str, code: str) -> tuple[store.Customer, str]:
+        cid = parse_uuid(customer_id)
+        if cid is None:
+            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+        if not code.isdigit() or len(code) != CODE_DIGITS:
+            raise _invalid("code", f"must be the {CODE_DIGITS}-digit code from the email", "INVALID_CODE")
+        failure: DomainError | None = None
+        enrollment_token = secrets.token_urlsafe(32)
+        async with self._pool.connection() as conn, conn.transaction():
+            row = await store.lock_verification_code(conn, cid)
+            if row is None:
+                raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+            if row.used_time is not None:
+                raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_VERIFIED", "the email is already verified")
+            if row.failed_attempts >= MAX_CODE_ATTEMPTS:
+                raise DomainError(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ATTEMPTS",
+                                  "too many wrong codes; register again to get a new one")
+            if row.expire_time <= datetime.now(UTC):
+                raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "CODE_EXPIRED", "the code has expired")
+            if not hmac.compare_digest(row.code_hash, self._code_hash(cid, code)):
+                # Counted in this transaction, which commits: the error is raised after it.
+                await store.count_failed_attempt(conn, cid)
+                failure = _invalid("code", "is not the code we sent", "INVALID_CODE")
+            else:
+                customer = await store.mark_email_verified(conn, cid)
+                await store.insert_enrollment_token(conn, _sha256(enrollment_token), cid,
+                                                    datetime.now(UTC) + ENROLLMENT_TTL)
+                event = events_pb2.EmailVerified(event_id=new_id(), customer_id=str(cid), email=customer.email,
+                                                 create_time=_timestamp(datetime.now(UTC)))
+                await events.append(conn, events.OutboxEvent(events.CUSTOMER_TOPIC, str(cid), event))
+        if failure is not None:
+            raise failure
+        return customer, enrollment_token
+
+    async def get_customer(self, caller: auth.Caller, customer_id: str) -> store.Customer:
+        cid = parse_uuid(customer_id)
+        # Another customer's record is never revealed: not found, as if it did not exist.
+        if cid is None or not (caller.is_teller or caller.customer_id == str(cid)):
+            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+        async with self._pool.connection() as conn:
+            customer = await store.get_customer(conn, cid)
+        if customer is None:
+            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+        return customer
+
+    # --- credentials ----------------------------------------------------------------------
+
+    def check_password(self, username: str, password: str) -> None:
+        if not PASSWORD_MIN_LENGTH <= len(password) <= PASSWORD_MAX_LENGTH:
+            raise _invalid("password", f"must be {PASSWORD_MIN_LENGTH} to {PASSWORD_MAX_LENGTH} characters",
+                           "WEAK_PASSWORD")
+        lowered = password.lower()
+        if lowered in self._common_passwords or len(set(lowered)) <= 2 or username in lowered:
+            raise _invalid("password", "is too easy to guess (common, repetitive, or contains the username)",
+                           "WEAK_PASSWORD")
+
+    async def create_credential(self, enrollment_token: str, username: str, password: str) -> tuple[str, str]:
+        username = username.strip().lower()
+        if not USERNAME.match(username):
+            raise _invalid("username", "3 to 32 characters: letters, digits, '.', '_' or '-', starting with a letter "
+                           "or digit")
+        self.check_password(username, password)
+        if not enrollment_token or len(enrollment_token) > 256:
+            raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_ENROLLMENT_TOKEN",
+                              "the enrollment token is not valid")
+        password_hash = await asyncio.to_thread(HASHER.hash, password)
+        async with self._pool.connection() as conn, conn.transaction():
+            customer_id = await store.use_enrollment_token(conn, _sha256(enrollment_token))
+            if customer_id is None:
+                raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_ENROLLMENT_TOKEN",
+                                  "the enrollment token is not valid, used, or expired")
+            try:
+                await store.insert_credential(conn, uuid7(), username, customer_id, "customer", password_hash)
+            except store.Conflict as exc:
+                if exc.what == "username":
+                    raise DomainError(grpc.StatusCode.ALREADY_EXISTS, "USERNAME_TAKEN",
+                                      "this username is taken") from exc
+                raise DomainError(grpc.StatusCode.ALREADY_EXISTS, "CREDENTIAL_EXISTS",
+                                  "this customer already has credentials") from exc
+        return str(customer_id), username
+
+    async def ensure_teller(self, username: str, password: str) -> None:
+        """The local teller login, from BANK_TELLER_USERNAME / BANK_TELLER_PASSWORD."""
+        username = username.strip().lower()
+        if not username or not password:
+            return
+        async with self._pool.connection() as conn:
+            existing = await store.get_credential(conn, username)
+        if existing is not None and existing.role != "teller":
+            raise RuntimeError(f"BANK_TELLER_USERNAME={username!r} belongs to a customer")
+        if existing is not None and await asyncio.to_thread(_verifies, existing.password_hash, password):
+            return
+        password_hash = await asyncio.to_thread(HASHER.hash, password)
+        async with self._pool.connection() as conn, conn.transaction():
+            await store.upsert_teller(conn, uuid7(), username, password_hash)
+        log.info("teller login ready", extra={"fields": {"username": username}})
+
+    # --- sessions -------------------------------------------------------------------------
+
+    async def login(self, username: str, password: str) -> IssuedSession:
+        username = username.strip().lower()
+        bad = DomainError(grpc.StatusCode.UNAUTHENTICATED, "BAD_CREDENTIALS", "wrong username or password")
+        if len(username) > 64 or len(password) > PASSWORD_MAX_LENGTH:
+            await asyncio.to_thread(_verifies, _DUMMY_HASH, password[:PASSWORD_MAX_LENGTH])
+            raise bad
+        async with self._pool.connection() as conn:
+            credential = await store.get_credential(conn, username)
+        # The same work whether or not the user exists, so timing tells nothing.
+        ok = await asyncio.to_thread(_verifies, credential.password_hash if credential else _DUMMY_HASH, password)
+        if credential is None or not ok:
+            raise bad
+        if HASHER.check_needs_rehash(credential.password_hash):
+            new_hash = await asyncio.to_thread(HASHER.hash, password)
+            async with self._pool.connection() as conn:
+                await store.update_password_hash(conn, credential.credential_id, new_hash)
+        role = auth.Role(credential.role)
+        subject = str(credential.customer_id) if role is auth.Role.CUSTOMER else str(credential.credential_id)
+        session_id = uuid7()
+        refresh_token = secrets.token_urlsafe(32)
+        refresh_expire = datetime.now(UTC) + self._refresh_ttl
+        async with self._pool.connection() as conn, conn.transaction():
+            await store.insert_session(conn, session_id, credential.credential_id, subject, role.value,
+                                       _sha256(refresh_token), refresh_expire)
+        access = self._issuer.issue(subject, role, str(session_id))
+        return IssuedSession(str(session_id), subject if role is auth.Role.CUSTOMER else "", access, refresh_token,
+                             refresh_expire)
+
+    async def refresh_session(self, refresh_token: str) -> IssuedSession:
+        invalid = DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_REFRESH_TOKEN", "the refresh token is not valid")
+        if not refresh_token or len(refresh_token) > 256:
+            raise invalid
+        presented = _sha256(refresh_token)
+        new_token = secrets.token_urlsafe(32)
+        revoked: UUID | None = None
+        async with self._pool.connection() as conn, conn.transaction():
+            state = await store.lock_refresh_token(conn, presented)
+            if state is None:
+                raise invalid
+            if state.revoked_time is None and state.rotated_time is not None:
+                # A rotated token came back: someone holds a copy. Revoke the whole session.
+                await store.revoke_session(conn, state.session_id, "refresh token reuse")
+                revoked = state.session_id
+            elif state.revoked_time is None and state.refresh_expire_time > datetime.now(UTC):
+                await store.rotate_refresh_token(conn, presented, _sha256(new_token), state.session_id)
+        if revoked is not None:
+            await self._revocations.revoke(str(revoked))
+            log.warning("refresh token reused; session revoked", extra={"fields": {"session_id": str(revoked)}})
+        if state.revoked_time is not None or revoked is not None:
+            raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "SESSION_REVOKED", "the session has been revoked")
+        if state.refresh_expire_time <= datetime.now(UTC):
+            raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "SESSION_EXPIRED", "the session has expired; log in again")
+        role = auth.Role(state.role)
+        access = self._issuer.issue(state.subject, role, str(state.session_id))
+        return IssuedSession(str(state.session_id), state.subject if role is auth.Role.CUSTOMER else "", access,
+                             new_token, state.refresh_expire_time)
+
+    async def logout(self, caller: auth.Caller, session_id: str) -> None:
+        sid = parse_uuid(session_id)
+        async with self._pool.connection() as conn, conn.transaction():
+            session = await store.get_session(conn, sid) if sid else None
+            if session is None or session.subject != caller.subject or session.role != caller.role.value:
+                raise DomainError(grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND", "no such session")
+            assert sid is not None
+            await store.revoke_session(conn, sid, "logout")
+        # After commit: from here on every token of the session is refused by every service.
+        await self._revocations.revoke(str(sid))
+
+    async def customer_profile(self, customer_id: str) -> store.Customer:
+        cid = parse_uuid(customer_id)
+        async with self._pool.connection() as conn:
+            customer = await store.get_customer(conn, cid) if cid else None
+        if customer is None:
+            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+        return customer
+
+
+def _verifies(password_hash: str, password: str) -> bool:
+    try:
+        return HASHER.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False

@@ -1,0 +1,221 @@
+"""svc_customer's SQL: the only place that knows its tables. Functions take a connection in
+the caller's transaction and return plain values; a unique violation becomes Conflict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from psycopg import AsyncConnection, errors
+from psycopg.rows import class_row
+
+
+class Conflict(Exception):
+    """A uniqueness rule refused the write; `what` names it (email, username, customer)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+@dataclass(frozen=True)
+class Customer:
+    customer_id: UUID
+    email: str
+    full_name: str
+    email_verified: bool
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class VerificationCode:
+    customer_id: UUID
+    code_hash: bytes
+    expire_time: datetime
+    failed_attempts: int
+    used_time: datetime | None
+
+
+@dataclass(frozen=True)
+class Credential:
+    credential_id: UUID
+    username: str
+    customer_id: UUID | None
+    role: str
+    password_hash: str
+
+
+@dataclass(frozen=True)
+class RefreshTokenState:
+    session_id: UUID
+    rotated_time: datetime | None
+    revoked_time: datetime | None
+    refresh_expire_time: datetime
+    subject: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: UUID
+    subject: str
+    role: str
+    revoked_time: datetime | None
+
+
+async def insert_customer(conn: AsyncConnection, customer_id: UUID, email: str, full_name: str,
+                          phone_number: str | None) -> Customer:
+    try:
+        cursor = conn.cursor(row_factory=class_row(Customer))
+        await cursor.execute(
+            "INSERT INTO customers (customer_id, email, full_name, phone_number) VALUES (%s, %s, %s, %s)"
+            " RETURNING customer_id, email, full_name, email_verified, create_time",
+            (customer_id, email, full_name, phone_number),
+        )
+    except errors.UniqueViolation as exc:
+        raise Conflict("email") from exc
+    row = await cursor.fetchone()
+    assert row is not None
+    return row
+
+
+async def get_customer(conn: AsyncConnection, customer_id: UUID) -> Customer | None:
+    cursor = conn.cursor(row_factory=class_row(Customer))
+    await cursor.execute(
+        "SELECT customer_id, email, full_name, email_verified, create_time FROM customers WHERE customer_id = %s",
+        (customer_id,),
+    )
+    return await cursor.fetchone()
+
+
+async def set_verification_code(conn: AsyncConnection, customer_id: UUID, code_hash: bytes, expire_time: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO verification_codes (customer_id, code_hash, expire_time) VALUES (%s, %s, %s)"
+        " ON CONFLICT (customer_id) DO UPDATE SET code_hash = excluded.code_hash,"
+        " expire_time = excluded.expire_time, failed_attempts = 0, used_time = NULL",
+        (customer_id, code_hash, expire_time),
+    )
+
+
+async def lock_verification_code(conn: AsyncConnection, customer_id: UUID) -> VerificationCode | None:
+    """The customer's code, locked until commit so concurrent tries are counted one by one."""
+    cursor = conn.cursor(row_factory=class_row(VerificationCode))
+    await cursor.execute(
+        "SELECT customer_id, code_hash, expire_time, failed_attempts, used_time"
+        " FROM verification_codes WHERE customer_id = %s FOR UPDATE",
+        (customer_id,),
+    )
+    return await cursor.fetchone()
+
+
+async def count_failed_attempt(conn: AsyncConnection, customer_id: UUID) -> None:
+    await conn.execute(
+        "UPDATE verification_codes SET failed_attempts = failed_attempts + 1 WHERE customer_id = %s", (customer_id,)
+    )
+
+
+async def mark_email_verified(conn: AsyncConnection, customer_id: UUID) -> Customer:
+    await conn.execute("UPDATE verification_codes SET used_time = now() WHERE customer_id = %s", (customer_id,))
+    cursor = conn.cursor(row_factory=class_row(Customer))
+    await cursor.execute(
+        "UPDATE customers SET email_verified = true WHERE customer_id = %s"
+        " RETURNING customer_id, email, full_name, email_verified, create_time",
+        (customer_id,),
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    return row
+
+
+async def insert_enrollment_token(conn: AsyncConnection, token_hash: bytes, customer_id: UUID, expire_time: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO enrollment_tokens (token_hash, customer_id, expire_time) VALUES (%s, %s, %s)",
+        (token_hash, customer_id, expire_time),
+    )
+
+
+async def use_enrollment_token(conn: AsyncConnection, token_hash: bytes) -> UUID | None:
+    """Spend a live enrollment token (one statement, so two racing uses cannot both win)."""
+    cursor = await conn.execute(
+        "UPDATE enrollment_tokens SET used_time = now()"
+        " WHERE token_hash = %s AND used_time IS NULL AND expire_time > now() RETURNING customer_id",
+        (token_hash,),
+    )
+    row = await cursor.fetchone()
+    return row[0] if row else None
+
+
+async def insert_credential(conn: AsyncConnection, credential_id: UUID, username: str, customer_id: UUID | None,
+                            role: str, password_hash: str) -> None:
+    try:
+        await conn.execute(
+            "INSERT INTO credentials (credential_id, username, customer_id, role, password_hash)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (credential_id, username, customer_id, role, password_hash),
+        )
+    except errors.UniqueViolation as exc:
+        constraint = exc.diag.constraint_name or ""
+        raise Conflict("customer" if "customer_id" in constraint else "username") from exc
+
+
+async def upsert_teller(conn: AsyncConnection, credential_id: UUID, username: str, password_hash: str) -> None:
+    await conn.execute(
+        "INSERT INTO credentials (credential_id, username, customer_id, role, password_hash)"
+        " VALUES (%s, %s, NULL, 'teller', %s)"
+        " ON CONFLICT (username) DO UPDATE SET password_hash = excluded.password_hash WHERE credentials.role = 'teller'",
+        (credential_id, username, password_hash),
+    )
+
+
+async def get_credential(conn: AsyncConnection, username: str) -> Credential | None:
+    cursor = conn.cursor(row_factory=class_row(Credential))
+    await cursor.execute(
+        "SELECT credential_id, username, customer_id, role, password_hash FROM credentials WHERE username = %s",
+        (username,),
+    )
+    return await cursor.fetchone()
+
+
+async def update_password_hash(conn: AsyncConnection, credential_id: UUID, password_hash: str) -> None:
+    await conn.execute("UPDATE credentials SET password_hash = %s WHERE credential_id = %s", (password_hash, credential_id))
+
+
+async def insert_session(conn: AsyncConnection, session_id: UUID, credential_id: UUID, subject: str, role: str,
+                         refresh_hash: bytes, refresh_expire_time: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO sessions (session_id, credential_id, subject, role, refresh_expire_time) VALUES (%s, %s, %s, %s, %s)",
+        (session_id, credential_id, subject, role, refresh_expire_time),
+    )
+    await conn.execute("INSERT INTO refresh_tokens (token_hash, session_id) VALUES (%s, %s)", (refresh_hash, session_id))
+
+
+async def lock_refresh_token(conn: AsyncConnection, token_hash: bytes) -> RefreshTokenState | None:
+    cursor = conn.cursor(row_factory=class_row(RefreshTokenState))
+    await cursor.execute(
+        "SELECT r.session_id, r.rotated_time, s.revoked_time, s.refresh_expire_time, s.subject, s.role"
+        " FROM refresh_tokens r JOIN sessions s USING (session_id)"
+        " WHERE r.token_hash = %s FOR UPDATE OF r, s",
+        (token_hash,),
+    )
+    return await cursor.fetchone()
+
+
+async def rotate_refresh_token(conn: AsyncConnection, old_hash: bytes, new_hash: bytes, session_id: UUID) -> None:
+    await conn.execute("UPDATE refresh_tokens SET rotated_time = now() WHERE token_hash = %s", (old_hash,))
+    await conn.execute("INSERT INTO refresh_tokens (token_hash, session_id) VALUES (%s, %s)", (new_hash, session_id))
+
+
+async def get_session(conn: AsyncConnection, session_id: UUID) -> Session | None:
+    cursor = conn.cursor(row_factory=class_row(Session))
+    await cursor.execute(
+        "SELECT session_id, subject, role, revoked_time FROM sessions WHERE session_id = %s", (session_id,)
+    )
+    return await cursor.fetchone()
+
+
+async def revoke_session(conn: AsyncConnection, session_id: UUID, reason: str) -> None:
+    await conn.execute(
+        "UPDATE sessions SET revoked_time = now(), revoke_reason = %s WHERE session_id = %s AND revoked_time IS NULL",
+        (reason, session_id),
+    )

@@ -1,0 +1,130 @@
+"""What many tests need: a REST client for Envoy, Mailpit's API, and the customer journey
+(register → email → verify → credentials → login) as one call."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from common.config import Settings
+
+ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+STRONG_PASSWORD = "correct-horse-battery-staple"
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+    @property
+    def reason(self) -> str | None:
+        """The ErrorInfo reason of an error body."""
+        if not isinstance(self.body, dict):
+            return None
+        for detail in self.body.get("details", []):
+            if detail.get("@type") == ERROR_INFO_TYPE:
+                return str(detail["reason"])
+        return None
+
+
+def rest(settings: Settings, method: str, path: str, body: Any = None, token: str | None = None,
+         headers: dict[str, str] | None = None) -> Response:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{settings.envoy_port}{path}", data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=15) as resp:
+            raw = resp.read()
+            return Response(resp.status, dict(resp.headers), json.loads(raw) if raw else None)
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            parsed: Any = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw.decode("utf-8", "replace")
+        return Response(err.code, dict(err.headers), parsed)
+
+
+def mailpit_messages(settings: Settings, query: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{settings.mailpit_http_port}/api/v1/search?query={urllib.parse.quote(query)}"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return list(json.load(resp)["messages"])
+
+
+def mailpit_text(settings: Settings, message_id: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{settings.mailpit_http_port}/api/v1/message/{message_id}",
+                                timeout=5) as resp:
+        return str(json.load(resp)["Text"])
+
+
+def wait_for_verification_code(settings: Settings, email: str, timeout_s: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = mailpit_messages(settings, f'to:"{email}"')
+        if found:
+            match = re.search(r"^Verification code: (\d+)\s*$", mailpit_text(settings, found[0]["ID"]), re.MULTILINE)
+            assert match, "the email has no 'Verification code: <code>' line"
+            return match.group(1)
+        time.sleep(0.1)
+    raise AssertionError(f"no verification email for {email} in Mailpit after {timeout_s}s")
+
+
+def unique_email(prefix: str = "c") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}@example.com"
+
+
+@dataclass
+class Customer:
+    customer_id: str
+    email: str
+    username: str
+    password: str
+    session: dict[str, Any]
+
+    @property
+    def token(self) -> str:
+        return str(self.session["access_token"])
+
+
+def register(settings: Settings, email: str | None = None) -> dict[str, Any]:
+    response = rest(settings, "POST", "/v1/customers", {"email": email or unique_email(), "full_name": "Test Customer"})
+    assert response.status == 200, response.body
+    return dict(response.body)
+
+
+def verify(settings: Settings, customer: dict[str, Any]) -> str:
+    code = wait_for_verification_code(settings, customer["email"])
+    response = rest(settings, "POST", f"/v1/customers/{customer['customer_id']}:verifyEmail", {"code": code})
+    assert response.status == 200, response.body
+    return str(response.body["enrollment_token"])
+
+
+def onboard(settings: Settings) -> Customer:
+    """A verified customer with credentials and a live session."""
+    customer = register(settings)
+    enrollment_token = verify(settings, customer)
+    username = f"u{uuid.uuid4().hex[:12]}"
+    response = rest(settings, "POST", "/v1/credentials",
+                    {"enrollment_token": enrollment_token, "username": username, "password": STRONG_PASSWORD})
+    assert response.status == 200, response.body
+    session = login(settings, username, STRONG_PASSWORD)
+    return Customer(customer["customer_id"], customer["email"], username, STRONG_PASSWORD, session)
+
+
+def login(settings: Settings, username: str, password: str) -> dict[str, Any]:
+    response = rest(settings, "POST", "/v1/sessions", {"username": username, "password": password})
+    assert response.status == 200, response.body
+    return dict(response.body)
