@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: help venv gen check lint test up down run status logs tools
+.PHONY: help venv gen check lint test up down run status logs tools bench-customers
 
 help:
 	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
@@ -53,6 +53,10 @@ run: $(READY)
 
 status: $(READY)
 	$(PY) -m devstack status
+
+# Benchmarks: against the running stack (`make up`), loopback only, bounded; JSON in perf/results/.
+bench-customers: $(READY) tools
+	$(PY) -m perf.bench_customers
 
 tools: $(READY)
 	$(PY) -m devstack tools

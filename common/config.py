@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PROCESS_PORT_STEP = 100
 
 
 def _setting(env: str, default: Any, doc: str) -> Any:
@@ -68,6 +69,13 @@ class Settings:
     account_metrics_port: int = _setting("BANK_ACCOUNT_METRICS_PORT", 9102, "svc_account Prometheus metrics port")
     transfer_metrics_port: int = _setting("BANK_TRANSFER_METRICS_PORT", 9103, "svc_transfer Prometheus metrics port")
     notify_metrics_port: int = _setting("BANK_NOTIFY_METRICS_PORT", 9104, "svc_notify Prometheus metrics port")
+    # Processes per service (both cores): each binds the service's port with SO_REUSEPORT and its
+    # own private port (grpc_port + 100 * (index + 1)), which Envoy balances across; process i
+    # serves metrics on metrics_port + 100 * i.
+    customer_processes: int = _setting("BANK_CUSTOMER_PROCESSES", 1, "svc_customer processes")
+    account_processes: int = _setting("BANK_ACCOUNT_PROCESSES", 1, "svc_account processes")
+    transfer_processes: int = _setting("BANK_TRANSFER_PROCESSES", 2, "svc_transfer processes")
+    notify_processes: int = _setting("BANK_NOTIFY_PROCESSES", 1, "svc_notify processes")
     # Where a service reaches another service's gRPC port (internal RPCs, never through Envoy).
     customer_addr: str = _setting("BANK_CUSTOMER_ADDR", "127.0.0.1:50051", "address other services use for svc_customer")
     account_addr: str = _setting("BANK_ACCOUNT_ADDR", "127.0.0.1:50052", "address other services use for svc_account")
@@ -99,6 +107,15 @@ class Settings:
     @property
     def key_dir(self) -> str:
         return self.token_key_dir or str(Path(self.stack_dir) / "keys")
+
+    def processes(self, service: str) -> int:
+        return max(1, int(getattr(self, f"{service}_processes")))
+
+    def private_grpc_port(self, service: str, index: int) -> int:
+        return int(getattr(self, f"{service}_grpc_port")) + PROCESS_PORT_STEP * (index + 1)
+
+    def metrics_port(self, service: str, index: int) -> int:
+        return int(getattr(self, f"{service}_metrics_port")) + PROCESS_PORT_STEP * index
 
     def service_log_level(self, service: str) -> str:
         return os.environ.get(f"BANK_{service.upper()}_LOG_LEVEL", self.log_level).upper()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,9 +79,9 @@ async def _open_pool_when_ready(settings: config.Settings, schema: str) -> Async
             await asyncio.sleep(min(2.0, 0.2 * attempt))
 
 
-async def serve(spec: ServiceSpec, settings: config.Settings) -> None:
+async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int) -> None:
     grpc_port = getattr(settings, f"{spec.name}_grpc_port")
-    metrics_port = getattr(settings, f"{spec.name}_metrics_port")
+    metrics_port = settings.metrics_port(spec.name, process_index)
     metrics.serve(settings.bind_host, metrics_port)
 
     pool = await _open_pool_when_ready(settings, spec.name)
@@ -95,7 +96,8 @@ async def serve(spec: ServiceSpec, settings: config.Settings) -> None:
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            # Every process of the service shares its port (the kernel spreads connections).
+            ("grpc.so_reuseport", 1),
         ],
     )
     resources = Resources(settings, pool, keys, redis_client, revocations)
@@ -106,15 +108,19 @@ async def serve(spec: ServiceSpec, settings: config.Settings) -> None:
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     address = f"{settings.bind_host}:{grpc_port}"
-    if server.add_insecure_port(address) == 0:
-        raise RuntimeError(f"cannot listen on {address}")
+    # ...and each also has a port of its own, which Envoy balances across and health checks use.
+    private_address = f"{settings.bind_host}:{settings.private_grpc_port(spec.name, process_index)}"
+    for listen in (address, private_address):
+        if server.add_insecure_port(listen) == 0:
+            raise RuntimeError(f"cannot listen on {listen}")
     await server.start()
     workers = list(resources.workers)
     for worker in workers:
         await worker.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra=bank_logging.fields(address=address, services=names, metrics_port=metrics_port))
+    log.info("serving", extra=bank_logging.fields(address=address, private_address=private_address, services=names,
+                                                  metrics_port=metrics_port, process_index=process_index))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -135,4 +141,5 @@ async def serve(spec: ServiceSpec, settings: config.Settings) -> None:
 def run(spec: ServiceSpec) -> None:
     settings = config.load()
     bank_logging.setup(f"svc_{spec.name}", settings.service_log_level(spec.name))
-    asyncio.run(serve(spec, settings))
+    process_index = int(os.environ.get("BANK_PROCESS_INDEX", "0"))
+    asyncio.run(serve(spec, settings, process_index))

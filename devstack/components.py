@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import signal
 import sys
@@ -269,12 +268,13 @@ def _redis(s: Settings, p: Paths) -> list[str]:
 
 def _prometheus(s: Settings, p: Paths) -> list[str]:
     binary = install.debian_binary("prometheus", "prometheus", p.install_log("prometheus"))
-    conf = render(
-        TEMPLATES / "prometheus.yml", p.conf / "prometheus.yml",
-        host=s.bind_host, envoy_admin_port=s.envoy_admin_port,
-        customer_metrics_port=s.customer_metrics_port, account_metrics_port=s.account_metrics_port,
-        transfer_metrics_port=s.transfer_metrics_port, notify_metrics_port=s.notify_metrics_port,
+    targets = "\n".join(
+        f'      - targets: ["{s.bind_host}:{s.metrics_port(name, i)}"]\n'
+        f"        labels: {{service: svc_{name}, process: '{i}'}}"
+        for name in SERVICES for i in range(s.processes(name))
     )
+    conf = render(TEMPLATES / "prometheus.yml", p.conf / "prometheus.yml", host=s.bind_host,
+                  envoy_admin_port=s.envoy_admin_port, service_targets=targets)
     return [binary, f"--config.file={conf}", f"--storage.tsdb.path={p.data / 'prometheus'}",
             f"--web.listen-address={s.bind_host}:{s.prometheus_port}", "--storage.tsdb.retention.time=2d"]
 
@@ -332,19 +332,21 @@ def _mailpit(s: Settings, p: Paths) -> list[str]:
 def envoy_config(s: Settings, compose: bool = False) -> str:
     """The Envoy config for these settings: the local stack (loopback) or docker-compose
     (upstreams by service name, descriptor mounted at /etc/envoy)."""
-    if compose:
-        descriptor, listen_host = Path("/etc/envoy/bank.pb"), "0.0.0.0"
-        upstream_hosts = {name: f"svc_{name}" for name in SERVICES}
-    else:
-        descriptor, listen_host = REPO_ROOT / "gen" / "bank.pb", s.bind_host
-        upstream_hosts = {name: s.bind_host for name in SERVICES}
+    def endpoint(host: str, port: int) -> str:
+        return f"{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}"
+
+    endpoints: dict[str, str] = {}
+    for name in SERVICES:
+        if compose:  # one name per service; replicas are the container engine's business
+            listed = [endpoint(f"svc_{name}", int(getattr(s, f"{name}_grpc_port")))]
+        else:  # each local process's private port, so Envoy spreads requests over all of them
+            listed = [endpoint(s.bind_host, s.private_grpc_port(name, i)) for i in range(s.processes(name))]
+        endpoints[f"{name}_endpoints"] = "[" + ", ".join(listed) + "]"
+    listen_host = "0.0.0.0" if compose else s.bind_host
+    descriptor = Path("/etc/envoy/bank.pb") if compose else REPO_ROOT / "gen" / "bank.pb"
     return Template((REPO_ROOT / "envoy" / "envoy.yaml.tmpl").read_text()).substitute(
-        admin_host=listen_host if compose else "127.0.0.1", admin_port=s.envoy_admin_port, listen_host=listen_host, port=s.envoy_port,
-        route_timeout=f"{s.envoy_route_timeout_s:g}s", descriptor=descriptor,
-        customer_host=upstream_hosts["customer"], customer_port=s.customer_grpc_port,
-        account_host=upstream_hosts["account"], account_port=s.account_grpc_port,
-        transfer_host=upstream_hosts["transfer"], transfer_port=s.transfer_grpc_port,
-        notify_host=upstream_hosts["notify"], notify_port=s.notify_grpc_port,
+        admin_host=listen_host if compose else "127.0.0.1", admin_port=s.envoy_admin_port, listen_host=listen_host,
+        port=s.envoy_port, route_timeout=f"{s.envoy_route_timeout_s:g}s", descriptor=descriptor, **endpoints,
     )
 
 
@@ -360,8 +362,8 @@ def _envoy(s: Settings, p: Paths) -> list[str]:
             "--concurrency", "2"]
 
 
-def _grpc_port_of(name: str) -> Callable[[Settings], int]:
-    return lambda s: int(getattr(s, f"{name}_grpc_port"))
+def _private_port_of(name: str, index: int) -> Callable[[Settings], int]:
+    return lambda s: s.private_grpc_port(name, index)
 
 
 def _service(name: str) -> Callable[[Settings, Paths], list[str]]:
@@ -371,7 +373,32 @@ def _service(name: str) -> Callable[[Settings, Paths], list[str]]:
     return prepare
 
 
-def all_components() -> list[Component]:
+def _process_env(index: int) -> Callable[[Settings], dict[str, str]]:
+    return lambda s: {"BANK_PROCESS_INDEX": str(index)}
+
+
+def service_components(s: Settings) -> list[Component]:
+    """One component per process of each service: svc_transfer, svc_transfer-2, ..."""
+    needs = {
+        "customer": ("postgres", "redis", "kafka"),
+        "account": ("postgres", "cassandra"),
+        "transfer": ("postgres", "kafka"),
+        "notify": ("postgres", "cassandra", "kafka", "mailpit"),
+    }
+    components = []
+    for name in SERVICES:
+        for index in range(s.processes(name)):
+            components.append(Component(
+                f"svc_{name}" if index == 0 else f"svc_{name}-{index + 1}",
+                f"grpc://127.0.0.1:{s.private_grpc_port(name, index)} (metrics :{s.metrics_port(name, index)})",
+                _service(name), _grpc_healthy(_private_port_of(name, index)),
+                after=needs[name], start_timeout_s=60,
+                env=_process_env(index),
+            ))
+    return components
+
+
+def all_components(settings: Settings) -> list[Component]:
     infra = [
         Component("postgres", "postgresql://127.0.0.1:{pg_port}", _postgres, _postgres_healthy,
                   stop_signal=signal.SIGINT, bootstrap=_postgres_bootstrap),  # SIGINT is PostgreSQL's "fast" shutdown
@@ -386,26 +413,8 @@ def all_components() -> list[Component]:
         Component("prometheus", "http://127.0.0.1:{prometheus_port}", _prometheus,
                   lambda s: _http_ok(f"http://{s.bind_host}:{s.prometheus_port}/-/ready")),
     ]
-    needs = {
-        "customer": ("postgres", "redis", "kafka"),
-        "account": ("postgres", "cassandra"),
-        "transfer": ("postgres", "kafka"),
-        "notify": ("postgres", "cassandra", "kafka", "mailpit"),
-    }
-    services = [
-        Component(
-            f"svc_{name}", f"grpc://127.0.0.1:{{{name}_grpc_port}} (metrics :{{{name}_metrics_port}})",
-            _service(name), _grpc_healthy(_grpc_port_of(name)),
-            after=needs[name], start_timeout_s=60,
-        )
-        for name in SERVICES
-    ]
-    return infra + services
+    return infra + service_components(settings)
 
 
 def endpoint(component: Component, s: Settings) -> str:
     return component.endpoint.format(**{k: getattr(s, k) for k in s.__dataclass_fields__})
-
-
-def describe_json(s: Settings) -> str:
-    return json.dumps({c.name: endpoint(c, s) for c in all_components()}, indent=2)

@@ -40,7 +40,7 @@ class Stack:
     def __init__(self, settings: Settings, components: list[Component] | None = None) -> None:
         self.settings = settings
         self.paths = Paths(Path(settings.stack_dir))
-        self.components = components if components is not None else all_components()
+        self.components = components if components is not None else all_components(settings)
         self.by_name = {c.name: c for c in self.components}
 
     def pidfile(self, name: str) -> Path:
@@ -49,15 +49,22 @@ class Stack:
     def running(self, name: str) -> bool:
         return proc.alive(proc.read_pidfile(self.pidfile(name)))
 
+    def expand(self, names: list[str]) -> list[str]:
+        """Component names, where a service's name stands for all its processes (svc_x, svc_x-2, ...)."""
+        expanded = []
+        for name in names:
+            matches = [c.name for c in self.components if c.name == name or c.name.startswith(f"{name}-")]
+            if not matches:
+                raise StackError(f"unknown component: {name}; known: {', '.join(self.by_name)}")
+            expanded += matches
+        return expanded
+
     def select(self, names: list[str] | None) -> list[Component]:
         """The named components plus everything they need, in declaration order."""
         if not names:
             return list(self.components)
-        unknown = [n for n in names if n not in self.by_name]
-        if unknown:
-            raise StackError(f"unknown component(s): {', '.join(unknown)}; known: {', '.join(self.by_name)}")
         wanted: set[str] = set()
-        todo = list(names)
+        todo = self.expand(names)
         while todo:
             name = todo.pop()
             if name not in wanted:
@@ -162,6 +169,8 @@ class Stack:
     def down(self, names: list[str] | None = None, out: TextIO = sys.stderr) -> list[str]:
         """Stop, in reverse order, the named components (default: all) that devstack started."""
         stopped = []
+        if names is not None:
+            names = self.expand(names)
         for c in reversed(self.components):
             if names is not None and c.name not in names:
                 continue

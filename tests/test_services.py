@@ -60,14 +60,15 @@ def test_service_serves_prometheus_metrics(stack: Stack, settings: Settings, nam
 
 def test_service_shuts_down_gracefully_on_sigterm(stack: Stack, settings: Settings) -> None:
     """A second svc_notify on spare ports: healthy, then SIGTERM, then a clean exit."""
-    env = dict(os.environ, BANK_NOTIFY_GRPC_PORT="50154", BANK_NOTIFY_METRICS_PORT="9204", PYTHONUNBUFFERED="1")
+    # Ports clear of the stack's own (a process also binds grpc port + 100 as its private port).
+    env = dict(os.environ, BANK_NOTIFY_GRPC_PORT="50954", BANK_NOTIFY_METRICS_PORT="9904", PYTHONUNBUFFERED="1")
     child = subprocess.Popen([sys.executable, "-m", "svc_notify"], cwd=REPO_ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         serving = False
         while not serving and time.monotonic() < deadline and child.poll() is None:
-            with grpc.insecure_channel("127.0.0.1:50154") as channel:
+            with grpc.insecure_channel("127.0.0.1:50954") as channel:
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
                     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
