@@ -10,7 +10,8 @@ schema files applied at start.
 - Every statement carries its consistency level: `prepare()` takes it as a required keyword
   and `execute()` refuses a statement without one.
 - Schema files `NNNN_lowercase_words.cql` are applied at every start, in order; each statement
-  must be `CREATE ... IF NOT EXISTS`, so applying them again changes nothing.
+  must be `CREATE ... IF NOT EXISTS`, so applying them again changes nothing, and must name
+  its keyspace (`ks.table`): sessions never `USE` a keyspace.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from common.config import Settings
 
 log = logging.getLogger("cassandra_client")
 
-LOCAL_DC = "datacenter1"  # the local stack's single DC (SimpleSnitch names it so)
 PROTOCOL_VERSION = 5
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 5.0
@@ -64,9 +64,9 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def new_cluster(settings: Settings, local_dc: str = LOCAL_DC) -> Cluster:
+def new_cluster(settings: Settings) -> Cluster:
     profile = ExecutionProfile(
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=local_dc)),
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=settings.cassandra_local_dc)),
         retry_policy=FallthroughRetryPolicy(),
         # A safety net only: execute() insists each statement carries its own level.
         consistency_level=ConsistencyLevel.LOCAL_QUORUM,
@@ -84,14 +84,14 @@ def new_cluster(settings: Settings, local_dc: str = LOCAL_DC) -> Cluster:
     )
 
 
-async def connect(settings: Settings, local_dc: str = LOCAL_DC, wait_s: float = DEPENDENCY_WAIT_S) -> tuple[Cluster, Session]:
+async def connect(settings: Settings, wait_s: float = DEPENDENCY_WAIT_S) -> tuple[Cluster, Session]:
     """A connected session; Cassandra may still be starting, so retry with backoff up to wait_s."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     attempt = 0
     while True:
         attempt += 1
-        cluster = new_cluster(settings, local_dc)
+        cluster = new_cluster(settings)
         try:
             session = await asyncio.to_thread(cluster.connect)
             return cluster, session
@@ -181,9 +181,10 @@ def cql_files(directory: Path) -> list[Path]:
     return [path for _, path in found]
 
 
-def cql_statements(text: str) -> list[str]:
+def cql_statements(text: str, keyspace: str) -> list[str]:
     """The statements of a schema file: `--` comment lines dropped, split on `;` (which must not
-    appear inside a statement), each checked to be idempotent."""
+    appear inside a statement), each checked to be idempotent and to name its keyspace (no
+    session-wide USE: Cassandra 5 warns against it with prepared statements)."""
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
     statements = [" ".join(part.split()) for part in "\n".join(lines).split(";")]
     statements = [s for s in statements if s]
@@ -191,15 +192,16 @@ def cql_statements(text: str) -> list[str]:
         upper = statement.upper()
         if not upper.startswith("CREATE ") or "IF NOT EXISTS" not in upper:
             raise ValueError(f"schema statement is not CREATE ... IF NOT EXISTS: {statement[:80]}")
+        if f" {keyspace}." not in statement:
+            raise ValueError(f"schema statement does not name keyspace {keyspace}: {statement[:80]}")
     return statements
 
 
 async def apply_cql_files(session: Session, keyspace: str, directory: Path) -> list[str]:
-    """Use keyspace in this session and apply the schema files in directory; return their names."""
+    """Apply the schema files in directory, whose statements all name keyspace; return their names."""
     files = cql_files(directory)
-    await asyncio.to_thread(session.set_keyspace, keyspace)
     for path in files:
-        for statement in cql_statements(path.read_text()):
+        for statement in cql_statements(path.read_text(), keyspace):
             await execute(session, SimpleStatement(statement, consistency_level=ConsistencyLevel.LOCAL_QUORUM),
                           timeout_s=SCHEMA_TIMEOUT_S)
     names = [path.name for path in files]

@@ -48,6 +48,9 @@ class Settings:
     cassandra_port: int = _setting("BANK_CASSANDRA_PORT", 9042, "Cassandra CQL port")
     cassandra_storage_port: int = _setting("BANK_CASSANDRA_STORAGE_PORT", 7000, "Cassandra internode port (local stack)")
     cassandra_version: str = _setting("BANK_CASSANDRA_VERSION", "5.0.6", "Apache Cassandra version fetched from Maven Central")
+    cassandra_local_dc: str = _setting("BANK_CASSANDRA_LOCAL_DC", "datacenter1", "Cassandra data center the services use")
+    cassandra_replication_factor: int = _setting("BANK_CASSANDRA_REPLICATION_FACTOR", 1,
+                                                 "replication factor of the bank's keyspaces (1: one local node)")
     cassandra_heap_mb: int = _setting("BANK_CASSANDRA_HEAP_MB", 1024, "Cassandra JVM heap (local stack)")
 
     smtp_host: str = _setting("BANK_SMTP_HOST", "127.0.0.1", "SMTP server host (Mailpit locally)")

@@ -113,6 +113,11 @@ async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int
     for listen in (address, private_address):
         if server.add_insecure_port(listen) == 0:
             raise RuntimeError(f"cannot listen on {listen}")
+    # Before anything starts: from now on a SIGTERM means a graceful stop, never the default kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await server.start()
     workers = list(resources.workers)
     for worker in workers:
@@ -122,10 +127,6 @@ async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int
     log.info("serving", extra=bank_logging.fields(address=address, private_address=private_address, services=names,
                                                   metrics_port=metrics_port, process_index=process_index))
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
     log.info("shutting down", extra=bank_logging.fields(grace_s=settings.grpc_shutdown_grace_s))

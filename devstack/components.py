@@ -380,10 +380,11 @@ def _process_env(index: int) -> Callable[[Settings], dict[str, str]]:
 def service_components(s: Settings) -> list[Component]:
     """One component per process of each service: svc_transfer, svc_transfer-2, ..."""
     needs = {
+        # Every service checks session revocations in Redis.
         "customer": ("postgres", "redis", "kafka"),
-        "account": ("postgres", "cassandra"),
-        "transfer": ("postgres", "kafka"),
-        "notify": ("postgres", "cassandra", "kafka", "mailpit"),
+        "account": ("postgres", "redis", "cassandra"),
+        "transfer": ("postgres", "redis", "kafka"),
+        "notify": ("postgres", "redis", "cassandra", "kafka", "mailpit"),
     }
     components = []
     for name in SERVICES:

@@ -52,7 +52,7 @@ def test_stop_escalates_to_sigkill_when_ignored(tmp_path: Path) -> None:
 def test_selecting_a_service_brings_its_dependencies() -> None:
     stack = Stack(config.load({}))
     names = [c.name for c in stack.select(["svc_notify"])]
-    assert names == ["postgres", "kafka", "cassandra", "mailpit", "svc_notify"]
+    assert names == ["postgres", "redis", "kafka", "cassandra", "mailpit", "svc_notify"]
     with pytest.raises(StackError):
         stack.select(["no_such_component"])
 

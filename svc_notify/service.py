@@ -1,0 +1,251 @@
+"""svc_notify's use cases: react to customer events, list a customer's notifications.
+
+Delivery is at-least-once from Kafka and exactly-once in effect for the customer: each
+notification has an id derived from its event's id and its kind, and is recorded in Cassandra
+with a lightweight transaction before it is sent:
+  1. INSERT ... IF NOT EXISTS with status PENDING. Not applied and already SENT: a duplicate,
+     nothing is sent.
+  2. Send, with bounded retries for transient failures.
+  3. Mark SENT, or FAILED when the retries ran out or the server refused for good; the
+     consumer then moves on to the next event.
+The one window left is a crash (or storage failure) between the mail server's acceptance and
+step 3: the event comes again, finds PENDING and sends again. That second copy carries the
+same Message-ID, so mail clients can recognise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import TypeVar
+
+import grpc
+from bank.events.v1 import events_pb2
+
+from common import auth, cassandra, ids, pagination
+from common.errors import DomainError
+from common.logging import fields
+from svc_notify import mailer
+from svc_notify.mailer import Email, Mailer, PermanentMailError, TransientMailError
+from svc_notify.retry import Backoff, retry
+from svc_notify.store import TRANSIENT_ERRORS, UNAVAILABLE_ERRORS, Notification, Store
+
+log = logging.getLogger("notify")
+
+T = TypeVar("T")
+
+# Derives notification ids from event ids; never change it, or redelivered events get new ids.
+NOTIFICATION_ID_NAMESPACE = uuid.UUID("5b0c2f2e-8d4a-4a53-9a43-3f6f0c1f6e10")
+VERIFICATION_SUBJECT = "Verify your email"
+MAX_EMAIL_LENGTH = 320
+MAX_NAME_LENGTH = 200
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+MAIL_BACKOFF = Backoff(tries=5, initial_s=0.2, max_s=5.0)
+STORAGE_BACKOFF = Backoff(tries=5, initial_s=0.2, max_s=5.0)
+# Longest one storage call can take: a Postgres pool wait plus statement timeout, or a
+# Cassandra request timeout, whichever is longer.
+STORAGE_CALL_TIMEOUT_S = max(10.0, cassandra.REQUEST_TIMEOUT_S)
+STORAGE_CALLS_PER_EVENT_MAX = 5  # projection, claim, log PENDING, status, log status
+# Longest the handling of one event can take when every dependency hangs on every try; the
+# consumer's poll interval is sized from it.
+EVENT_WORST_CASE_S = (STORAGE_CALLS_PER_EVENT_MAX * STORAGE_BACKOFF.worst_case_s(STORAGE_CALL_TIMEOUT_S)
+                      + MAIL_BACKOFF.worst_case_s(mailer.ATTEMPT_TIMEOUT_S))
+
+
+class Kind(StrEnum):  # bank.notify.v1.Notification.Kind names
+    EMAIL_VERIFICATION = "EMAIL_VERIFICATION"
+
+
+class Channel(StrEnum):
+    EMAIL = "EMAIL"
+
+
+class Status(StrEnum):
+    PENDING = "PENDING"
+    SENT = "SENT"
+    FAILED = "FAILED"
+
+
+class BadEvent(Exception):
+    """An event that can never be handled (missing id, malformed field): logged and skipped."""
+
+
+class StorageUnavailable(Exception):
+    """Postgres or Cassandra still failing after the bounded retries: the consumer must not
+    commit past this event, and tries it again later."""
+
+
+class Outcome(StrEnum):
+    SENT = "sent"
+    FAILED = "failed"
+    DUPLICATE = "duplicate"
+    APPLIED = "applied"  # projection only
+    STALE = "stale"  # projection already reflects this or a later event
+
+
+@dataclass(frozen=True)
+class EventMeta:
+    event_id: str
+    fallback_time: datetime  # when the event has no create_time: the Kafka record's time
+
+
+def notification_id(event_id: str, kind: Kind) -> uuid.UUID:
+    return uuid.uuid5(NOTIFICATION_ID_NAMESPACE, f"{event_id}/{kind.value}")
+
+
+def _now() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)  # Cassandra keeps milliseconds
+
+
+async def _storage(operation: Callable[[], Awaitable[T]], what: str) -> T:
+    try:
+        return await retry(operation, what=what, transient=TRANSIENT_ERRORS, backoff=STORAGE_BACKOFF)
+    except UNAVAILABLE_ERRORS as exc:
+        raise StorageUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _customer_id(value: str) -> uuid.UUID:
+    parsed = ids.parse_uuid(value)
+    if parsed is None:
+        raise BadEvent("customer_id is not a UUID")
+    return parsed
+
+
+def _email_address(value: str) -> str:
+    if not value or len(value) > MAX_EMAIL_LENGTH or "@" not in value:
+        raise BadEvent("email is not an address")
+    return value
+
+
+def _event_time(event: events_pb2.CustomerRegistered | events_pb2.EmailVerified, meta: EventMeta) -> datetime:
+    return event.create_time.ToDatetime(tzinfo=UTC) if event.HasField("create_time") else meta.fallback_time
+
+
+# --- events -------------------------------------------------------------------------------
+
+async def customer_registered(store: Store, sender: Mailer, event: events_pb2.CustomerRegistered,
+                              meta: EventMeta) -> Outcome:
+    """Project the new customer, then email them their verification code, once."""
+    customer_id = _customer_id(event.customer_id)
+    email = _email_address(event.email)
+    full_name = event.full_name[:MAX_NAME_LENGTH]
+    if not event.verification_code:
+        raise BadEvent("verification_code is empty")
+    await _storage(lambda: store.upsert_registered_contact(customer_id, email, full_name, _event_time(event, meta)),
+                   "customer_contacts upsert")
+    notification = Notification(
+        notification_id=notification_id(meta.event_id, Kind.EMAIL_VERIFICATION), event_id=meta.event_id,
+        customer_id=customer_id, kind=Kind.EMAIL_VERIFICATION, channel=Channel.EMAIL, recipient=email,
+        subject=VERIFICATION_SUBJECT, status=Status.PENDING, attempts=0, create_time=_now(),
+    )
+    greeting = f"Hello {full_name}," if full_name.strip() else "Hello,"
+    text = (f"{greeting}\n\n"
+            "Welcome to Simple Bank. Enter this code to verify your email address:\n\n"
+            f"Verification code: {event.verification_code}\n\n"
+            "If you did not register with Simple Bank, you can ignore this email.\n\n"
+            "Simple Bank\n")
+    return await _deliver(store, sender, notification, text)
+
+
+async def email_verified(store: Store, event: events_pb2.EmailVerified, meta: EventMeta) -> Outcome:
+    customer_id = _customer_id(event.customer_id)
+    email = _email_address(event.email)
+    applied = await _storage(lambda: store.mark_contact_verified(customer_id, email, _event_time(event, meta)),
+                             "customer_contacts verify")
+    return Outcome.APPLIED if applied else Outcome.STALE
+
+
+async def _deliver(store: Store, sender: Mailer, notification: Notification, text: str) -> Outcome:
+    created, stored = await _storage(lambda: store.claim_notification(notification), "notification claim")
+    context = {"notification_id": str(stored.notification_id), "event_id": stored.event_id,
+               "customer_id": str(stored.customer_id), "kind": stored.kind}
+    if not created and stored.status == Status.SENT:
+        # Sent before. The customer's list may have missed the final write if we crashed
+        # right after it; writing it again is idempotent and cheap.
+        await _storage(lambda: store.put_in_customer_log(stored), "notification log repair")
+        log.info("duplicate event: notification already sent", extra=fields(**context))
+        return Outcome.DUPLICATE
+    if not created:  # PENDING (an earlier try stopped half-way) or FAILED: try again
+        log.info("notification recorded before but not sent; sending again",
+                 extra=fields(**context, status=stored.status))
+    await _storage(lambda: store.put_in_customer_log(replace(stored, status=Status.PENDING)), "notification log")
+
+    email = Email(recipient=stored.recipient, subject=stored.subject, text=text,
+                  message_id=f"{stored.notification_id}@{mailer.MESSAGE_ID_DOMAIN}")
+    attempts = stored.attempts
+
+    async def attempt() -> None:
+        nonlocal attempts
+        attempts += 1
+        await sender.send(email)
+
+    status = Status.SENT
+    try:
+        await retry(attempt, what="email send", transient=(TransientMailError,), backoff=MAIL_BACKOFF)
+    except (TransientMailError, PermanentMailError) as exc:
+        status = Status.FAILED
+        log.error("email not delivered; recorded as FAILED",
+                  extra=fields(**context, attempts=attempts, error=str(exc)))
+    final = replace(stored, status=status, attempts=attempts)
+    await _storage(lambda: store.set_notification_status(final.notification_id, status, attempts, _now()),
+                   "notification status")
+    await _storage(lambda: store.put_in_customer_log(final), "notification log")
+    if status is Status.SENT:
+        log.info("email sent", extra=fields(**context, attempts=attempts))
+        return Outcome.SENT
+    return Outcome.FAILED
+
+
+# --- ListNotifications --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Page:
+    notifications: list[Notification]
+    next_page_token: str
+
+
+def _page_key(token: str) -> tuple[datetime, uuid.UUID] | None:
+    key = pagination.decode_token(token, 2)
+    if key is None:
+        return None
+    create_time_ms, raw_id = key
+    if not isinstance(create_time_ms, int) or isinstance(create_time_ms, bool) or not isinstance(raw_id, str):
+        raise pagination.invalid_token()
+    parsed_id = ids.parse_uuid(raw_id)
+    try:
+        create_time = EPOCH + timedelta(milliseconds=create_time_ms)
+    except OverflowError as exc:
+        raise pagination.invalid_token() from exc
+    if parsed_id is None:
+        raise pagination.invalid_token()
+    return create_time, parsed_id
+
+
+async def list_notifications(store: Store, caller: auth.Caller, page_size: int, page_token: str) -> Page:
+    """The caller's own notifications, newest first. A teller owns none: an empty list (not an
+    error), the same answer as for a customer who was never notified."""
+    size = pagination.page_size(page_size)
+    after = _page_key(page_token)
+    customer_id = ids.parse_uuid(caller.customer_id or "")
+    if customer_id is None:
+        return Page([], "")
+    try:
+        # One more than asked: tells whether a next page exists, so the last page has no token.
+        rows = await store.list_customer_notifications(customer_id, size + 1, after)
+    except UNAVAILABLE_ERRORS as exc:
+        log.warning("notification log unavailable", extra=fields(error=f"{type(exc).__name__}: {exc}"))
+        raise DomainError(grpc.StatusCode.UNAVAILABLE, "NOTIFICATIONS_UNAVAILABLE",
+                          "notifications cannot be read now; retry") from exc
+    page = rows[:size]
+    token = ""
+    if len(rows) > size:
+        last = page[-1]
+        # Integer milliseconds, exactly: a float could round past a row and skip it.
+        token = pagination.encode_token([(last.create_time - EPOCH) // timedelta(milliseconds=1), str(last.notification_id)])
+    return Page(page, token)

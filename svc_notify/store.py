@@ -1,0 +1,216 @@
+"""svc_notify's only SQL and CQL: the customer_contacts projection (Postgres, schema notify)
+and the notification log (Cassandra, keyspace bank_notify). Returns plain values; retries are
+the caller's (service.py), with TRANSIENT_ERRORS."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from cassandra import ConsistencyLevel
+from cassandra.cluster import Cluster, Session
+from cassandra.query import PreparedStatement
+from psycopg_pool import AsyncConnectionPool
+
+from common import cassandra
+from common.config import Settings
+
+KEYSPACE = "bank_notify"  # spelled out in every statement below and in cql/: no session-wide USE
+# 1 on the local single-node stack; a real cluster wants 3 (then LOCAL_QUORUM is 2 of 3).
+CQL_DIR = Path(__file__).parent / "cql"
+SCHEMA_LOCK_WAIT_S = 60
+
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*cassandra.TRANSIENT_ERRORS, psycopg.OperationalError)
+
+
+class NotReady(Exception):
+    """The notification log is not connected yet (the service is starting)."""
+
+
+# Storage cannot answer now: transient errors, or not connected yet.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, NotReady)
+
+
+@dataclass(frozen=True)
+class Notification:
+    notification_id: uuid.UUID
+    event_id: str
+    customer_id: uuid.UUID
+    kind: str  # a bank.notify.v1.Notification.Kind name
+    channel: str  # a Channel name
+    recipient: str
+    subject: str
+    status: str  # a Status name
+    attempts: int  # delivery attempts made so far
+    create_time: datetime  # UTC, millisecond precision (Cassandra's timestamp)
+
+
+def _utc(value: datetime) -> datetime:
+    # The driver returns naive datetimes that are UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _notification(row: dict[str, Any]) -> Notification:
+    return Notification(
+        notification_id=row["notification_id"], event_id=row["event_id"], customer_id=row["customer_id"],
+        kind=row["kind"], channel=row["channel"], recipient=row["recipient"], subject=row["subject"],
+        status=row["status"], attempts=row["attempts"] or 0, create_time=_utc(row["create_time"]),
+    )
+
+
+@dataclass(frozen=True)
+class _Statements:
+    claim: PreparedStatement
+    set_status: PreparedStatement
+    log_put: PreparedStatement
+    log_first_page: PreparedStatement
+    log_page_after: PreparedStatement
+
+
+class Store:
+    """Started as a worker of the service (connects Cassandra and applies the CQL files)."""
+
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._cluster: Cluster | None = None
+        self._session: Session | None = None
+        self._statements: _Statements | None = None
+
+    async def start(self) -> None:
+        cluster, session = await cassandra.connect(self._settings)
+        try:
+            await self._apply_schema(session)
+            self._statements = await self._prepare(session)
+        except BaseException:
+            await cassandra.close(cluster)
+            raise
+        self._cluster, self._session = cluster, session
+
+    async def stop(self) -> None:
+        cluster, self._cluster, self._session, self._statements = self._cluster, None, None, None
+        if cluster is not None:
+            await cassandra.close(cluster)
+
+    async def _apply_schema(self, session: Session) -> None:
+        # Concurrent CREATE TABLE IF NOT EXISTS from several clients can leave Cassandra with two
+        # table ids for one table, so processes of this service take turns, under a Postgres
+        # advisory lock (the same trick as the SQL migrations).
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'")
+            await conn.execute(f"SET LOCAL statement_timeout = '{SCHEMA_LOCK_WAIT_S + 5}s'")
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cql:{KEYSPACE}",))
+            await cassandra.create_keyspace(session, KEYSPACE, self._settings.cassandra_replication_factor)
+            await cassandra.apply_cql_files(session, KEYSPACE, CQL_DIR)
+
+    @staticmethod
+    async def _prepare(session: Session) -> _Statements:
+        quorum, serial = ConsistencyLevel.LOCAL_QUORUM, ConsistencyLevel.SERIAL
+        return _Statements(
+            # Lightweight transactions: Paxos at SERIAL, then the commit at LOCAL_QUORUM.
+            claim=await cassandra.prepare(
+                session,
+                "INSERT INTO bank_notify.notifications (notification_id, event_id, customer_id, kind, channel, recipient, subject,"
+                " status, attempts, create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+                consistency_level=quorum, serial_consistency_level=serial),
+            set_status=await cassandra.prepare(
+                session,
+                "UPDATE bank_notify.notifications SET status = ?, attempts = ?, update_time = ? WHERE notification_id = ? IF EXISTS",
+                consistency_level=quorum, serial_consistency_level=serial),
+            log_put=await cassandra.prepare(
+                session,
+                "INSERT INTO bank_notify.notifications_by_customer (notification_id, event_id, customer_id, kind, channel, recipient,"
+                " subject, status, attempts, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                consistency_level=quorum),
+            log_first_page=await cassandra.prepare(
+                session,
+                "SELECT notification_id, event_id, customer_id, kind, channel, recipient, subject, status, attempts,"
+                " create_time FROM bank_notify.notifications_by_customer WHERE customer_id = ? LIMIT ?",
+                consistency_level=quorum),
+            log_page_after=await cassandra.prepare(
+                session,
+                "SELECT notification_id, event_id, customer_id, kind, channel, recipient, subject, status, attempts,"
+                " create_time FROM bank_notify.notifications_by_customer WHERE customer_id = ?"
+                " AND (create_time, notification_id) < (?, ?) LIMIT ?",
+                consistency_level=quorum),
+        )
+
+    def _cql(self) -> tuple[Session, _Statements]:
+        if self._session is None or self._statements is None:
+            raise NotReady("the notification log is not connected yet")
+        return self._session, self._statements
+
+    # --- Postgres: customer_contacts ------------------------------------------------------
+
+    async def upsert_registered_contact(self, customer_id: uuid.UUID, email: str, full_name: str,
+                                        event_time: datetime) -> bool:
+        """Record a registration; False when the row already reflects this or a later event."""
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO customer_contacts (customer_id, email, full_name, event_time, update_time)"
+                " VALUES (%s, %s, %s, %s, now())"
+                " ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, full_name = EXCLUDED.full_name,"
+                "  event_time = EXCLUDED.event_time, update_time = now()"
+                " WHERE customer_contacts.event_time < EXCLUDED.event_time",
+                (customer_id, email, full_name, event_time),
+            )
+            return cursor.rowcount == 1
+
+    async def mark_contact_verified(self, customer_id: uuid.UUID, email: str, event_time: datetime) -> bool:
+        """Record a verified address; False when the row already reflects this or a later event.
+        A verification without a known registration still creates the row (name unknown)."""
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO customer_contacts"
+                " (customer_id, email, full_name, email_verified, verify_time, event_time, update_time)"
+                " VALUES (%s, %s, '', true, %s, %s, now())"
+                " ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, email_verified = true,"
+                "  verify_time = EXCLUDED.verify_time, event_time = EXCLUDED.event_time, update_time = now()"
+                " WHERE customer_contacts.event_time < EXCLUDED.event_time",
+                (customer_id, email, event_time, event_time),
+            )
+            return cursor.rowcount == 1
+
+    # --- Cassandra: the notification log --------------------------------------------------
+
+    async def claim_notification(self, notification: Notification) -> tuple[bool, Notification]:
+        """Create the notification's record unless it exists: (created, the record as stored)."""
+        session, statements = self._cql()
+        n = notification
+        result = await cassandra.execute(session, statements.claim, (
+            n.notification_id, n.event_id, n.customer_id, n.kind, n.channel, n.recipient, n.subject,
+            n.status, n.attempts, n.create_time, n.create_time))
+        row = result.current_rows[0]
+        if row["[applied]"]:
+            return True, notification
+        return False, _notification(row)
+
+    async def set_notification_status(self, notification_id: uuid.UUID, status: str, attempts: int,
+                                      update_time: datetime) -> None:
+        session, statements = self._cql()
+        result = await cassandra.execute(session, statements.set_status, (status, attempts, update_time, notification_id))
+        if not result.current_rows[0]["[applied]"]:  # claimed before: its row cannot be missing
+            raise AssertionError(f"notification {notification_id} vanished before its status was set")
+
+    async def put_in_customer_log(self, notification: Notification) -> None:
+        """Write (or overwrite) the notification in its customer's list; idempotent."""
+        session, statements = self._cql()
+        n = notification
+        await cassandra.execute(session, statements.log_put, (
+            n.notification_id, n.event_id, n.customer_id, n.kind, n.channel, n.recipient, n.subject,
+            n.status, n.attempts, n.create_time))
+
+    async def list_customer_notifications(self, customer_id: uuid.UUID, limit: int,
+                                          after: tuple[datetime, uuid.UUID] | None) -> list[Notification]:
+        """Up to limit notifications of the customer, newest first, strictly after the key `after`
+        (a create_time and notification_id) in that order."""
+        session, statements = self._cql()
+        if after is None:
+            result = await cassandra.execute(session, statements.log_first_page, (customer_id, limit))
+        else:
+            result = await cassandra.execute(session, statements.log_page_after, (customer_id, after[0], after[1], limit))
+        return [_notification(row) for row in result.current_rows]
