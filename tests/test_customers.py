@@ -257,12 +257,19 @@ def test_account_rules(stack: Stack, settings: Settings) -> None:
                   token=teller["access_token"])
     assert frozen.status == 200 and frozen.body["status"] == "FROZEN"
     assert rest(settings, "GET", f"/v1/accounts/{account['account_id']}", token=customer.token).body["status"] == "FROZEN"
+    # The status lives in the ledger: a frozen account takes no movement.
+    deposit = {"request_id": uuid.uuid4().hex, "account_id": account["account_id"], "amount": "100", "currency": "GBP"}
+    refused = rest(settings, "POST", "/v1/deposits", deposit, token=teller["access_token"])
+    assert refused.status == 400 and refused.reason == "ACCOUNT_INACTIVE", refused.body
     thawed = rest(settings, "POST", f"/v1/accounts/{account['account_id']}:unfreeze", {"reason": "cleared"},
                   token=teller["access_token"])
     assert thawed.status == 200 and thawed.body["status"] == "ACTIVE"
 
     closed = rest(settings, "POST", f"/v1/accounts/{account['account_id']}:close", {}, token=customer.token)
     assert closed.status == 200 and closed.body["status"] == "CLOSED"
+    deposit["request_id"] = uuid.uuid4().hex
+    refused = rest(settings, "POST", "/v1/deposits", deposit, token=teller["access_token"])
+    assert refused.status == 400 and refused.reason == "ACCOUNT_INACTIVE", refused.body
 
 
 def test_closing_an_account_with_money_is_refused(stack: Stack, settings: Settings) -> None:
