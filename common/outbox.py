@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -161,6 +162,7 @@ class OutboxRelay:
             return len(rows)
 
 
-def decode_headers(raw: list[tuple[str, bytes]] | None) -> dict[str, str]:
-    return {key: value.decode("utf-8", "replace") for key, value in (raw or [])}
+def decode_headers(raw: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
+    """A Kafka record's headers as text (what consumers of outbox events read)."""
+    return {key: value.decode("utf-8", "replace") for key, value in (raw or ()) if value is not None}
 

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, IllegalStateError, TopicAlreadyExistsError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from bank.events.v1 import events_pb2
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter
 
 from common.config import Settings
-from common.events import CUSTOMER_TOPIC, TOPICS
+from common.events import CUSTOMER_TOPIC
 from common.logging import fields, request_id_var
+from common.outbox import decode_headers, ensure_topics
 from svc_notify import service
 from svc_notify.mailer import Mailer
 from svc_notify.store import Store
@@ -39,7 +39,6 @@ from svc_notify.store import Store
 log = logging.getLogger("consumer")
 
 GROUP_ID = "svc_notify"
-TOPIC_REPLICATION_FACTOR = 1  # the local single broker; the outbox relay creates it the same way
 BATCH_MAX_RECORDS = 50
 POLL_TIMEOUT_MS = 1000
 BATCH_DEADLINE_S = 30.0  # no new record of a batch is started after this; the rest is fetched again
@@ -69,10 +68,6 @@ class _Progress:
     commit_offset: int | None  # next offset to read, after the records done in this batch
     rewind_offset: int | None  # where to read again (not done: storage down, deadline, stop)
     storage_down: bool
-
-
-def _headers(record: ConsumerRecord) -> dict[str, str]:
-    return {key: value.decode("utf-8", "replace") for key, value in (record.headers or ()) if value is not None}
 
 
 class EventConsumer:
@@ -135,18 +130,8 @@ class EventConsumer:
                 pause_s = PAUSE_INITIAL_S
         log.info("consumer stopped")
 
-    async def _ensure_topic(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._settings.kafka_bootstrap, request_timeout_ms=REQUEST_TIMEOUT_MS)
-        await admin.start()
-        try:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(CUSTOMER_TOPIC, num_partitions=TOPICS[CUSTOMER_TOPIC],
-                                                    replication_factor=TOPIC_REPLICATION_FACTOR)])
-        finally:
-            await admin.close()
-
     async def _consume(self) -> None:
-        await self._ensure_topic()
+        await ensure_topics(self._settings)  # the same topics, settings and code as the outbox relay
         consumer = AIOKafkaConsumer(
             CUSTOMER_TOPIC,
             bootstrap_servers=self._settings.kafka_bootstrap,
@@ -215,7 +200,7 @@ class EventConsumer:
         return _Progress(partition, commit_offset, None, storage_down=False)
 
     async def _handle(self, record: ConsumerRecord) -> None:
-        headers = _headers(record)
+        headers = decode_headers(record.headers)
         event_type = headers.get("event_type", "")
         token = request_id_var.set(headers.get("request_id", "")[:128])
         where = {"partition": record.partition, "offset": record.offset, "event_type": event_type}

@@ -26,14 +26,19 @@ def _get_json(url: str) -> Any:
         return json.load(resp)
 
 
-async def test_kafka_produces_and_consumes_with_an_idempotent_producer(stack: Stack, settings: Settings) -> None:
-    topic = f"test.smoke.{uuid.uuid4().hex[:8]}"
+async def _new_topic(settings: Settings, name: str, partitions: int) -> str:
+    topic = f"test.{name}.{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
     finally:
         await admin.close()
+    return topic
+
+
+async def test_kafka_produces_and_consumes_with_an_idempotent_producer(stack: Stack, settings: Settings) -> None:
+    topic = await _new_topic(settings, "smoke", partitions=3)
 
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
@@ -64,13 +69,7 @@ async def test_kafka_produces_and_consumes_with_an_idempotent_producer(stack: St
 
 async def test_kafka_transactions_are_enabled(stack: Stack, settings: Settings) -> None:
     """The transaction log exists with replication factor 1, so a transactional producer commits."""
-    topic = f"test.txn.{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    topic = await _new_topic(settings, "txn", partitions=1)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, transactional_id=f"t-{topic}")
     await producer.start()
     try:
