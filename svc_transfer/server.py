@@ -1,33 +1,142 @@
 """svc_transfer's gRPC entrypoint: TransferService (public, routed by Envoy) and LedgerService
-(internal: svc_account opens ledger accounts and changes their status through it).
+(internal: svc_account opens ledger accounts, changes their status and reads balances through it).
 
-Not built yet: every RPC answers UNIMPLEMENTED (see README's status table).
+Thin: each handler turns a request into a call of service.py and its result into a message;
+domain errors become statuses in the interceptor. Access levels are declared in SPEC below and
+enforced by the interceptor before a handler runs.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import grpc
 from bank.transfer.v1 import ledger_pb2, ledger_pb2_grpc, transfer_pb2, transfer_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg_pool import AsyncConnectionPool
 
-from common import server
+from common import auth, server
+from common.auth import Access
 from common.grpcutil import service_name
+from common.outbox import OutboxRelay
+from svc_transfer import service
+from svc_transfer.store import LedgerAccount, Transfer
+
+_TRANSFER_SERVICE = "/bank.transfer.v1.TransferService/"
+_LEDGER_SERVICE = "/bank.transfer.v1.LedgerService/"
+ACCESS = {
+    f"{_TRANSFER_SERVICE}CreateDeposit": Access.TELLER,
+    f"{_TRANSFER_SERVICE}CreateWithdrawal": Access.TELLER,
+    _LEDGER_SERVICE: Access.INTERNAL,  # every LedgerService method: other services only
+}
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def transfer_message(transfer: Transfer) -> transfer_pb2.Transfer:
+    return transfer_pb2.Transfer(
+        transfer_id=transfer.transfer_id,
+        request_id=transfer.request_id,
+        from_account_id=transfer.from_account_id,
+        to_account_id=transfer.to_account_id,
+        amount=transfer.amount,
+        currency=transfer.currency,
+        description=transfer.description,
+        status=transfer_pb2.Transfer.COMPLETED,
+        create_time=_timestamp(transfer.create_time),
+        kind=transfer_pb2.Transfer.Kind.Value(transfer.kind),
+    )
+
+
+def account_message(account: LedgerAccount) -> ledger_pb2.LedgerAccount:
+    return ledger_pb2.LedgerAccount(
+        account_id=account.account_id,
+        customer_id=account.customer_id,
+        currency=account.currency,
+        status=ledger_pb2.LedgerAccount.Status.Value(account.status),
+        balance=account.balance,
+        create_time=_timestamp(account.create_time),
+    )
 
 
 class TransferService(transfer_pb2_grpc.TransferServiceServicer):
-    pass
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    async def CreateTransfer(self, request: transfer_pb2.CreateTransferRequest,
+                             context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
+        transfer = await service.create_transfer(
+            self._pool, auth.current(), request_id=request.request_id, from_account_id=request.from_account_id,
+            to_account_id=request.to_account_id, amount=request.amount, currency=request.currency,
+            description=request.description)
+        return transfer_message(transfer)
+
+    async def GetTransfer(self, request: transfer_pb2.GetTransferRequest,
+                          context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
+        return transfer_message(await service.get_transfer(self._pool, auth.current(), request.transfer_id))
+
+    async def ListTransfers(self, request: transfer_pb2.ListTransfersRequest,
+                            context: grpc.aio.ServicerContext) -> transfer_pb2.ListTransfersResponse:
+        transfers, next_page_token = await service.list_transfers(
+            self._pool, auth.current(), account_id=request.account_id, page_size=request.page_size,
+            page_token=request.page_token)
+        return transfer_pb2.ListTransfersResponse(transfers=[transfer_message(t) for t in transfers],
+                                                  next_page_token=next_page_token)
+
+    async def CreateDeposit(self, request: transfer_pb2.CreateDepositRequest,
+                            context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
+        transfer = await service.create_deposit(
+            self._pool, auth.current(), request_id=request.request_id, account_id=request.account_id,
+            amount=request.amount, currency=request.currency, description=request.description)
+        return transfer_message(transfer)
+
+    async def CreateWithdrawal(self, request: transfer_pb2.CreateWithdrawalRequest,
+                               context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
+        transfer = await service.create_withdrawal(
+            self._pool, auth.current(), request_id=request.request_id, account_id=request.account_id,
+            amount=request.amount, currency=request.currency, description=request.description)
+        return transfer_message(transfer)
 
 
 class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
-    pass
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    async def OpenLedgerAccount(self, request: ledger_pb2.OpenLedgerAccountRequest,
+                                context: grpc.aio.ServicerContext) -> ledger_pb2.LedgerAccount:
+        account = await service.open_ledger_account(
+            self._pool, account_id=request.account_id, customer_id=request.customer_id, currency=request.currency)
+        return account_message(account)
+
+    async def SetLedgerAccountStatus(self, request: ledger_pb2.SetLedgerAccountStatusRequest,
+                                     context: grpc.aio.ServicerContext) -> ledger_pb2.LedgerAccount:
+        statuses = ledger_pb2.LedgerAccount.Status
+        status = statuses.Name(request.status) if request.status in statuses.values() else ""
+        account = await service.set_ledger_account_status(self._pool, account_id=request.account_id, status=status)
+        return account_message(account)
+
+    async def BatchGetLedgerAccounts(self, request: ledger_pb2.BatchGetLedgerAccountsRequest,
+                                     context: grpc.aio.ServicerContext) -> ledger_pb2.BatchGetLedgerAccountsResponse:
+        accounts = await service.batch_get_ledger_accounts(self._pool, list(request.account_ids))
+        return ledger_pb2.BatchGetLedgerAccountsResponse(ledger_accounts=[account_message(a) for a in accounts])
 
 
 def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[str]:
-    transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(), grpc_server)
-    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(), grpc_server)
+    transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(resources.pool), grpc_server)
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(resources.pool), grpc_server)
+    # Publishes the MoneyMoved events that movements write to transfer.outbox (one active relay
+    # per schema, whatever the number of processes).
+    resources.workers.append(OutboxRelay(resources.settings, resources.pool, SPEC.name))
     return [service_name(transfer_pb2, "TransferService"), service_name(ledger_pb2, "LedgerService")]
 
 
+SPEC = server.ServiceSpec("transfer", register, Path(__file__).parent / "migrations", access=ACCESS)
+
+
 def main() -> None:
-    server.run(server.ServiceSpec("transfer", register, Path(__file__).parent / "migrations"))
+    server.run(SPEC)

@@ -1,0 +1,377 @@
+"""Benchmark of the money-movement hot path: CreateTransfer, end to end, against the running
+local stack, next to its ceiling (the same SQL function driven by pgbench).
+
+Paths, each at 16 and 64 clients, over two account distributions (uniform: 10,000 accounts;
+hot: 10 accounts, so most movements queue on the same row locks):
+  grpc-direct  ghz -> svc_transfer's port (its processes share it)
+  grpc-envoy   ghz -> Envoy :8080 -> svc_transfer
+  rest-envoy   k6  -> Envoy :8080 (JSON transcoding) -> svc_transfer
+  pgbench      pgbench -> Postgres, `SET LOCAL statement_timeout …\\; SELECT transfer.move_money(…)`:
+               the very statement svc_transfer sends, without gRPC, auth, Python or the pool
+
+Every request is a new movement of 1 JPY (a new request_id) between two different accounts of
+one bench customer, all funded generously: no business refusal is expected, so any error counts.
+The bench's accounts and movements stay in the ledger (JPY, ids under a per-run prefix).
+
+    .venv/bin/python perf/bench_transfer.py [--duration-s 10] [--clients 16,64]
+
+Needs the stack up (`make up`), ghz (`make tools`) and k6 (`GOBIN=$PWD/.stack/bin go install
+go.k6.io/k6@latest`; without it the REST runs are skipped). Writes perf/results/transfer-<time>.json
+and .png (and transfer-latest.*). 2 CPU cores: the load generators compete with what they load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import statistics
+import string
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from common import config
+from common.auth import test_tokens
+
+REPO = Path(__file__).resolve().parent.parent
+
+RESULTS = REPO / "perf" / "results"
+BIN = Path(config.load().stack_dir) / "bin"
+CURRENCY = "JPY"
+FUNDING = 10**12  # per account: transfers of 1 never run short
+UNIFORM_ACCOUNTS = 10_000
+HOT_ACCOUNTS = 10
+PAIRS = 20_000  # pre-drawn (from, to) pairs the load generators cycle through
+RUN_TIMEOUT_S = 120
+
+
+@dataclass
+class Result:
+    path: str
+    distribution: str
+    clients: int
+    duration_s: float
+    requests: int = 0
+    errors: int = 0
+    rps: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p95, p99, mean
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Bench:
+    settings: config.Settings
+    prefix: str  # first 8 hex digits of every bench account id
+    owner_id: str
+    token: str
+    duration_s: int
+    workdir: Path
+
+    def account_id(self, index: int) -> str:
+        return f"{self.prefix}-0000-4000-8000-{index:012d}"
+
+    def pairs_file(self, distribution: str) -> Path:
+        return self.workdir / f"pairs-{distribution}.json"
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+def check_stack(settings: config.Settings) -> None:
+    for name, port in (("svc_transfer", settings.transfer_grpc_port), ("envoy", settings.envoy_port),
+                       ("postgres", settings.pg_port)):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except OSError as exc:
+            raise SystemExit(f"{name} is not listening on 127.0.0.1:{port}; start the stack with `make up`") from exc
+
+
+def open_accounts(bench: Bench, count: int, offset: int) -> None:
+    """Opens and funds the bench's ledger accounts with the ledger's own functions, in one go."""
+    ids = [bench.account_id(offset + i) for i in range(count)]
+    with psycopg.connect(bench.settings.pg_conninfo, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '120s'")
+        errors = conn.execute(
+            "SELECT count(*) FILTER (WHERE (transfer.open_ledger_account(a, %s::uuid, %s)).error IS NOT NULL)"
+            " FROM unnest(%s::uuid[]) AS a", (bench.owner_id, CURRENCY, ids)).fetchone()
+        assert errors == (0,), errors
+        errors = conn.execute(
+            "SELECT count(*) FILTER (WHERE (transfer.move_money('teller:bench', 'fund-' || a, 'DEPOSIT', NULL, NULL,"
+            " a, %s, %s, 'bench funding', '')).error IS NOT NULL) FROM unnest(%s::uuid[]) AS a",
+            (FUNDING, CURRENCY, ids)).fetchone()
+        assert errors == (0,), errors
+
+
+def write_pairs(bench: Bench, distribution: str, first: int, count: int, rng: random.Random) -> None:
+    pairs = []
+    for _ in range(PAIRS):
+        source, target = rng.sample(range(first, first + count), 2)
+        pairs.append([bench.account_id(source), bench.account_id(target)])
+    bench.pairs_file(distribution).write_text(json.dumps(pairs))
+
+
+def ghz_messages(bench: Bench, distribution: str) -> Path:
+    pairs = json.loads(bench.pairs_file(distribution).read_text())
+    messages = [{"request_id": "bench-{{newUUID}}", "from_account_id": source, "to_account_id": target,
+                 "amount": "1", "currency": CURRENCY} for source, target in pairs]
+    path = bench.workdir / f"ghz-{distribution}.json"
+    path.write_text(json.dumps(messages))
+    return path
+
+
+# --- the load generators -------------------------------------------------------------------------
+
+def run_ghz(bench: Bench, result: Result, target: str, data_file: Path, duration_s: float | None = None) -> Result:
+    out = bench.workdir / f"ghz-{result.path}-{result.distribution}-{result.clients}.json"
+    command = [
+        str(BIN / "ghz"), "--insecure", "--protoset", str(REPO / "gen" / "bank.pb"),
+        "--call", "bank.transfer.v1.TransferService/CreateTransfer",
+        "--concurrency", str(result.clients), "--connections", str(min(result.clients, 8)),
+        # Stop sending at the end but let in-flight calls finish: cut calls are not the ledger's errors.
+        "--duration", f"{duration_s or result.duration_s}s", "--duration-stop", "wait", "--timeout", "10s",
+        "--data-file", str(data_file),
+        "--metadata", json.dumps({"authorization": f"Bearer {bench.token}"}),
+        "--format", "json", "--output", str(out), target,
+    ]
+    subprocess.run(command, check=True, timeout=RUN_TIMEOUT_S, stdout=subprocess.DEVNULL)
+    report = json.loads(out.read_text())
+    latencies = {f"p{int(d['percentage'])}": d["latency"] / 1e6 for d in report.get("latencyDistribution") or []}
+    result.requests = int(report["count"])
+    result.rps = float(report["rps"])
+    result.latency_ms = {"p50": latencies.get("p50", 0.0), "p95": latencies.get("p95", 0.0),
+                         "p99": latencies.get("p99", 0.0), "mean": report["average"] / 1e6}
+    result.error_kinds = {k: int(v) for k, v in (report.get("errorDistribution") or {}).items()}
+    result.errors = sum(result.error_kinds.values())
+    return result
+
+
+K6_SCRIPT = """
+import http from 'k6/http';
+import { check } from 'k6';
+import { SharedArray } from 'k6/data';
+
+const pairs = new SharedArray('pairs', () => JSON.parse(open(__ENV.PAIRS)));
+const url = `http://127.0.0.1:${__ENV.PORT}/v1/transfers`;
+const params = { headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${__ENV.TOKEN}` },
+                 timeout: '10s' };
+
+export const options = { discardResponseBodies: true, summaryTrendStats: ['avg', 'med', 'p(95)', 'p(99)', 'max'] };
+
+export default function () {
+  const [from, to] = pairs[Math.floor(Math.random() * pairs.length)];
+  const body = JSON.stringify({ request_id: `bench-${crypto.randomUUID()}`, from_account_id: from,
+                                to_account_id: to, amount: '1', currency: __ENV.CURRENCY });
+  const response = http.post(url, body, params);
+  check(response, { 'status 200': (r) => r.status === 200 });
+}
+
+export function handleSummary(data) {
+  return { [__ENV.SUMMARY]: JSON.stringify(data) };
+}
+"""
+
+
+def run_k6(bench: Bench, result: Result) -> Result:
+    k6 = BIN / "k6"
+    if not k6.exists():
+        result.note = "skipped: no k6 in .stack/bin"
+        return result
+    script = bench.workdir / "rest.js"
+    script.write_text(K6_SCRIPT)
+    summary = bench.workdir / f"k6-{result.distribution}-{result.clients}.json"
+    env = dict(os.environ, PAIRS=str(bench.pairs_file(result.distribution)), PORT=str(bench.settings.envoy_port),
+               TOKEN=bench.token, CURRENCY=CURRENCY, SUMMARY=str(summary), K6_NO_USAGE_REPORT="true")
+    subprocess.run([str(k6), "run", "--quiet", "--no-color", "--vus", str(result.clients), "--duration",
+                    f"{result.duration_s}s", str(script)], check=True, timeout=RUN_TIMEOUT_S, env=env,
+                   stdout=subprocess.DEVNULL)
+    metrics = json.loads(summary.read_text())["metrics"]
+    durations = metrics["http_req_duration"]["values"]
+    result.requests = int(metrics["http_reqs"]["values"]["count"])
+    result.rps = float(metrics["http_reqs"]["values"]["rate"])
+    result.latency_ms = {"p50": durations["med"], "p95": durations["p(95)"], "p99": durations["p(99)"],
+                         "mean": durations["avg"]}
+    failed = metrics["checks"]["values"].get("fails", 0)
+    result.errors = int(failed)
+    if failed:
+        result.error_kinds = {"non-200 responses": int(failed)}
+    return result
+
+
+# The statement svc_transfer's store.py sends for a transfer (one simple query, one round trip);
+# only the literal values differ. $-placeholders are our own constants, never outside input.
+PGBENCH_SCRIPT = string.Template("""\\set f random(0, $last)
+\\set o random(1, $last)
+SET LOCAL statement_timeout = 3000 \\;
+SELECT * FROM transfer.move_money('customer:$owner', 'bench-' || gen_random_uuid()::text, 'TRANSFER', '$owner'::uuid,
+    format('$prefix-0000-4000-8000-%s', lpad(($first + :f)::text, 12, '0'))::uuid,
+    format('$prefix-0000-4000-8000-%s', lpad(($first + (:f + :o) % $count)::text, 12, '0'))::uuid,
+    1, '$currency', '', '');
+""")
+
+
+def run_pgbench(bench: Bench, result: Result, first: int, count: int) -> Result:
+    """The ceiling: the statement svc_transfer sends, straight from pgbench's clients."""
+    script = bench.workdir / "pgbench.sql"
+    script.write_text(PGBENCH_SCRIPT.substitute(owner=bench.owner_id, prefix=bench.prefix, first=first,
+                                                last=count - 1, count=count, currency=CURRENCY))
+    log_prefix = bench.workdir / f"pgbench-{result.distribution}-{result.clients}"
+    settings = bench.settings
+    env = dict(os.environ, PGPASSWORD=settings.pg_password)
+    completed = subprocess.run(
+        ["pgbench", "-h", settings.pg_host, "-p", str(settings.pg_port), "-U", settings.pg_user, "-n", "-M", "simple",
+         "-c", str(result.clients), "-j", "2", "-T", str(int(result.duration_s)), "-f", str(script),
+         "--log", f"--log-prefix={log_prefix}", settings.pg_database],
+        check=True, timeout=RUN_TIMEOUT_S, env=env, capture_output=True, text=True)
+    latencies_us = []
+    for log in bench.workdir.glob(f"{log_prefix.name}*"):
+        for line in log.read_text().splitlines():
+            latencies_us.append(int(line.split()[2]))
+    latencies_us.sort()
+    match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", completed.stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", completed.stdout)
+    result.requests = len(latencies_us)
+    result.rps = float(match.group(1)) if match else result.requests / result.duration_s
+    result.errors = int(failed.group(1)) if failed else 0
+
+    def percentile(p: float) -> float:
+        return latencies_us[min(len(latencies_us) - 1, int(p * len(latencies_us)))] / 1000 if latencies_us else 0.0
+    result.latency_ms = {"p50": percentile(0.50), "p95": percentile(0.95), "p99": percentile(0.99),
+                         "mean": statistics.fmean(latencies_us) / 1000 if latencies_us else 0.0}
+    return result
+
+
+# --- checks and output -------------------------------------------------------------------------------
+
+def ledger_check(bench: Bench, total_accounts: int) -> dict[str, Any]:
+    """The bench's money stayed in the bench's accounts, and every movement has its two entries and event."""
+    ids = [bench.account_id(i) for i in range(total_accounts)]
+    with psycopg.connect(bench.settings.pg_conninfo, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '120s'")
+        [(balance_total, negative)] = conn.execute(
+            "SELECT sum(balance), count(*) FILTER (WHERE balance < 0) FROM transfer.ledger_accounts"
+            " WHERE account_id = ANY(%s::uuid[])", (ids,)).fetchall()
+        [(movements, unbalanced, events)] = conn.execute(
+            "WITH t AS (SELECT transfer_id FROM transfer.transfers WHERE request_id LIKE 'bench-%%'"
+            "             AND from_account_id = ANY(%s::uuid[]))"
+            " SELECT (SELECT count(*) FROM t),"
+            "        (SELECT count(*) FROM (SELECT e.transfer_id FROM transfer.entries e JOIN t USING (transfer_id)"
+            "          GROUP BY e.transfer_id HAVING count(*) <> 2 OR sum(e.amount) <> 0) AS u),"
+            "        (SELECT count(*) FROM transfer.outbox o JOIN t ON o.aggregate_id = t.transfer_id::text)",
+            (ids,)).fetchall()
+    check = {"balance_total": int(balance_total), "expected_total": FUNDING * total_accounts,
+             "negative_balances": int(negative), "movements": int(movements), "unbalanced_movements": int(unbalanced),
+             "outbox_events": int(events)}
+    check["ok"] = (check["balance_total"] == check["expected_total"] and not negative and not unbalanced
+                   and events == movements)
+    return check
+
+
+def chart(results: list[Result], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r.distribution, r.clients) for r in results}, key=lambda g: (g[0] != "uniform", g[1]))
+    paths = list(dict.fromkeys(r.path for r in results))
+    by_key = {(r.path, r.distribution, r.clients): r for r in results}
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(14, 5.5))
+    width = 0.8 / len(paths)
+    for i, name in enumerate(paths):
+        xs = [g + i * width for g in range(len(groups))]
+        found = [by_key.get((name, d, c)) for d, c in groups]
+        throughput.bar(xs, [r.rps if r else 0 for r in found], width, label=name)
+        latency.bar(xs, [r.latency_ms.get("p99", 0) if r else 0 for r in found], width, label=name)
+    labels = [f"{d}\n{c} clients" for d, c in groups]
+    for axis, title in ((throughput, "CreateTransfer throughput (movements/s)"), (latency, "p99 latency (ms)")):
+        axis.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], labels)
+        axis.set_title(title)
+        axis.grid(axis="y", alpha=0.3)
+    throughput.legend()
+    figure.suptitle("Simple Bank ledger: CreateTransfer on 2 cores (load generator on the same machine)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration-s", type=int, default=10, help="seconds per run (default 10)")
+    parser.add_argument("--clients", default="16,64", help="comma-separated client counts (default 16,64)")
+    parser.add_argument("--paths", default="grpc-direct,grpc-envoy,rest-envoy,pgbench")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    paths = args.paths.split(",")
+
+    settings = config.load()
+    check_stack(settings)
+    if not (BIN / "ghz").exists():
+        raise SystemExit("no ghz in .stack/bin: run `make tools`")
+    if shutil.which("pgbench") is None and "pgbench" in paths:
+        raise SystemExit("no pgbench on PATH (Debian: apt-get install postgresql-client)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    owner_id = str(uuid.uuid4())
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
+        bench = Bench(settings, f"be{uuid.uuid4().hex[:6]}", owner_id, test_tokens(settings).customer(owner_id),
+                      args.duration_s, Path(tmp))
+        started = time.monotonic()
+        print(f"opening and funding {UNIFORM_ACCOUNTS + HOT_ACCOUNTS} accounts (prefix {bench.prefix})...", flush=True)
+        open_accounts(bench, UNIFORM_ACCOUNTS + HOT_ACCOUNTS, 0)
+        rng = random.Random(7)  # noqa: S311  # load-test data, not secrets
+        layouts = {"uniform": (0, UNIFORM_ACCOUNTS), "hot": (UNIFORM_ACCOUNTS, HOT_ACCOUNTS)}
+        for distribution, (first, count) in layouts.items():
+            write_pairs(bench, distribution, first, count, rng)
+        data_files = {d: ghz_messages(bench, d) for d in layouts}
+        grpc_targets = {"grpc-direct": f"127.0.0.1:{settings.transfer_grpc_port}",
+                        "grpc-envoy": f"127.0.0.1:{settings.envoy_port}"}
+        print("warming up (3 s, not recorded)...", flush=True)
+        run_ghz(bench, Result("warmup", "uniform", 16, 3), grpc_targets["grpc-direct"], data_files["uniform"])
+
+        results: list[Result] = []
+        for distribution, (first, count) in layouts.items():
+            for client_count in clients:
+                for name in paths:
+                    result = Result(name, distribution, client_count, float(args.duration_s))
+                    if name in grpc_targets:
+                        run_ghz(bench, result, grpc_targets[name], data_files[distribution])
+                    elif name == "rest-envoy":
+                        run_k6(bench, result)
+                    elif name == "pgbench":
+                        run_pgbench(bench, result, first, count)
+                    results.append(result)
+                    print(f"  {name:11} {distribution:7} {client_count:3} clients: {result.rps:8.0f}/s"
+                          f"  p50 {result.latency_ms.get('p50', 0):6.1f} ms  p99 {result.latency_ms.get('p99', 0):6.1f} ms"
+                          f"  errors {result.errors} {result.note}", flush=True)
+        check = ledger_check(bench, UNIFORM_ACCOUNTS + HOT_ACCOUNTS)
+        print(f"ledger check after the bench: {check}", flush=True)
+
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        report = {"time": stamp, "duration_s_per_run": args.duration_s, "cpu_cores": os.cpu_count(),
+                  "accounts": {"uniform": UNIFORM_ACCOUNTS, "hot": HOT_ACCOUNTS}, "currency": CURRENCY,
+                  "transfer_processes": settings.processes("transfer"), "pg_pool_max_per_process": settings.pg_pool_max,
+                  "ledger_check": check, "results": [asdict(r) for r in results],
+                  "wall_time_s": round(time.monotonic() - started, 1)}
+        json_path, png_path = RESULTS / f"transfer-{stamp}.json", RESULTS / f"transfer-{stamp}.png"
+        json_path.write_text(json.dumps(report, indent=2))
+        chart(results, png_path)
+        shutil.copyfile(json_path, RESULTS / "transfer-latest.json")
+        shutil.copyfile(png_path, RESULTS / "transfer-latest.png")
+        print(f"wrote {json_path} and {png_path} ({report['wall_time_s']} s)")
+        if not check["ok"]:
+            raise SystemExit("the ledger check failed after the bench")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""svc_transfer's use cases, one async function per RPC, reading like API.md's transfer rules.
+
+Input that is wrong whatever the ledger holds (request_id, amount, description, currency
+format, same account, ids that are not UUIDs) is refused here, before the database. Everything
+that depends on the ledger's state is decided by the movement function under the accounts'
+locks (see store.py and migrations/0002_ledger_functions.sql) and comes back as a reason code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from psycopg_pool import AsyncConnectionPool
+
+from common import pagination
+from common.auth import Caller, Role
+from common.errors import DomainError
+from common.ids import parse_uuid
+from common.logging import request_id_var
+from svc_transfer import store
+from svc_transfer.store import LedgerAccount, Transfer
+
+REQUEST_ID_LENGTH_MAX = 64
+DESCRIPTION_LENGTH_MAX = 200
+BATCH_GET_SIZE_MAX = 500
+INT64_MAX = 2**63 - 1
+CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
+ACCOUNT_STATUSES = ("ACTIVE", "FROZEN", "CLOSED")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Each reason the ledger can answer, with its gRPC code (docs/decisions/0005) and message.
+REASONS: dict[str, tuple[grpc.StatusCode, str]] = {
+    "INVALID_AMOUNT": (grpc.StatusCode.INVALID_ARGUMENT, "amount must be > 0, and the resulting balances must fit in int64"),
+    "SAME_ACCOUNT": (grpc.StatusCode.INVALID_ARGUMENT, "from_account_id and to_account_id are the same account"),
+    "UNSUPPORTED_CURRENCY": (grpc.StatusCode.INVALID_ARGUMENT, "the currency is not supported"),
+    "CURRENCY_MISMATCH": (grpc.StatusCode.FAILED_PRECONDITION, "currency differs from the account's currency"),
+    "INSUFFICIENT_FUNDS": (grpc.StatusCode.FAILED_PRECONDITION, "the source account's balance is too low"),
+    "ACCOUNT_INACTIVE": (grpc.StatusCode.FAILED_PRECONDITION, "the account is frozen or closed"),
+    "ACCOUNT_NOT_EMPTY": (grpc.StatusCode.FAILED_PRECONDITION, "only an account with a zero balance can be closed"),
+    "ACCOUNT_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "account not found"),
+    "TRANSFER_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "transfer not found"),
+    "IDEMPOTENCY_KEY_REUSED": (grpc.StatusCode.ALREADY_EXISTS,
+                               "this request_id was already used with different parameters"),
+    "ACCOUNT_ALREADY_EXISTS": (grpc.StatusCode.ALREADY_EXISTS,
+                               "the account_id exists with another customer_id or currency"),
+    "LEDGER_BUSY": (grpc.StatusCode.UNAVAILABLE, "the ledger is busy; retry with the same request_id"),
+}
+
+
+def refused(reason: str) -> DomainError:
+    code, message = REASONS[reason]
+    return DomainError(code, reason, message)
+
+
+def invalid(field: str, description: str) -> DomainError:
+    return DomainError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", f"{field}: {description}",
+                       field_violations=[(field, description)])
+
+
+def initiator(caller: Caller) -> str:
+    """The scope of a caller's request_ids."""
+    return f"{caller.role.value}:{caller.subject}"
+
+
+def public(transfer: Transfer) -> Transfer:
+    """The transfer as the API shows it: the bank's cash account is never shown."""
+    if transfer.kind == "DEPOSIT":
+        return dataclasses.replace(transfer, from_account_id="")
+    if transfer.kind == "WITHDRAWAL":
+        return dataclasses.replace(transfer, to_account_id="")
+    return transfer
+
+
+def _sees_everything(caller: Caller) -> bool:
+    return caller.role is Role.TELLER
+
+
+def _customer_id(caller: Caller) -> str | None:
+    """The caller's customer id, normalized like the ledger's; None for a teller."""
+    parsed = parse_uuid(caller.customer_id or "")
+    return None if parsed is None else str(parsed)
+
+
+@contextlib.contextmanager
+def _busy_is_unavailable() -> Iterator[None]:
+    """Timeouts and an exhausted pool are operating errors: the caller may retry (nothing was written)."""
+    try:
+        yield
+    except store.LedgerBusy as exc:
+        raise refused("LEDGER_BUSY") from exc
+
+
+def _check_movement_input(request_id: str, amount: int, currency: str, description: str) -> None:
+    if not 1 <= len(request_id) <= REQUEST_ID_LENGTH_MAX:
+        raise invalid("request_id", f"must be 1 to {REQUEST_ID_LENGTH_MAX} characters")
+    if not 0 < amount <= INT64_MAX:
+        raise refused("INVALID_AMOUNT")
+    if len(description) > DESCRIPTION_LENGTH_MAX:
+        raise invalid("description", f"must be at most {DESCRIPTION_LENGTH_MAX} characters")
+    if not CURRENCY_CODE.match(currency):
+        raise invalid("currency", "must be an ISO 4217 code such as USD")
+
+
+def _account_id(value: str) -> str:
+    """A UUID account id, normalized; anything else names no account."""
+    parsed = parse_uuid(value)
+    if parsed is None:
+        raise refused("ACCOUNT_NOT_FOUND")
+    return str(parsed)
+
+
+async def _move(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, kind: str, owner_id: str | None,
+                from_account_id: str | None, to_account_id: str | None, amount: int, currency: str,
+                description: str) -> Transfer:
+    with _busy_is_unavailable():
+        movement = await store.move_money(
+            pool, initiator=initiator(caller), request_id=request_id, kind=kind, owner_id=owner_id,
+            from_account_id=from_account_id, to_account_id=to_account_id, amount=amount, currency=currency,
+            description=description, trace_id=request_id_var.get(),
+        )
+    if movement.error is not None:
+        raise refused(movement.error)
+    assert movement.transfer is not None
+    assert movement.transfer.amount == amount and movement.transfer.kind == kind, "a replay must match its request"
+    return public(movement.transfer)
+
+
+async def create_transfer(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, from_account_id: str,
+                          to_account_id: str, amount: int, currency: str, description: str) -> Transfer:
+    """Moves amount from one of the caller's accounts to any other customer account."""
+    _check_movement_input(request_id, amount, currency, description)
+    if from_account_id == to_account_id:
+        raise refused("SAME_ACCOUNT")
+    source, target = _account_id(from_account_id), _account_id(to_account_id)
+    owner = _customer_id(caller)
+    if owner is None:  # a teller owns no account to move money out of
+        raise refused("ACCOUNT_NOT_FOUND")
+    return await _move(pool, caller, request_id=request_id, kind="TRANSFER", owner_id=owner,
+                       from_account_id=source, to_account_id=target, amount=amount, currency=currency,
+                       description=description)
+
+
+async def create_deposit(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, account_id: str, amount: int,
+                         currency: str, description: str) -> Transfer:
+    """Cash into any customer account, from the currency's cash account. Tellers only (the interceptor checks)."""
+    assert caller.role is Role.TELLER
+    _check_movement_input(request_id, amount, currency, description)
+    return await _move(pool, caller, request_id=request_id, kind="DEPOSIT", owner_id=None, from_account_id=None,
+                       to_account_id=_account_id(account_id), amount=amount, currency=currency,
+                       description=description)
+
+
+async def create_withdrawal(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, account_id: str,
+                            amount: int, currency: str, description: str) -> Transfer:
+    """Cash out of any customer account, into the currency's cash account. Tellers only."""
+    assert caller.role is Role.TELLER
+    _check_movement_input(request_id, amount, currency, description)
+    return await _move(pool, caller, request_id=request_id, kind="WITHDRAWAL", owner_id=None,
+                       from_account_id=_account_id(account_id), to_account_id=None, amount=amount,
+                       currency=currency, description=description)
+
+
+async def get_transfer(pool: AsyncConnectionPool, caller: Caller, transfer_id: str) -> Transfer:
+    """A movement the caller may see: they own its from or to account (tellers see all)."""
+    parsed = parse_uuid(transfer_id)
+    if parsed is None:
+        raise refused("TRANSFER_NOT_FOUND")
+    with _busy_is_unavailable():
+        found = await store.visible_transfer(pool, str(parsed))
+    if found is None:
+        raise refused("TRANSFER_NOT_FOUND")
+    owner = _customer_id(caller)
+    if not _sees_everything(caller) and (owner is None or owner not in (found.from_customer_id, found.to_customer_id)):
+        raise refused("TRANSFER_NOT_FOUND")  # someone else's transfer does not exist for this caller
+    return public(found.transfer)
+
+
+def _page_token(account_id: str, last: Transfer) -> str:
+    create_time_us = (last.create_time - EPOCH) // timedelta(microseconds=1)
+    return pagination.encode_token([account_id, create_time_us, last.transfer_id])
+
+
+def _page_after(account_id: str, token: str) -> tuple[datetime, str] | None:
+    key = pagination.decode_token(token, 3)
+    if key is None:
+        return None
+    token_account, create_time_us, transfer_id = key
+    if token_account != account_id or not isinstance(create_time_us, int) or not isinstance(transfer_id, str) \
+            or parse_uuid(transfer_id) is None:
+        raise DomainError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not valid",
+                          field_violations=[("page_token", "not a token this list returned")])
+    return EPOCH + timedelta(microseconds=create_time_us), transfer_id
+
+
+async def list_transfers(pool: AsyncConnectionPool, caller: Caller, *, account_id: str, page_size: int,
+                         page_token: str) -> tuple[list[Transfer], str]:
+    """The movements of one of the caller's accounts (tellers: any account), newest first."""
+    size = pagination.page_size(page_size)
+    account = _account_id(account_id)
+    after = _page_after(account, page_token)
+    with _busy_is_unavailable():
+        accounts = await store.customer_accounts(pool, [account])
+        if account not in accounts or not (_sees_everything(caller) or accounts[account].customer_id == _customer_id(caller)):
+            raise refused("ACCOUNT_NOT_FOUND")
+        # One more than the page tells whether another page follows.
+        transfers = await store.account_transfers(pool, account, after, size + 1)
+    page = transfers[:size]
+    next_token = _page_token(account, page[-1]) if len(transfers) > size else ""
+    return [public(t) for t in page], next_token
+
+
+async def open_ledger_account(pool: AsyncConnectionPool, *, account_id: str, customer_id: str,
+                              currency: str) -> LedgerAccount:
+    """Opens the ledger side of a customer account (svc_account); idempotent for the same parameters."""
+    account, customer = parse_uuid(account_id), parse_uuid(customer_id)
+    if account is None:
+        raise invalid("account_id", "must be a UUID")
+    if customer is None:
+        raise invalid("customer_id", "must be a UUID")
+    if not CURRENCY_CODE.match(currency):
+        raise refused("UNSUPPORTED_CURRENCY")
+    with _busy_is_unavailable():
+        change = await store.open_ledger_account(pool, str(account), str(customer), currency)
+    if change.error is not None:
+        raise refused(change.error)
+    assert change.account is not None
+    return change.account
+
+
+async def set_ledger_account_status(pool: AsyncConnectionPool, *, account_id: str, status: str) -> LedgerAccount:
+    """ACTIVE, FROZEN or CLOSED; closing needs a zero balance; CLOSED is final."""
+    if status not in ACCOUNT_STATUSES:
+        raise invalid("status", "must be ACTIVE, FROZEN or CLOSED")
+    account = _account_id(account_id)
+    with _busy_is_unavailable():
+        change = await store.set_ledger_account_status(pool, account, status)
+    if change.error is not None:
+        raise refused(change.error)
+    assert change.account is not None
+    return change.account
+
+
+async def batch_get_ledger_accounts(pool: AsyncConnectionPool, account_ids: Sequence[str]) -> list[LedgerAccount]:
+    """Up to 500 accounts, in request order; all or nothing."""
+    if not 1 <= len(account_ids) <= BATCH_GET_SIZE_MAX:
+        raise invalid("account_ids", f"must hold 1 to {BATCH_GET_SIZE_MAX} ids")
+    wanted = [_account_id(a) for a in account_ids]
+    with _busy_is_unavailable():
+        found = await store.customer_accounts(pool, wanted)
+    missing = [a for a in wanted if a not in found]
+    if missing:
+        error = refused("ACCOUNT_NOT_FOUND")
+        error.metadata["account_id"] = missing[0]
+        raise error
+    return [found[a] for a in wanted]

@@ -1,0 +1,185 @@
+"""The only SQL of svc_transfer. Returns plain values.
+
+Every write is one call of a function of migrations/0002_ledger_functions.sql, sent in ONE round
+trip together with its statement_timeout: `SET LOCAL statement_timeout = …; SELECT f(…)` as a
+single simple-protocol query in autocommit mode, which Postgres runs as one implicit
+transaction (a statement_timeout set inside the function would not apply to the running
+statement). Reads go the same way, so every statement of this service has an explicit bound.
+
+Business refusals come back as a reason code in the result's `error` field; only operating
+errors (lock wait or statement timed out, pool exhausted) raise, as LedgerBusy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import AsyncClientCursor, AsyncConnection
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+# A movement takes about a millisecond of database time; its lock waits are bounded by the
+# functions' own lock_timeout (1 s). This is the outer bound of one whole call.
+STATEMENT_TIMEOUT_MS = 3000
+
+
+class LedgerBusy(Exception):
+    """A lock wait or the statement timed out, or no connection was free: nothing was written."""
+
+
+@dataclass(frozen=True)
+class LedgerAccount:
+    account_id: str
+    customer_id: str
+    currency: str
+    status: str  # ACTIVE, FROZEN, CLOSED
+    balance: int
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class Transfer:
+    transfer_id: str
+    kind: str  # TRANSFER, DEPOSIT, WITHDRAWAL
+    request_id: str
+    from_account_id: str  # the ledger's ids: the cash account's too
+    to_account_id: str
+    amount: int
+    currency: str
+    description: str
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class Movement:
+    error: str | None  # a reason code of API.md; None when money moved (or had moved)
+    replayed: bool  # an idempotent retry: the original transfer, nothing moved now
+    transfer: Transfer | None
+
+
+@dataclass(frozen=True)
+class AccountChange:
+    error: str | None
+    account: LedgerAccount | None
+
+
+@dataclass(frozen=True)
+class VisibleTransfer:
+    transfer: Transfer
+    from_customer_id: str | None  # None for the cash account
+    to_customer_id: str | None
+
+
+async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    prefixed = f"SET LOCAL statement_timeout = {int(STATEMENT_TIMEOUT_MS)}; {query}"
+    try:
+        async with pool.connection() as conn:
+            conn: AsyncConnection  # type: ignore[no-redef]
+            await conn.set_autocommit(True)
+            # A client-side-binding cursor sends both statements as one simple query.
+            cursor = AsyncClientCursor(conn)
+            await cursor.execute(prefixed, params)  # type: ignore[arg-type]  # our own constant SQL
+            assert cursor.nextset(), "the SELECT after SET LOCAL returned no result"
+            return await cursor.fetchall()
+    except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled, PoolTimeout) as exc:
+        raise LedgerBusy(str(exc)) from exc
+
+
+def _transfer(row: Sequence[Any]) -> Transfer:
+    transfer_id, kind, request_id, from_id, to_id, amount, currency, description, create_time = row
+    return Transfer(str(transfer_id), kind, request_id, str(from_id), str(to_id), amount, currency, description, create_time)
+
+
+def _account(row: Sequence[Any]) -> LedgerAccount:
+    account_id, customer_id, currency, status, balance, create_time = row
+    return LedgerAccount(str(account_id), str(customer_id), currency, status, balance, create_time)
+
+
+async def move_money(
+    pool: AsyncConnectionPool,
+    *,
+    initiator: str,
+    request_id: str,
+    kind: str,
+    owner_id: str | None,
+    from_account_id: str | None,
+    to_account_id: str | None,
+    amount: int,
+    currency: str,
+    description: str,
+    trace_id: str,
+) -> Movement:
+    rows = await _fetch(
+        pool,
+        "SELECT * FROM move_money(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s, %s, %s)",
+        (initiator, request_id, kind, owner_id, from_account_id, to_account_id, amount, currency, description, trace_id),
+    )
+    [(error, replayed, *transfer)] = rows
+    if error is not None:
+        return Movement(error, False, None)
+    return Movement(None, bool(replayed), _transfer(transfer))
+
+
+async def open_ledger_account(pool: AsyncConnectionPool, account_id: str, customer_id: str, currency: str) -> AccountChange:
+    rows = await _fetch(pool, "SELECT * FROM open_ledger_account(%s::uuid, %s::uuid, %s)", (account_id, customer_id, currency))
+    [(error, *account)] = rows
+    return AccountChange(error, None if error is not None else _account(account))
+
+
+async def set_ledger_account_status(pool: AsyncConnectionPool, account_id: str, status: str) -> AccountChange:
+    rows = await _fetch(pool, "SELECT * FROM set_ledger_account_status(%s::uuid, %s)", (account_id, status))
+    [(error, *account)] = rows
+    return AccountChange(error, None if error is not None else _account(account))
+
+
+async def customer_accounts(pool: AsyncConnectionPool, account_ids: Sequence[str]) -> dict[str, LedgerAccount]:
+    """The customer accounts among account_ids (cash accounts are never returned), by id."""
+    rows = await _fetch(
+        pool,
+        "SELECT account_id, customer_id, currency, status, balance, create_time FROM ledger_accounts"
+        " WHERE account_id = ANY(%s::uuid[]) AND kind = 'CUSTOMER'",
+        (list(account_ids),),
+    )
+    accounts = [_account(row) for row in rows]
+    return {a.account_id: a for a in accounts}
+
+
+async def visible_transfer(pool: AsyncConnectionPool, transfer_id: str) -> VisibleTransfer | None:
+    rows = await _fetch(
+        pool,
+        "SELECT t.transfer_id, t.kind, t.request_id, t.from_account_id, t.to_account_id, t.amount, t.currency,"
+        " t.description, t.create_time, f.customer_id, t2.customer_id FROM transfers t"
+        " JOIN ledger_accounts f ON f.account_id = t.from_account_id"
+        " JOIN ledger_accounts t2 ON t2.account_id = t.to_account_id"
+        " WHERE t.transfer_id = %s::uuid",
+        (transfer_id,),
+    )
+    if not rows:
+        return None
+    [(*transfer, from_customer_id, to_customer_id)] = rows
+    return VisibleTransfer(
+        _transfer(transfer),
+        None if from_customer_id is None else str(from_customer_id),
+        None if to_customer_id is None else str(to_customer_id),
+    )
+
+
+async def account_transfers(
+    pool: AsyncConnectionPool, account_id: str, after: tuple[datetime, str] | None, limit: int
+) -> list[Transfer]:
+    """One account's movements, newest first, strictly after the keyset `after` (create_time, transfer_id)."""
+    after_time, after_id = after if after is not None else (None, None)
+    # Bound client-side, the NULL keyset of the first page is a constant the planner drops.
+    rows = await _fetch(
+        pool,
+        "SELECT t.transfer_id, t.kind, t.request_id, t.from_account_id, t.to_account_id, t.amount, t.currency,"
+        " t.description, t.create_time FROM entries e JOIN transfers t ON t.transfer_id = e.transfer_id"
+        " WHERE e.account_id = %s::uuid"
+        " AND (%s::timestamptz IS NULL OR (e.create_time, e.transfer_id) < (%s::timestamptz, %s::uuid))"
+        " ORDER BY e.create_time DESC, e.transfer_id DESC LIMIT %s",
+        (account_id, after_time, after_time, after_id, limit),
+    )
+    return [_transfer(row) for row in rows]
