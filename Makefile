@@ -6,14 +6,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: help venv gen check lint test up down run status logs tools bench-customers
+.PHONY: help venv gen check lint test up down run status logs tools bench bench-customers bench-transfer
 
 help:
 	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
 	@echo "make test     install what is missing, start what the tests need, run them"
 	@echo "make up/down  start the stack in the background / stop what it started"
 	@echo "make status   what runs;  make logs C=<component>"
-	@echo "make tools    build grpcurl and ghz into .stack/bin"
+	@echo "make tools    build grpcurl, ghz and k6 into .stack/bin"
+	@echo "make bench    benchmarks against the running stack (bench-customers, bench-transfer)"
 	@echo "make gen      regenerate gen/ from proto/;  make check  buf lint + buf breaking + gen freshness"
 
 # The virtual environment inside the repo (git-ignored); gen/ and the repo root go on its path.
@@ -55,8 +56,13 @@ status: $(READY)
 	$(PY) -m devstack status
 
 # Benchmarks: against the running stack (`make up`), loopback only, bounded; JSON in perf/results/.
+bench: bench-customers bench-transfer
+
 bench-customers: $(READY) tools
 	$(PY) -m perf.bench_customers
+
+bench-transfer: $(READY) tools
+	$(PY) -m perf.bench_transfer
 
 tools: $(READY)
 	$(PY) -m devstack tools

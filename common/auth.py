@@ -190,10 +190,31 @@ class TokenIssuer:
 
 
 class TokenVerifier:
+    """Checks signature and expiry. A verified token is remembered until it expires (a bounded
+    cache), which saves the Ed25519 verification (~0.1 ms) on every later request with it;
+    revocation is not cached: the interceptor asks Redis every time."""
+
+    CACHE_ENTRIES_MAX = 10_000
+
     def __init__(self, keys: KeyRing) -> None:
         self._keys = keys.verify_keys
+        self._verified: dict[str, tuple[Caller, float]] = {}
 
     def verify(self, token: str) -> Caller:
+        cached = self._verified.get(token)
+        if cached is not None:
+            caller, expires_at = cached
+            if time.time() < expires_at:
+                return caller
+            del self._verified[token]
+            raise unauthenticated("TOKEN_EXPIRED", "the access token has expired")
+        caller, expires_at = self._verify(token)
+        if len(self._verified) >= self.CACHE_ENTRIES_MAX:
+            self._verified.clear()  # crude but bounded; a full cache only costs re-verification
+        self._verified[token] = (caller, expires_at)
+        return caller
+
+    def _verify(self, token: str) -> tuple[Caller, float]:
         if len(token) > MAX_TOKEN_LENGTH or not token.startswith("v4.public."):
             raise unauthenticated("INVALID_TOKEN", "the access token is not valid")
         key = self._keys.get(_kid_of(token) or "")
@@ -213,11 +234,12 @@ class TokenVerifier:
         try:
             role = Role(claims["role"])
             subject, session_id = str(claims["sub"]), str(claims["sid"])
+            expires_at = datetime.fromisoformat(str(claims["exp"])).timestamp()
         except (KeyError, ValueError) as exc:
             raise unauthenticated("INVALID_TOKEN", "the access token is not valid") from exc
         if role is Role.SERVICE:  # services authenticate with the service token, never a bearer token
             raise unauthenticated("INVALID_TOKEN", "the access token is not valid")
-        return Caller(subject, role, session_id)
+        return Caller(subject, role, session_id), expires_at
 
 
 def _kid_of(token: str) -> str | None:

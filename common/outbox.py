@@ -162,6 +162,35 @@ class OutboxRelay:
             return len(rows)
 
 
+class OutboxNudge:
+    """Wakes the active relay (in any process of the service) soon after a commit, without a
+    NOTIFY inside the writer's transaction: Postgres serializes the commits of notifying
+    transactions, which cut the ledger's ceiling from ~2,800 to ~1,000 movements/s. Instead,
+    one NOTIFY in its own autocommit transaction covers every commit of a window
+    (COALESCE_S), so a committed event waits at most about that long, not the relay's poll."""
+
+    COALESCE_S = 0.02
+
+    def __init__(self, pool: AsyncConnectionPool, schema: str) -> None:
+        self._pool = pool
+        self._channel = f"outbox_{schema}"
+        self._pending: asyncio.Task[None] | None = None
+
+    def __call__(self) -> None:
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        await asyncio.sleep(self.COALESCE_S)
+        self._pending = None  # a commit from here on schedules the next nudge
+        try:
+            async with self._pool.connection() as conn:
+                await conn.set_autocommit(True)
+                await conn.execute("SELECT pg_notify(%s, '')", (self._channel,))
+        except Exception as exc:  # the relay's poll is the fallback; never fail a movement for this
+            log.debug("outbox nudge failed", exc_info=exc)
+
+
 def decode_headers(raw: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
     """A Kafka record's headers as text (what consumers of outbox events read)."""
     return {key: value.decode("utf-8", "replace") for key, value in (raw or ()) if value is not None}

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=50)
     sub.add_parser("env", help="every setting: variable, default, meaning")
-    sub.add_parser("tools", help="build grpcurl and ghz into <stack_dir>/bin")
+    sub.add_parser("tools", help="build grpcurl, ghz and k6 into <stack_dir>/bin")
     envoy = sub.add_parser("envoy-config", help="render the Envoy config")
     envoy.add_argument("--compose", action="store_true", help="for docker-compose (service hostnames)")
     args = parser.parse_args(argv)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(proc.tail(log, args.lines))
         return 0
     if args.command == "tools":
-        for tool in ("grpcurl", "ghz"):
+        for tool in ("grpcurl", "ghz", "k6"):
             path = install.go_tool(tool, stack.paths.bin, stack.paths.install_log(tool))
             print(f"  {tool}: {path}", file=sys.stderr)
         return 0

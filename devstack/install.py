@@ -21,6 +21,7 @@ GO_TOOLS = {
     "mailpit": "github.com/axllent/mailpit@v1.27.11",
     "grpcurl": "github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4",
     "ghz": "github.com/bojand/ghz/cmd/ghz@v0.93.0",
+    "k6": "go.k6.io/k6@v1.8.1",
 }
 
 # apt and dpkg hold one lock; two components installing at once would collide on it.

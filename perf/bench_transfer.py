@@ -13,10 +13,9 @@ Every request is a new movement of 1 JPY (a new request_id) between two differen
 one bench customer, all funded generously: no business refusal is expected, so any error counts.
 The bench's accounts and movements stay in the ledger (JPY, ids under a per-run prefix).
 
-    .venv/bin/python perf/bench_transfer.py [--duration-s 10] [--clients 16,64]
+    make bench-transfer   (or: .venv/bin/python -m perf.bench_transfer [--duration-s 10] [--clients 16,64])
 
-Needs the stack up (`make up`), ghz (`make tools`) and k6 (`GOBIN=$PWD/.stack/bin go install
-go.k6.io/k6@latest`; without it the REST runs are skipped). Writes perf/results/transfer-<time>.json
+Needs the stack up (`make up`), ghz and k6 (`make tools`; without k6 the REST runs are skipped). Writes perf/results/transfer-<time>.json
 and .png (and transfer-latest.*). 2 CPU cores: the load generators compete with what they load.
 """
 

@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from common import auth, server
 from common.auth import Access
 from common.grpcutil import service_name
-from common.outbox import OutboxRelay
+from common.outbox import OutboxNudge, OutboxRelay
 from svc_transfer import service
 from svc_transfer.store import LedgerAccount, Transfer
 
@@ -65,15 +65,16 @@ def account_message(account: LedgerAccount) -> ledger_pb2.LedgerAccount:
 
 
 class TransferService(transfer_pb2_grpc.TransferServiceServicer):
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, nudge: OutboxNudge) -> None:
         self._pool = pool
+        self._nudge = nudge
 
     async def CreateTransfer(self, request: transfer_pb2.CreateTransferRequest,
                              context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
         transfer = await service.create_transfer(
             self._pool, auth.current(), request_id=request.request_id, from_account_id=request.from_account_id,
             to_account_id=request.to_account_id, amount=request.amount, currency=request.currency,
-            description=request.description)
+            description=request.description, on_commit=self._nudge)
         return transfer_message(transfer)
 
     async def GetTransfer(self, request: transfer_pb2.GetTransferRequest,
@@ -92,14 +93,16 @@ class TransferService(transfer_pb2_grpc.TransferServiceServicer):
                             context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
         transfer = await service.create_deposit(
             self._pool, auth.current(), request_id=request.request_id, account_id=request.account_id,
-            amount=request.amount, currency=request.currency, description=request.description)
+            amount=request.amount, currency=request.currency, description=request.description,
+            on_commit=self._nudge)
         return transfer_message(transfer)
 
     async def CreateWithdrawal(self, request: transfer_pb2.CreateWithdrawalRequest,
                                context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
         transfer = await service.create_withdrawal(
             self._pool, auth.current(), request_id=request.request_id, account_id=request.account_id,
-            amount=request.amount, currency=request.currency, description=request.description)
+            amount=request.amount, currency=request.currency, description=request.description,
+            on_commit=self._nudge)
         return transfer_message(transfer)
 
 
@@ -127,7 +130,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
 
 
 def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[str]:
-    transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(resources.pool), grpc_server)
+    nudge = OutboxNudge(resources.pool, SPEC.name)
+    transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(resources.pool, nudge), grpc_server)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(resources.pool), grpc_server)
     # Publishes the MoneyMoved events that movements write to transfer.outbox (one active relay
     # per schema, whatever the number of processes).

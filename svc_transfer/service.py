@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -114,9 +114,13 @@ def _account_id(value: str) -> str:
     return str(parsed)
 
 
+def _nothing() -> None:
+    pass
+
+
 async def _move(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, kind: str, owner_id: str | None,
                 from_account_id: str | None, to_account_id: str | None, amount: int, currency: str,
-                description: str) -> Transfer:
+                description: str, on_commit: Callable[[], None]) -> Transfer:
     with _busy_is_unavailable():
         movement = await store.move_money(
             pool, initiator=initiator(caller), request_id=request_id, kind=kind, owner_id=owner_id,
@@ -125,13 +129,15 @@ async def _move(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, k
         )
     if movement.error is not None:
         raise refused(movement.error)
+    on_commit()  # the outbox holds a new event (or, for a replay, nothing new: a spare nudge)
     assert movement.transfer is not None
     assert movement.transfer.amount == amount and movement.transfer.kind == kind, "a replay must match its request"
     return public(movement.transfer)
 
 
 async def create_transfer(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, from_account_id: str,
-                          to_account_id: str, amount: int, currency: str, description: str) -> Transfer:
+                          to_account_id: str, amount: int, currency: str, description: str,
+                          on_commit: Callable[[], None] = _nothing) -> Transfer:
     """Moves amount from one of the caller's accounts to any other customer account."""
     _check_movement_input(request_id, amount, currency, description)
     if from_account_id == to_account_id:
@@ -142,27 +148,28 @@ async def create_transfer(pool: AsyncConnectionPool, caller: Caller, *, request_
         raise refused("ACCOUNT_NOT_FOUND")
     return await _move(pool, caller, request_id=request_id, kind="TRANSFER", owner_id=owner,
                        from_account_id=source, to_account_id=target, amount=amount, currency=currency,
-                       description=description)
+                       description=description, on_commit=on_commit)
 
 
 async def create_deposit(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, account_id: str, amount: int,
-                         currency: str, description: str) -> Transfer:
+                         currency: str, description: str, on_commit: Callable[[], None] = _nothing) -> Transfer:
     """Cash into any customer account, from the currency's cash account. Tellers only (the interceptor checks)."""
     assert caller.role is Role.TELLER
     _check_movement_input(request_id, amount, currency, description)
     return await _move(pool, caller, request_id=request_id, kind="DEPOSIT", owner_id=None, from_account_id=None,
                        to_account_id=_account_id(account_id), amount=amount, currency=currency,
-                       description=description)
+                       description=description, on_commit=on_commit)
 
 
 async def create_withdrawal(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, account_id: str,
-                            amount: int, currency: str, description: str) -> Transfer:
+                            amount: int, currency: str, description: str,
+                            on_commit: Callable[[], None] = _nothing) -> Transfer:
     """Cash out of any customer account, into the currency's cash account. Tellers only."""
     assert caller.role is Role.TELLER
     _check_movement_input(request_id, amount, currency, description)
     return await _move(pool, caller, request_id=request_id, kind="WITHDRAWAL", owner_id=None,
                        from_account_id=_account_id(account_id), to_account_id=None, amount=amount,
-                       currency=currency, description=description)
+                       currency=currency, description=description, on_commit=on_commit)
 
 
 async def get_transfer(pool: AsyncConnectionPool, caller: Caller, transfer_id: str) -> Transfer:
@@ -192,8 +199,7 @@ def _page_after(account_id: str, token: str) -> tuple[datetime, str] | None:
     token_account, create_time_us, transfer_id = key
     if token_account != account_id or not isinstance(create_time_us, int) or not isinstance(transfer_id, str) \
             or parse_uuid(transfer_id) is None:
-        raise DomainError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not valid",
-                          field_violations=[("page_token", "not a token this list returned")])
+        raise pagination.invalid_token()
     return EPOCH + timedelta(microseconds=create_time_us), transfer_id
 
 
