@@ -86,7 +86,7 @@ def main() -> int:
     }
     # Sanity: the accounts really were opened (ghz counts only status codes).
     listed = rest(settings, "GET", "/v1/accounts?page_size=500", token=customer.token)
-    results["create_account"]["accounts_listed_after"] = len(listed.body["accounts"])
+    results["create_account"]["accounts_on_first_page_of_500"] = len(listed.body["accounts"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"customers-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2))
