@@ -236,13 +236,16 @@ def _postgres(s: Settings, p: Paths) -> list[str]:
 def _postgres_dirs(p: Paths, as_root: bool) -> tuple[Path, Path]:
     """Data and socket folders. As root, the server runs as `postgres`, which must be able to
     reach them: when the checkout sits below a folder closed to other users (a CI clone in a
-    private folder, say), they move to /var/lib/postgresql/simplebank/<hash of the stack folder>."""
+    private folder, say), they move to /var/lib/postgresql/simplebank/<id>, where <id> is kept
+    in the stack folder: a new stack folder (a fresh clone) gets a new, empty database."""
     data, sockets = p.data / "postgres", p.run / "postgres"
     if not as_root or all(os.stat(d).st_mode & 0o001 for d in [p.root, *p.root.parents] if d.exists()):
         return data, sockets
-    import hashlib
-
-    home = Path("/var/lib/postgresql/simplebank") / hashlib.sha256(str(p.root).encode()).hexdigest()[:12]
+    id_file = p.root / "postgres-home.id"
+    if not id_file.exists():
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(uuid.uuid4().hex[:16])
+    home = Path("/var/lib/postgresql/simplebank") / id_file.read_text().strip()
     home.mkdir(parents=True, exist_ok=True)
     uid, gid = _postgres_uid_gid()
     for folder in (home.parent, home):
