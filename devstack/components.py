@@ -277,7 +277,8 @@ def _prometheus(s: Settings, p: Paths) -> list[str]:
         for name in SERVICES for i in range(s.processes(name))
     )
     conf = render(TEMPLATES / "prometheus.yml", p.conf / "prometheus.yml", host=s.bind_host,
-                  envoy_admin_port=s.envoy_admin_port, service_targets=targets)
+                  envoy_admin_port=s.envoy_admin_port, service_targets=targets,
+                  rules=REPO_ROOT / "deploy" / "prometheus" / "rules.yml")
     return [binary, f"--config.file={conf}", f"--storage.tsdb.path={p.data / 'prometheus'}",
             f"--web.listen-address={s.bind_host}:{s.prometheus_port}", "--storage.tsdb.retention.time=2d"]
 
