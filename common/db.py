@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -27,6 +31,23 @@ def conninfo(settings: Settings, schema: str) -> str:
     return f"{settings.pg_conninfo} application_name=svc_{schema} options='{options}'"
 
 
+class PoolCollector(Collector):
+    """The pool's own statistics, read at scrape time: size, idle connections, waiting requests."""
+
+    def __init__(self, pool: AsyncConnectionPool, schema: str) -> None:
+        self._pool = pool
+        self._schema = schema
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        stats = self._pool.get_stats()
+        for name, key, doc in (("db_pool_size", "pool_size", "Connections open in the pool"),
+                               ("db_pool_available", "pool_available", "Idle connections in the pool"),
+                               ("db_pool_requests_waiting", "requests_waiting", "Requests waiting for a connection")):
+            family = GaugeMetricFamily(name, doc, labels=["schema"])
+            family.add_metric([self._schema], float(stats.get(key, 0)))
+            yield family
+
+
 async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
     pool = AsyncConnectionPool(
         conninfo(settings, schema),
@@ -37,6 +58,7 @@ async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
         name=f"svc_{schema}",
     )
     await pool.open(wait=True, timeout=30.0)
+    REGISTRY.register(PoolCollector(pool, schema))
     return pool
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import grpc
+from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
 from common import pagination
@@ -114,6 +115,16 @@ def _account_id(value: str) -> str:
     return str(parsed)
 
 
+MOVEMENTS = Counter("ledger_movements_total", "Movement requests by kind, currency and outcome (OK or the reason)",
+                    ["kind", "currency", "outcome"])
+MOVED_MINOR_UNITS = Counter("ledger_moved_minor_units_total", "Money moved, in the currency's minor units",
+                            ["kind", "currency"])
+
+
+# Label values come from requests: anything but the bank's currencies is one label, not many.
+METRIC_CURRENCIES = frozenset({"USD", "EUR", "GBP", "JPY"})
+
+
 def _nothing() -> None:
     pass
 
@@ -127,8 +138,14 @@ async def _move(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, k
             from_account_id=from_account_id, to_account_id=to_account_id, amount=amount, currency=currency,
             description=description, trace_id=request_id_var.get(),
         )
+    label = currency if currency in METRIC_CURRENCIES else "OTHER"
     if movement.error is not None:
+        MOVEMENTS.labels(kind, label, movement.error).inc()
         raise refused(movement.error)
+    # A replay returns the original transfer and moves nothing: counted once, as REPLAYED.
+    MOVEMENTS.labels(kind, label, "REPLAYED" if movement.replayed else "OK").inc()
+    if not movement.replayed:
+        MOVED_MINOR_UNITS.labels(kind, label).inc(amount)
     on_commit()  # the outbox holds a new event (or, for a replay, nothing new: a spare nudge)
     assert movement.transfer is not None
     assert movement.transfer.amount == amount and movement.transfer.kind == kind, "a replay must match its request"

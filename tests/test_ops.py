@@ -39,3 +39,32 @@ def test_prometheus_loaded_the_rules(stack: Stack, settings: Settings) -> None:
     names = {rule["name"] for group in groups for rule in group["rules"]}
     assert {"ServiceDown", "HighServerErrorRate", "HighLatencyP99", "OutboxBacklogOld",
             "service:grpc_latency_seconds:p99_5m"} <= names
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def _sample(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_business_and_pool_metrics(stack: Stack, settings: Settings) -> None:
+    from tests.support import login, onboard, rest
+
+    ports = [settings.metrics_port("transfer", i) for i in range(settings.processes("transfer"))]
+    series = 'ledger_movements_total{currency="USD",kind="DEPOSIT",outcome="OK"}'
+    before = sum(_sample(_scrape(port), series) for port in ports)
+    customer = onboard(settings)
+    account = rest(settings, "POST", "/v1/accounts", {"currency": "USD"}, token=customer.token).body
+    teller = login(settings, settings.teller_username, settings.teller_password)
+    deposit = rest(settings, "POST", "/v1/deposits", {"request_id": "metrics-" + account["account_id"],
+                                                       "account_id": account["account_id"], "amount": "250",
+                                                       "currency": "USD"}, token=teller["access_token"])
+    assert deposit.status == 200, deposit.body
+    after = sum(_sample(_scrape(port), series) for port in ports)
+    assert after == before + 1
+    for name in ("customer", "account", "transfer", "notify"):
+        text = _scrape(settings.metrics_port(name, 0))
+        assert f'db_pool_size{{schema="{name}"}}' in text, name
