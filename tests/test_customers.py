@@ -51,6 +51,11 @@ def test_the_whole_journey_by_rest(stack: Stack, settings: Settings) -> None:
                       {"enrollment_token": enrollment_token, "username": username, "password": STRONG_PASSWORD})
     assert credential.status == 200, credential.body
     assert credential.body == {"customer_id": customer["customer_id"], "username": username}
+    with psycopg.connect(settings.pg_conninfo) as conn:
+        row = conn.execute("SELECT password_hash FROM customer.credentials WHERE username = %s", (username,)).fetchone()
+    # argon2id with OWASP's parameters: 19 MiB, 2 iterations, parallelism 1; never the password itself.
+    assert row is not None and row[0].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert STRONG_PASSWORD not in row[0]
     # The enrollment token was single-use.
     again = rest(settings, "POST", "/v1/credentials",
                  {"enrollment_token": enrollment_token, "username": username + "x", "password": STRONG_PASSWORD})
