@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: help venv gen check lint test up down run status logs tools bench bench-customers bench-transfer
+.PHONY: help venv gen check lint test up down run status logs tools bench bench-customers bench-transfer bench-rpcs
 
 help:
 	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
@@ -56,7 +56,10 @@ status: $(READY)
 	$(PY) -m devstack status
 
 # Benchmarks: against the running stack (`make up`), loopback only, bounded; JSON in perf/results/.
-bench: bench-customers bench-transfer
+bench: bench-rpcs bench-customers bench-transfer
+
+bench-rpcs: $(READY) tools
+	$(PY) -m perf.bench_rpcs
 
 bench-customers: $(READY) tools
 	$(PY) -m perf.bench_customers
