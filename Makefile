@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: help venv gen check lint test up down run status logs tools bench bench-customers bench-transfer bench-rpcs
+.PHONY: help venv gen check lint test up down run status logs tools bench bench-customers bench-transfer bench-events bench-rpcs
 
 help:
 	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
@@ -14,7 +14,7 @@ help:
 	@echo "make up/down  start the stack in the background / stop what it started"
 	@echo "make status   what runs;  make logs C=<component>"
 	@echo "make tools    build grpcurl, ghz and k6 into .stack/bin"
-	@echo "make bench    benchmarks against the running stack (bench-customers, bench-transfer)"
+	@echo "make bench    benchmarks against the running stack (bench-rpcs, bench-customers, bench-transfer, bench-events)"
 	@echo "make gen      regenerate gen/ from proto/;  make check  buf lint + buf breaking + gen freshness"
 
 # The virtual environment inside the repo (git-ignored); gen/ and the repo root go on its path.
@@ -56,7 +56,7 @@ status: $(READY)
 	$(PY) -m devstack status
 
 # Benchmarks: against the running stack (`make up`), loopback only, bounded; JSON in perf/results/.
-bench: bench-rpcs bench-customers bench-transfer
+bench: bench-rpcs bench-customers bench-transfer bench-events
 
 bench-rpcs: $(READY) tools
 	$(PY) -m perf.bench_rpcs
@@ -66,6 +66,10 @@ bench-customers: $(READY) tools
 
 bench-transfer: $(READY) tools
 	$(PY) -m perf.bench_transfer
+
+# Commit -> statement line and commit -> email in Mailpit, p50/p99, under a background load.
+bench-events: $(READY)
+	$(PY) -m perf.bench_events
 
 tools: $(READY)
 	$(PY) -m devstack tools

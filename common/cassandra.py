@@ -32,7 +32,12 @@ from cassandra import (
 )
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResultSet, Session
 from cassandra.connection import ConnectionException
-from cassandra.policies import DCAwareRoundRobinPolicy, FallthroughRetryPolicy, TokenAwarePolicy
+from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    FallthroughRetryPolicy,
+    TokenAwarePolicy,
+)
 from cassandra.query import PreparedStatement, SimpleStatement, Statement, dict_factory
 
 from common.config import Settings
@@ -46,6 +51,10 @@ SCHEMA_TIMEOUT_S = 30.0  # DDL waits for schema agreement
 # The driver enforces request timeouts itself; this extra margin only guards the bridge.
 BRIDGE_SLACK_S = 2.0
 DEPENDENCY_WAIT_S = 60.0
+# After a node comes back, how soon the driver reconnects to it: the driver's default backs off
+# to 10 minutes, far longer than consumers should pause after a restart.
+RECONNECT_INITIAL_S = 0.5
+RECONNECT_MAX_S = 5.0
 
 CQL_FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.cql$")
 KEYSPACE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
@@ -81,6 +90,7 @@ def new_cluster(settings: Settings) -> Cluster:
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         connect_timeout=CONNECT_TIMEOUT_S,
         control_connection_timeout=CONNECT_TIMEOUT_S,
+        reconnection_policy=ExponentialReconnectionPolicy(RECONNECT_INITIAL_S, RECONNECT_MAX_S),
     )
 
 

@@ -48,6 +48,9 @@ class PoolCollector(Collector):
             yield family
 
 
+_COLLECTORS: dict[str, PoolCollector] = {}
+
+
 async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
     pool = AsyncConnectionPool(
         conninfo(settings, schema),
@@ -58,7 +61,14 @@ async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
         name=f"svc_{schema}",
     )
     await pool.open(wait=True, timeout=30.0)
-    REGISTRY.register(PoolCollector(pool, schema))
+    # The newest pool of a schema is the one reported: a process that opens a second pool for the
+    # same schema (a test, a restart of a worker) must not register the same series twice.
+    previous = _COLLECTORS.pop(schema, None)
+    if previous is not None:
+        REGISTRY.unregister(previous)
+    collector = PoolCollector(pool, schema)
+    REGISTRY.register(collector)
+    _COLLECTORS[schema] = collector
     return pool
 
 

@@ -17,8 +17,17 @@ from common.logging import request_id_var
 
 CUSTOMER_TOPIC = "bank.customer.v1"
 TRANSFER_TOPIC = "bank.transfer.v1"
-# topic -> partitions. Created by the outbox relay at start (auto-creation is off).
-TOPICS = {CUSTOMER_TOPIC: 6, TRANSFER_TOPIC: 6}
+DLQ_SUFFIX = ".dlq"
+
+
+def dlq_topic(topic: str) -> str:
+    """Where consumers park a record of topic that can never be handled (see common/consumer.py)."""
+    return topic + DLQ_SUFFIX
+
+
+# topic -> partitions. Created by the outbox relay and the consumers at start (auto-creation is
+# off). A dead-letter topic has one partition: it is small, and read in full by common/dlq.py.
+TOPICS = {CUSTOMER_TOPIC: 6, TRANSFER_TOPIC: 6, dlq_topic(CUSTOMER_TOPIC): 1, dlq_topic(TRANSFER_TOPIC): 1}
 
 
 @dataclass(frozen=True)

@@ -330,6 +330,12 @@ def _mailpit(s: Settings, p: Paths) -> list[str]:
     data.mkdir(parents=True, exist_ok=True)
     return [str(binary), "--smtp", f"{s.smtp_host}:{s.smtp_port}", "--listen", f"{s.bind_host}:{s.mailpit_http_port}",
             "--database", str(data / "mailpit.db"), "--smtp-auth-accept-any", "--smtp-auth-allow-insecure",
+            # As a mail client does: svc_notify may send a notification twice (a crash between the
+            # server's acceptance and the SENT record) but always with the same Message-ID.
+            "--ignore-duplicate-ids",
+            # Mailpit keeps 500 messages by default, fewer than one test run sends (an email per
+            # party of each transfer): tests count emails, so keep many more, still bounded.
+            "--max", "100000",
             "--disable-version-check"]
 
 

@@ -7,11 +7,20 @@ from pathlib import Path
 
 import grpc
 from bank.account.v1 import account_pb2, account_pb2_grpc
+from bank.events.v1 import events_pb2
+from google.protobuf.message import Message
 
 from common import auth, server
 from common.clients import InternalChannel
+from common.config import Settings
+from common.consumer import EventConsumer, EventMeta, Route
+from common.events import TRANSFER_TOPIC
 from common.grpcutil import service_name
+from svc_account import service
 from svc_account.service import AccountUseCases, AccountView
+from svc_account.store import Activity, ActivityStore
+
+CONSUMER_GROUP_ID = "svc_account"
 
 ACCESS = {
     "/bank.account.v1.AccountService/FreezeAccount": auth.Access.TELLER,
@@ -56,7 +65,32 @@ class AccountService(account_pb2_grpc.AccountServiceServicer):
                               context: grpc.aio.ServicerContext) -> account_pb2.Account:
         return _account(await self._uc.freeze_account(auth.current(), request.account_id, frozen=False))
 
-    # ListAccountActivity (statements from Cassandra) is not built yet: UNIMPLEMENTED.
+    async def ListAccountActivity(self, request: account_pb2.ListAccountActivityRequest,
+                                  context: grpc.aio.ServicerContext) -> account_pb2.ListAccountActivityResponse:
+        lines, token = await self._uc.list_activity(auth.current(), request.account_id, request.page_size,
+                                                    request.page_token)
+        return account_pb2.ListAccountActivityResponse(activities=[_activity(a) for a in lines], next_page_token=token)
+
+
+def _activity(a: Activity) -> account_pb2.Activity:
+    message = account_pb2.Activity(
+        activity_id=str(a.activity_id), transfer_id=a.transfer_id, kind=account_pb2.Activity.Kind.Value(a.kind),
+        amount=a.amount, currency=a.currency, balance_after=a.balance_after,
+        counterparty_account_id=a.counterparty_account_id, description=a.description)
+    message.create_time.FromDatetime(a.create_time)
+    return message
+
+
+def _statements_consumer(settings: Settings, activity: ActivityStore) -> EventConsumer:
+    """Projects bank.transfer.v1 into the statements (group "svc_account")."""
+    async def money_moved(message: Message, meta: EventMeta) -> str:
+        assert isinstance(message, events_pb2.MoneyMoved)
+        return await service.money_moved(activity, message, meta)
+
+    routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: Route(events_pb2.MoneyMoved, money_moved)}
+    # Statement lines are independent idempotent upserts: a batch is written all at once.
+    return EventConsumer(settings, group_id=CONSUMER_GROUP_ID, topics=[TRANSFER_TOPIC], routes=routes,
+                         event_worst_case_s=service.EVENT_WORST_CASE_S, ordered=False, batch_max_records=500)
 
 
 class _Channels:
@@ -77,9 +111,11 @@ def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[
     s = resources.settings
     ledger = InternalChannel(s.transfer_addr, resources.keys, "svc_account")
     customers = InternalChannel(s.customer_addr, resources.keys, "svc_account")
-    resources.workers.append(_Channels(ledger, customers))
-    account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(AccountUseCases(resources.pool, ledger, customers)),
-                                                          grpc_server)
+    activity = ActivityStore(s, resources.pool)
+    # Started in this order, stopped in reverse: the consumer stops before the store closes.
+    resources.workers.extend([_Channels(ledger, customers), activity, _statements_consumer(s, activity)])
+    use_cases = AccountUseCases(resources.pool, ledger, customers, activity)
+    account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(use_cases), grpc_server)
     return [service_name(account_pb2, "AccountService")]
 
 

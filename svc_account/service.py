@@ -5,20 +5,29 @@ a transfer never needs a call to svc_account."""
 
 from __future__ import annotations
 
+import logging
+import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from uuid import UUID
 
 import grpc
 from bank.customer.v1 import customer_internal_pb2, customer_internal_pb2_grpc
+from bank.events.v1 import events_pb2
 from bank.transfer.v1 import ledger_pb2, ledger_pb2_grpc
 from psycopg_pool import AsyncConnectionPool
 
-from common import auth, pagination
+from common import auth, cassandra, pagination
 from common.clients import InternalChannel, call
+from common.consumer import BadEvent, EventMeta, StorageUnavailable
 from common.errors import DomainError
 from common.ids import parse_uuid, uuid7
+from common.logging import fields
+from common.retry import Backoff, retry
 from svc_account import store
+
+log = logging.getLogger("account")
 
 SUPPORTED_CURRENCIES = frozenset({"USD", "EUR", "GBP", "JPY"})
 STATUS_NAMES = {ledger_pb2.LedgerAccount.ACTIVE: "ACTIVE", ledger_pb2.LedgerAccount.FROZEN: "FROZEN",
@@ -37,8 +46,10 @@ def _not_found() -> DomainError:
 
 
 class AccountUseCases:
-    def __init__(self, pool: AsyncConnectionPool, ledger: InternalChannel, customers: InternalChannel) -> None:
+    def __init__(self, pool: AsyncConnectionPool, ledger: InternalChannel, customers: InternalChannel,
+                 activity: store.ActivityStore) -> None:
         self._pool = pool
+        self._activity = activity
         self._ledger_channel = ledger
         self._ledger = ledger_pb2_grpc.LedgerServiceStub(ledger.channel)
         self._customers_channel = customers
@@ -131,3 +142,132 @@ class AccountUseCases:
     async def freeze_account(self, caller: auth.Caller, account_id: str, frozen: bool) -> AccountView:
         account = await self._owned(caller, account_id)
         return await self._set_status(account, ledger_pb2.LedgerAccount.FROZEN if frozen else ledger_pb2.LedgerAccount.ACTIVE)
+
+    async def list_activity(self, caller: auth.Caller, account_id: str, page_size: int,
+                            page_token: str) -> tuple[list[store.Activity], str]:
+        """The account's statement, newest first, across its months (own accounts; tellers any)."""
+        size = pagination.page_size(page_size)
+        after = _activity_page_key(page_token)
+        account = await self._owned(caller, account_id)
+        try:
+            lines = await _read_statement(self._activity, account.account_id, size + 1, after)
+        except store.TRANSIENT_ERRORS as exc:
+            log.warning("history store unavailable", extra=fields(error=f"{type(exc).__name__}: {exc}"))
+            raise DomainError(grpc.StatusCode.UNAVAILABLE, "ACTIVITY_UNAVAILABLE",
+                              "account activity cannot be read now; retry") from exc
+        page = lines[:size]
+        token = ""
+        if len(lines) > size:  # one more than asked was read: a next page exists
+            last = page[-1]
+            # Integer milliseconds, exactly: a float could round past a line and skip it.
+            token = pagination.encode_token([last.month, (last.create_time - EPOCH) // timedelta(milliseconds=1),
+                                             str(last.activity_id)])
+        return page, token
+
+
+# --- statements: the projection of MoneyMoved, and its reading ------------------------------
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Derives statement line ids from (transfer id, account id); never change it, or redelivered
+# events would make second lines.
+ACTIVITY_ID_NAMESPACE = uuid.UUID("0b6e3c55-7f0e-4b8e-9a55-2f1f5d3c9a71")
+MAX_DESCRIPTION_LENGTH = 500
+STORAGE_BACKOFF = Backoff(tries=5, initial_s=0.2, max_s=5.0)
+STORAGE_CALLS_PER_TRY = 2  # the months, then the lines (each step's writes side by side)
+# Longest the projection of one event can take when Cassandra hangs on every try.
+EVENT_WORST_CASE_S = STORAGE_BACKOFF.worst_case_s(STORAGE_CALLS_PER_TRY * (cassandra.REQUEST_TIMEOUT_S
+                                                                           + cassandra.BRIDGE_SLACK_S))
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"  # written (or written again, identically, for a redelivered event)
+
+
+def month_of(moment: datetime) -> int:
+    return moment.year * 100 + moment.month
+
+
+def activity_id(transfer_id: str, account_id: UUID) -> uuid.UUID:
+    return uuid.uuid5(ACTIVITY_ID_NAMESPACE, f"{transfer_id}/{account_id}")
+
+
+def _account_id(value: str, side: str) -> UUID:
+    parsed = parse_uuid(value)
+    if parsed is None:
+        raise BadEvent(f"{side}_account_id is not a UUID")
+    return parsed
+
+
+def statement_lines(event: events_pb2.MoneyMoved, meta: EventMeta) -> list[store.Activity]:
+    """The lines a movement adds to statements: both sides of a transfer, the customer side of
+    a deposit or withdrawal (the cash side has no account here)."""
+    if event.amount <= 0:
+        raise BadEvent("amount is not positive")
+    if not event.transfer_id or not event.currency:
+        raise BadEvent("transfer_id or currency is empty")
+    moment = event.create_time.ToDatetime(tzinfo=UTC) if event.HasField("create_time") else meta.fallback_time
+    moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)  # Cassandra keeps milliseconds
+    description = event.description[:MAX_DESCRIPTION_LENGTH]
+
+    def line(account: UUID, kind: str, amount: int, balance_after: int, counterparty: str) -> store.Activity:
+        return store.Activity(account_id=account, month=month_of(moment), create_time=moment,
+                              activity_id=activity_id(event.transfer_id, account), transfer_id=event.transfer_id,
+                              kind=kind, amount=amount, currency=event.currency, balance_after=balance_after,
+                              counterparty_account_id=counterparty, description=description)
+
+    MoneyMoved = events_pb2.MoneyMoved
+    if event.kind == MoneyMoved.TRANSFER:
+        source, target = _account_id(event.from_account_id, "from"), _account_id(event.to_account_id, "to")
+        return [line(source, "TRANSFER_SENT", -event.amount, event.from_balance_after, event.to_account_id),
+                line(target, "TRANSFER_RECEIVED", event.amount, event.to_balance_after, event.from_account_id)]
+    if event.kind == MoneyMoved.DEPOSIT:
+        return [line(_account_id(event.to_account_id, "to"), "DEPOSIT", event.amount, event.to_balance_after, "")]
+    if event.kind == MoneyMoved.WITHDRAWAL:
+        return [line(_account_id(event.from_account_id, "from"), "WITHDRAWAL", -event.amount,
+                     event.from_balance_after, "")]
+    raise BadEvent(f"unknown movement kind {event.kind}")
+
+
+async def money_moved(activity: store.ActivityStore, event: events_pb2.MoneyMoved, meta: EventMeta) -> Outcome:
+    """Project a movement into the statements of its accounts. Every write is an idempotent
+    upsert of a key derived from the event, so a redelivered event changes nothing."""
+    lines = statement_lines(event, meta)
+    try:
+        await retry(lambda: activity.put_activities(lines), what="statement lines write",
+                    transient=store.TRANSIENT_ERRORS, backoff=STORAGE_BACKOFF)
+    except store.TRANSIENT_ERRORS as exc:
+        raise StorageUnavailable(f"statement lines write: {type(exc).__name__}: {exc}") from exc
+    return Outcome.APPLIED
+
+
+def _activity_page_key(token: str) -> tuple[int, tuple[datetime, UUID]] | None:
+    key = pagination.decode_token(token, 3)
+    if key is None:
+        return None
+    month, create_time_ms, raw_id = key
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (month, create_time_ms)) \
+            or not isinstance(raw_id, str):
+        raise pagination.invalid_token()
+    parsed_id = parse_uuid(raw_id)
+    try:
+        create_time = EPOCH + timedelta(milliseconds=create_time_ms)
+    except OverflowError as exc:
+        raise pagination.invalid_token() from exc
+    if parsed_id is None or not 100 <= month <= 999_912:
+        raise pagination.invalid_token()
+    return month, (create_time, parsed_id)
+
+
+async def _read_statement(activity: store.ActivityStore, account_id: UUID, limit: int,
+                          after: tuple[int, tuple[datetime, UUID]] | None) -> list[store.Activity]:
+    """Up to limit lines, newest first, strictly after the page key. Every month listed holds at
+    least one line, so at most limit + 1 months are read (the first may hold nothing after the
+    key): the work is bounded by the page size, never by the account's age."""
+    months = await activity.months(account_id, after[0] if after else None, limit + 1)
+    lines: list[store.Activity] = []
+    for month in months:
+        key = after[1] if after is not None and month == after[0] else None
+        lines += await activity.month_page(account_id, month, key, limit - len(lines))
+        if len(lines) >= limit:
+            break
+    return lines

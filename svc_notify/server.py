@@ -1,5 +1,5 @@
 """svc_notify's gRPC entrypoint: NotificationService (public, routed by Envoy), plus the workers
-that run beside it: the notification store (Cassandra) and the customer-event consumer."""
+that run beside it: the notification store (Cassandra) and the event consumer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from common import auth, server
 from common.grpcutil import service_name
 from svc_notify import service
-from svc_notify.consumer import EventConsumer
+from svc_notify.consumer import new_consumers
 from svc_notify.mailer import Mailer
 from svc_notify.store import Notification, Store
 
@@ -48,7 +48,7 @@ def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[
     store = Store(resources.settings, resources.pool)
     # Started in this order, stopped in reverse: the consumer stops before the store closes.
     resources.workers.append(store)
-    resources.workers.append(EventConsumer(resources.settings, store, Mailer(resources.settings)))
+    resources.workers.extend(new_consumers(resources.settings, store, Mailer(resources.settings)))
     notify_pb2_grpc.add_NotificationServiceServicer_to_server(NotificationService(store), grpc_server)
     return [service_name(notify_pb2, "NotificationService")]
 

@@ -15,6 +15,7 @@ same Message-ID, so mail clients can recognise it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,11 +28,12 @@ import grpc
 from bank.events.v1 import events_pb2
 
 from common import auth, cassandra, ids, pagination
+from common.consumer import BadEvent, EventMeta, StorageUnavailable
 from common.errors import DomainError
 from common.logging import fields
+from common.retry import Backoff, retry
 from svc_notify import mailer
 from svc_notify.mailer import Email, Mailer, PermanentMailError, TransientMailError
-from svc_notify.retry import Backoff, retry
 from svc_notify.store import TRANSIENT_ERRORS, UNAVAILABLE_ERRORS, Notification, Store
 
 log = logging.getLogger("notify")
@@ -50,7 +52,9 @@ STORAGE_BACKOFF = Backoff(tries=5, initial_s=0.2, max_s=5.0)
 # Longest one storage call can take: a Postgres pool wait plus statement timeout, or a
 # Cassandra request timeout, whichever is longer.
 STORAGE_CALL_TIMEOUT_S = max(10.0, cassandra.REQUEST_TIMEOUT_S)
-STORAGE_CALLS_PER_EVENT_MAX = 5  # projection, claim, log PENDING, status, log status
+# projection (or the contacts lookup), claim, log PENDING, status, log status; the two emails
+# of a transfer are delivered side by side, so they take no longer than one.
+STORAGE_CALLS_PER_EVENT_MAX = 5
 # Longest the handling of one event can take when every dependency hangs on every try; the
 # consumer's poll interval is sized from it.
 EVENT_WORST_CASE_S = (STORAGE_CALLS_PER_EVENT_MAX * STORAGE_BACKOFF.worst_case_s(STORAGE_CALL_TIMEOUT_S)
@@ -59,6 +63,10 @@ EVENT_WORST_CASE_S = (STORAGE_CALLS_PER_EVENT_MAX * STORAGE_BACKOFF.worst_case_s
 
 class Kind(StrEnum):  # bank.notify.v1.Notification.Kind names
     EMAIL_VERIFICATION = "EMAIL_VERIFICATION"
+    TRANSFER_SENT = "TRANSFER_SENT"
+    TRANSFER_RECEIVED = "TRANSFER_RECEIVED"
+    DEPOSIT = "DEPOSIT"
+    WITHDRAWAL = "WITHDRAWAL"
 
 
 class Channel(StrEnum):
@@ -71,13 +79,9 @@ class Status(StrEnum):
     FAILED = "FAILED"
 
 
-class BadEvent(Exception):
-    """An event that can never be handled (missing id, malformed field): logged and skipped."""
-
-
-class StorageUnavailable(Exception):
-    """Postgres or Cassandra still failing after the bounded retries: the consumer must not
-    commit past this event, and tries it again later."""
+class MailUnavailable(StorageUnavailable):
+    """The mail server still unreachable after the bounded tries: like storage being down, the
+    consumer does not commit past the event and reads it again after a pause."""
 
 
 class Outcome(StrEnum):
@@ -85,13 +89,8 @@ class Outcome(StrEnum):
     FAILED = "failed"
     DUPLICATE = "duplicate"
     APPLIED = "applied"  # projection only
+    NO_CONTACT = "no_contact"  # nobody to email: the customer is not in customer_contacts
     STALE = "stale"  # projection already reflects this or a later event
-
-
-@dataclass(frozen=True)
-class EventMeta:
-    event_id: str
-    fallback_time: datetime  # when the event has no create_time: the Kafka record's time
 
 
 def notification_id(event_id: str, kind: Kind) -> uuid.UUID:
@@ -130,7 +129,7 @@ def _event_time(event: events_pb2.CustomerRegistered | events_pb2.EmailVerified,
 # --- events -------------------------------------------------------------------------------
 
 async def customer_registered(store: Store, sender: Mailer, event: events_pb2.CustomerRegistered,
-                              meta: EventMeta) -> Outcome:
+                              meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
     """Project the new customer, then email them their verification code, once."""
     customer_id = _customer_id(event.customer_id)
     email = _email_address(event.email)
@@ -150,7 +149,7 @@ async def customer_registered(store: Store, sender: Mailer, event: events_pb2.Cu
             f"Verification code: {event.verification_code}\n\n"
             "If you did not register with Simple Bank, you can ignore this email.\n\n"
             "Simple Bank\n")
-    return await _deliver(store, sender, notification, text)
+    return await _deliver(store, sender, notification, text, redeliver_on_mail_outage)
 
 
 async def email_verified(store: Store, event: events_pb2.EmailVerified, meta: EventMeta) -> Outcome:
@@ -161,7 +160,12 @@ async def email_verified(store: Store, event: events_pb2.EmailVerified, meta: Ev
     return Outcome.APPLIED if applied else Outcome.STALE
 
 
-async def _deliver(store: Store, sender: Mailer, notification: Notification, text: str) -> Outcome:
+async def _deliver(store: Store, sender: Mailer, notification: Notification, text: str,
+                   redeliver_on_mail_outage: bool = False) -> Outcome:
+    """Send the notification once. When the mail server stays unreachable through the bounded
+    tries, the notification is recorded FAILED; with redeliver_on_mail_outage (the consumers)
+    the event is then not done either (MailUnavailable): it comes again after the consumer's
+    pause and is sent then, so an outage of the mail server loses nothing."""
     created, stored = await _storage(lambda: store.claim_notification(notification), "notification claim")
     context = {"notification_id": str(stored.notification_id), "event_id": stored.event_id,
                "customer_id": str(stored.customer_id), "kind": stored.kind}
@@ -186,20 +190,119 @@ async def _deliver(store: Store, sender: Mailer, notification: Notification, tex
         await sender.send(email)
 
     status = Status.SENT
+    outage = False
     try:
         await retry(attempt, what="email send", transient=(TransientMailError,), backoff=MAIL_BACKOFF)
     except (TransientMailError, PermanentMailError) as exc:
         status = Status.FAILED
+        outage = isinstance(exc, TransientMailError)
         log.error("email not delivered; recorded as FAILED",
                   extra=fields(**context, attempts=attempts, error=str(exc)))
     final = replace(stored, status=status, attempts=attempts)
     await _storage(lambda: store.set_notification_status(final.notification_id, status, attempts, _now()),
                    "notification status")
     await _storage(lambda: store.put_in_customer_log(final), "notification log")
+    if outage and redeliver_on_mail_outage:
+        raise MailUnavailable(f"mail server unavailable after {attempts} attempts")
     if status is Status.SENT:
         log.info("email sent", extra=fields(**context, attempts=attempts))
         return Outcome.SENT
     return Outcome.FAILED
+
+
+# --- money movements -----------------------------------------------------------------------
+
+# Digits after the decimal point per ISO 4217 currency (API.md: the supported ones).
+CURRENCY_DECIMALS = {"USD": 2, "EUR": 2, "GBP": 2, "JPY": 0}
+MAX_DESCRIPTION_LENGTH = 200
+
+
+def format_amount(amount: int, currency: str) -> str:
+    """Minor units as people read them: 1234 USD -> "12.34 USD", 1234 JPY -> "1234 JPY"."""
+    decimals = CURRENCY_DECIMALS.get(currency)
+    if decimals is None:
+        raise BadEvent(f"currency {currency!r} is not supported")
+    sign, units = ("-" if amount < 0 else ""), abs(amount)
+    if decimals == 0:
+        return f"{sign}{units} {currency}"
+    scale = 10 ** decimals
+    return f"{sign}{units // scale}.{units % scale:0{decimals}d} {currency}"
+
+
+@dataclass(frozen=True)
+class _Party:
+    customer_id: uuid.UUID
+    kind: Kind
+    subject: str
+    text: str
+
+
+def _parties(event: events_pb2.MoneyMoved) -> list[_Party]:
+    """Who is told what about a movement: both sides of a transfer, the owner of a deposit or
+    withdrawal (the cash side has no customer)."""
+    if event.amount <= 0:
+        raise BadEvent("amount is not positive")
+    amount = format_amount(event.amount, event.currency)
+    description = " ".join(event.description.split())[:MAX_DESCRIPTION_LENGTH]
+    about = f"Description: {description}\n" if description else ""
+    footer = f"Reference: {event.transfer_id}\n\nSimple Bank\n"
+    MoneyMoved = events_pb2.MoneyMoved
+    if event.kind == MoneyMoved.TRANSFER:
+        sent_after = format_amount(event.from_balance_after, event.currency)
+        received_after = format_amount(event.to_balance_after, event.currency)
+        return [
+            _Party(_customer_id(event.from_customer_id), Kind.TRANSFER_SENT, f"You sent {amount}",
+                   f"You sent {amount} from account {event.from_account_id} to account {event.to_account_id}.\n"
+                   f"{about}Balance after: {sent_after}\n{footer}"),
+            _Party(_customer_id(event.to_customer_id), Kind.TRANSFER_RECEIVED, f"You received {amount}",
+                   f"You received {amount} in account {event.to_account_id} from account {event.from_account_id}.\n"
+                   f"{about}Balance after: {received_after}\n{footer}"),
+        ]
+    if event.kind == MoneyMoved.DEPOSIT:
+        balance_after = format_amount(event.to_balance_after, event.currency)
+        return [_Party(_customer_id(event.to_customer_id), Kind.DEPOSIT, f"Deposit of {amount}",
+                       f"{amount} was deposited into account {event.to_account_id}.\n"
+                       f"{about}Balance after: {balance_after}\n{footer}")]
+    if event.kind == MoneyMoved.WITHDRAWAL:
+        balance_after = format_amount(event.from_balance_after, event.currency)
+        return [_Party(_customer_id(event.from_customer_id), Kind.WITHDRAWAL, f"Withdrawal of {amount}",
+                       f"{amount} was withdrawn from account {event.from_account_id}.\n"
+                       f"{about}Balance after: {balance_after}\n{footer}")]
+    raise BadEvent(f"unknown movement kind {event.kind}")
+
+
+# When one event yields several emails, the outcome reported is the most telling one.
+_OUTCOME_RANK = [Outcome.FAILED, Outcome.SENT, Outcome.DUPLICATE, Outcome.NO_CONTACT]
+
+
+async def money_moved(store: Store, sender: Mailer, event: events_pb2.MoneyMoved, meta: EventMeta, *,
+                      redeliver_on_mail_outage: bool = False) -> Outcome:
+    """Email each party of a movement, once each, at the address of svc_notify's own contacts
+    projection. A customer it has never heard of (no registration event) gets nothing."""
+    parties = _parties(event)
+    contacts = await _storage(lambda: store.get_contacts([p.customer_id for p in parties]), "customer_contacts read")
+
+    async def tell(party: _Party) -> Outcome:
+        contact = contacts.get(party.customer_id)
+        if contact is None:
+            log.debug("no contact for the customer; no email", extra=fields(
+                event_id=meta.event_id, customer_id=str(party.customer_id), kind=party.kind))
+            return Outcome.NO_CONTACT
+        notification = Notification(
+            notification_id=notification_id(meta.event_id, party.kind), event_id=meta.event_id,
+            customer_id=party.customer_id, kind=party.kind, channel=Channel.EMAIL, recipient=contact,
+            subject=party.subject, status=Status.PENDING, attempts=0, create_time=_now(),
+        )
+        return await _deliver(store, sender, notification, party.text, redeliver_on_mail_outage)
+
+    # Side by side, and each allowed to finish: cancelling a send half-way could deliver it
+    # without recording it, and the redelivery would send it again.
+    results = await asyncio.gather(*(tell(p) for p in parties), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    outcomes = [r for r in results if isinstance(r, Outcome)]
+    return min(outcomes, key=_OUTCOME_RANK.index)
 
 
 # --- ListNotifications --------------------------------------------------------------------

@@ -175,6 +175,13 @@ class Store:
             )
             return cursor.rowcount == 1
 
+    async def get_contacts(self, customer_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """The email address of each customer the projection knows, by customer id."""
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute("SELECT customer_id, email FROM customer_contacts WHERE customer_id = ANY(%s)",
+                                        (customer_ids,))
+            return {row[0]: row[1] for row in await cursor.fetchall()}
+
     # --- Cassandra: the notification log --------------------------------------------------
 
     async def claim_notification(self, notification: Notification) -> tuple[bool, Notification]:

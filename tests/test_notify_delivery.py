@@ -17,10 +17,11 @@ from bank.events.v1 import events_pb2
 
 from common import cassandra, db
 from common.config import Settings
+from common.consumer import EventMeta, StorageUnavailable
+from common.retry import Backoff
 from devstack.stack import Stack
 from svc_notify import service
 from svc_notify.mailer import Mailer
-from svc_notify.retry import Backoff
 from svc_notify.store import Store
 from tests.support import mailpit_messages, unique_email
 
@@ -43,11 +44,11 @@ def _closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _event(email: str) -> tuple[events_pb2.CustomerRegistered, service.EventMeta]:
+def _event(email: str) -> tuple[events_pb2.CustomerRegistered, EventMeta]:
     event = events_pb2.CustomerRegistered(event_id=str(uuid.uuid4()), customer_id=str(uuid.uuid4()), email=email,
                                           full_name="Grace Hopper", verification_code="777001")
     event.create_time.GetCurrentTime()
-    return event, service.EventMeta(event.event_id, datetime.now(UTC))
+    return event, EventMeta(event.event_id, datetime.now(UTC))
 
 
 async def _listed(store: Store, customer_id: str) -> list[tuple[str, int]]:
@@ -86,7 +87,7 @@ async def test_storage_not_ready_means_the_event_is_not_done(stack: Stack, setti
     pool = await db.open_pool(dataclasses.replace(settings, pg_pool_min=1, pg_pool_max=1), "notify")
     try:
         event, meta = _event(unique_email("notify-nostore"))
-        with pytest.raises(service.StorageUnavailable):
+        with pytest.raises(StorageUnavailable):
             await service.customer_registered(Store(settings, pool), Mailer(settings), event, meta)  # never started
     finally:
         await pool.close()

@@ -1,0 +1,331 @@
+"""The one Kafka consumer of outbox events, shared by every service that reacts to them.
+
+- A group consumer; offsets are committed by hand and only for records whose work is done, so a
+  crash or a rebalance redelivers, never skips (duplicates are the handlers' to drop, by
+  event_id or by an idempotent write).
+- Each poll takes a bounded batch; each partition of it is worked through in order (one key's
+  events stay in order), partitions side by side. A consumer whose handlers are order-free
+  (idempotent upserts of independent rows: the statements) may say `ordered=False`, and then
+  all records of a batch are worked on together.
+- Records are routed by their `event_type` header to a handler; a type without a route is not
+  this consumer's business and is committed past.
+- A record that can never be handled (bad bytes, a bad field: BadEvent), or whose handler
+  keeps raising an unexpected error after HANDLER_TRIES tries, goes to the dead-letter topic
+  "<topic>.dlq" with the error in a header (see common/dlq.py to list and replay), then is
+  committed past: one poisoned record never blocks its partition.
+- When storage is down after the handler's own bounded retries (StorageUnavailable), nothing
+  past that record is committed: its partition is rewound to it and the consumer pauses with a
+  bounded, growing backoff before polling again.
+- A batch has a deadline so the consumer polls often enough to stay in the group, whatever
+  the dependencies do (checked against the handlers' worst case at construction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from google.protobuf.message import DecodeError, Message
+from prometheus_client import Counter
+
+from common.config import Settings
+from common.events import dlq_topic
+from common.logging import fields, request_id_var
+from common.outbox import decode_headers, ensure_topics
+
+log = logging.getLogger("consumer")
+
+BATCH_MAX_RECORDS = 50
+BATCH_MAX_RECORDS_LIMIT = 1000  # also the most records an unordered consumer has in hand at once
+POLL_TIMEOUT_MS = 1000
+BATCH_DEADLINE_S = 30.0  # no new record of a batch is started after this; the rest is fetched again
+MAX_POLL_INTERVAL_MS = 600_000
+# How long a rebalance waits for a live member to rejoin (a dead one drops out after the session
+# timeout): a member rejoins at its next poll, so the same bound as the poll interval.
+REBALANCE_TIMEOUT_MS = MAX_POLL_INTERVAL_MS
+SESSION_TIMEOUT_MS = 10_000
+HEARTBEAT_INTERVAL_MS = 3_000
+REQUEST_TIMEOUT_MS = 30_000
+STOP_GRACE_S = 8.0  # the record in hand gets this long to finish on shutdown
+PAUSE_INITIAL_S = 0.5
+PAUSE_MAX_S = 30.0
+# An unexpected error (a bug, or an error nobody classified) gets this many tries, then the
+# record is dead-lettered rather than blocking its partition for ever.
+HANDLER_TRIES = 3
+HANDLER_RETRY_PAUSE_S = 0.5
+DLQ_SEND_TIMEOUT_S = 30.0
+DLQ_ERROR_MAX_CHARS = 1000
+
+# Headers a dead-lettered record carries besides its original ones.
+DLQ_HEADER_ERROR = "dlq_error"
+DLQ_HEADER_GROUP = "dlq_group"
+DLQ_HEADER_SOURCE = "dlq_source"  # "<topic>/<partition>/<offset>"
+DLQ_HEADER_TIME = "dlq_time"
+
+EVENTS = Counter("consumer_events_total", "Events consumed, by group, type and outcome",
+                 ["group", "event_type", "outcome"])
+
+
+class BadEvent(Exception):
+    """An event that can never be handled (missing id, malformed field): dead-lettered."""
+
+
+class StorageUnavailable(Exception):
+    """Storage still failing after the handler's bounded retries: the consumer must not commit
+    past this event, and tries it again later."""
+
+
+@dataclass(frozen=True)
+class EventMeta:
+    event_id: str
+    fallback_time: datetime  # when the event has no create_time: the Kafka record's time
+
+
+# A handler returns its outcome's name (a metrics label): "sent", "duplicate", "applied", ...
+Handler = Callable[[Message, EventMeta], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Route:
+    message_type: type[Message]
+    handler: Handler
+
+
+@dataclass(frozen=True)
+class _Progress:
+    partition: TopicPartition
+    commit_offset: int | None  # next offset to read, after the records done in this batch
+    rewind_offset: int | None  # where to read again (not done: storage down, deadline, stop)
+    storage_down: bool
+
+
+class EventConsumer:
+    """Started as a worker of the service: start() returns at once, the loop runs as a task."""
+
+    def __init__(self, settings: Settings, *, group_id: str, topics: Sequence[str],
+                 routes: Mapping[str, Route], event_worst_case_s: float, ordered: bool = True,
+                 batch_max_records: int = BATCH_MAX_RECORDS) -> None:
+        # A record started just before the deadline may still take the handlers' worst case; the
+        # poll after it must come before Kafka gives up on this member.
+        if BATCH_DEADLINE_S + event_worst_case_s >= MAX_POLL_INTERVAL_MS / 1000:
+            raise ValueError(f"{group_id}: handlers' worst case {event_worst_case_s}s exceeds the poll interval")
+        if not 1 <= batch_max_records <= BATCH_MAX_RECORDS_LIMIT:
+            raise ValueError(f"batch_max_records {batch_max_records} is out of range")
+        self._settings = settings
+        self._ordered = ordered
+        self._batch_max_records = batch_max_records
+        self._group_id = group_id
+        self._topics = list(topics)
+        self._routes = dict(routes)
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._dead_letters: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._group_id}-consumer")
+
+    async def stop(self) -> None:
+        """Finish the record in hand (bounded by STOP_GRACE_S), commit, leave the group."""
+        self._stopping.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("consumer did not stop in time; cancelling", extra=fields(grace_s=STOP_GRACE_S))
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up at once on stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _run(self) -> None:
+        pause_s = PAUSE_INITIAL_S
+        while not self._stopping.is_set():
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker down, or a bug: loud in the log, then again, bounded
+                log.error("consumer interrupted; restarting", exc_info=exc, extra=fields(retry_in_s=pause_s))
+                await self._pause(pause_s)
+                pause_s = min(PAUSE_MAX_S, pause_s * 2)
+            else:
+                pause_s = PAUSE_INITIAL_S
+        log.info("consumer stopped", extra=fields(group=self._group_id))
+
+    async def _consume(self) -> None:
+        await ensure_topics(self._settings)  # the same topics, settings and code as the outbox relay
+        consumer = AIOKafkaConsumer(
+            *self._topics,
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            group_id=self._group_id,
+            client_id=f"{self._group_id}-{os.getpid()}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",  # never act on an aborted transaction's records
+            max_poll_records=self._batch_max_records,
+            max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+            rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            request_timeout_ms=REQUEST_TIMEOUT_MS,
+        )
+        producer = AIOKafkaProducer(bootstrap_servers=self._settings.kafka_bootstrap, acks="all",
+                                    enable_idempotence=True, request_timeout_ms=int(DLQ_SEND_TIMEOUT_S * 1000))
+        await producer.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self._dead_letters = producer
+        log.info("consumer started", extra=fields(topics=self._topics, group=self._group_id))
+        pause_s = PAUSE_INITIAL_S
+        try:
+            while not self._stopping.is_set():
+                batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self._batch_max_records)
+                if not batch:
+                    continue
+                if await self._process(consumer, batch):
+                    log.warning("storage unavailable; pausing before reading again", extra=fields(pause_s=pause_s))
+                    await self._pause(pause_s)
+                    pause_s = min(PAUSE_MAX_S, pause_s * 2)
+                else:
+                    pause_s = PAUSE_INITIAL_S
+        finally:
+            self._dead_letters = None
+            try:
+                await consumer.stop()  # leaves the group: its partitions move on at once
+            finally:
+                await producer.stop()
+
+    async def _process(self, consumer: AIOKafkaConsumer,
+                       batch: dict[TopicPartition, list[ConsumerRecord]]) -> bool:
+        """Work through a batch; commit what is done, rewind what is not. True if storage was down."""
+        deadline = asyncio.get_running_loop().time() + BATCH_DEADLINE_S
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._drain(tp, records, deadline)) for tp, records in batch.items()]
+        progress = [task.result() for task in tasks]
+        offsets = {p.partition: p.commit_offset for p in progress if p.commit_offset is not None}
+        if offsets:
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as exc:
+                # The group rebalanced meanwhile: the new owner reads these again and drops duplicates.
+                log.warning("offset commit refused; records will be redelivered", extra=fields(error=str(exc)))
+        for p in progress:
+            if p.rewind_offset is not None:
+                with contextlib.suppress(IllegalStateError):  # no longer ours after a rebalance
+                    consumer.seek(p.partition, p.rewind_offset)
+        return any(p.storage_down for p in progress)
+
+    async def _drain(self, partition: TopicPartition, records: Sequence[ConsumerRecord], deadline: float) -> _Progress:
+        if not self._ordered:
+            return await self._drain_together(partition, records)
+        loop = asyncio.get_running_loop()
+        commit_offset: int | None = None
+        for record in records:
+            if self._stopping.is_set() or loop.time() > deadline:
+                return _Progress(partition, commit_offset, record.offset, storage_down=False)
+            try:
+                await self._handle(record)
+            except StorageUnavailable as exc:
+                log.warning("storage unavailable; event will be read again",
+                            extra=fields(topic=partition.topic, partition=partition.partition, offset=record.offset,
+                                         error=str(exc)))
+                return _Progress(partition, commit_offset, record.offset, storage_down=True)
+            commit_offset = record.offset + 1
+        return _Progress(partition, commit_offset, None, storage_down=False)
+
+    async def _drain_together(self, partition: TopicPartition, records: Sequence[ConsumerRecord]) -> _Progress:
+        """All records at once; done up to the first one that is not (the ones after it that
+        did finish are done again on redelivery, which order-free handlers allow)."""
+        if self._stopping.is_set():
+            return _Progress(partition, None, records[0].offset, storage_down=False)
+        results = await asyncio.gather(*(self._handle(r) for r in records), return_exceptions=True)
+        commit_offset: int | None = None
+        for record, result in zip(records, results, strict=True):
+            if isinstance(result, StorageUnavailable):
+                log.warning("storage unavailable; event will be read again",
+                            extra=fields(topic=partition.topic, partition=partition.partition, offset=record.offset,
+                                         error=str(result)))
+                return _Progress(partition, commit_offset, record.offset, storage_down=True)
+            if isinstance(result, BaseException):
+                raise result  # the broker refused a dead letter, or a bug: the consumer restarts
+            commit_offset = record.offset + 1
+        return _Progress(partition, commit_offset, None, storage_down=False)
+
+    async def _handle(self, record: ConsumerRecord) -> None:
+        headers = decode_headers(record.headers)
+        event_type = headers.get("event_type", "")
+        token = request_id_var.set(headers.get("request_id", "")[:128])
+        where = {"topic": record.topic, "partition": record.partition, "offset": record.offset,
+                 "event_type": event_type, "group": self._group_id}
+        try:
+            route = self._routes.get(event_type)
+            if route is None:
+                log.debug("event type not handled here; skipped", extra=fields(**where))
+                EVENTS.labels(self._group_id, event_type[:100] or "none", "ignored").inc()
+                return
+            try:
+                message = route.message_type.FromString(record.value or b"")
+            except DecodeError:
+                await self._dead_letter(record, f"value is not a valid {event_type}", where)
+                return
+            event_id = str(getattr(message, "event_id", "")) or headers.get("event_id", "")
+            if headers.get("event_id") and headers["event_id"] != event_id:
+                log.warning("event_id header differs from the event's; using the event's", extra=fields(**where))
+            if not event_id:
+                await self._dead_letter(record, "event has no event_id", where)
+                return
+            meta = EventMeta(event_id, datetime.fromtimestamp(record.timestamp / 1000, UTC))
+            for tries in range(1, HANDLER_TRIES + 1):
+                try:
+                    outcome = await route.handler(message, meta)
+                except (StorageUnavailable, asyncio.CancelledError):
+                    raise
+                except BadEvent as exc:
+                    await self._dead_letter(record, f"bad event: {exc}", where)
+                    return
+                except Exception as exc:  # unclassified: a bug or an odd dependency error
+                    if tries == HANDLER_TRIES:
+                        log.error("handler keeps failing", exc_info=exc, extra=fields(**where, event_id=event_id))
+                        await self._dead_letter(record, f"{type(exc).__name__}: {exc}", where)
+                        return
+                    log.warning("handler failed; trying again", exc_info=exc,
+                                extra=fields(**where, event_id=event_id, tries=tries))
+                    await asyncio.sleep(HANDLER_RETRY_PAUSE_S * tries)
+                else:
+                    EVENTS.labels(self._group_id, event_type, str(outcome)).inc()
+                    log.debug("event handled", extra=fields(**where, event_id=event_id, outcome=str(outcome)))
+                    return
+        finally:
+            request_id_var.reset(token)
+
+    async def _dead_letter(self, record: ConsumerRecord, error: str, where: dict[str, object]) -> None:
+        """Park the record on "<topic>.dlq" with the error; raises (nothing committed) if the
+        broker does not take it, so a poisoned record is never dropped silently."""
+        producer = self._dead_letters
+        assert producer is not None, "dead-lettering outside of a running consumer"
+        log.error("event cannot be handled; sent to the dead-letter topic", extra=fields(**where, error=error))
+        headers = [(key, value) for key, value in (record.headers or ()) if not key.startswith("dlq_")]
+        headers += [
+            (DLQ_HEADER_ERROR, error[:DLQ_ERROR_MAX_CHARS].encode()),
+            (DLQ_HEADER_GROUP, self._group_id.encode()),
+            (DLQ_HEADER_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+            (DLQ_HEADER_TIME, datetime.now(UTC).isoformat().encode()),
+        ]
+        sent = await producer.send(dlq_topic(record.topic), record.value, key=record.key, headers=headers)
+        await asyncio.wait_for(sent, DLQ_SEND_TIMEOUT_S)
+        EVENTS.labels(self._group_id, str(where.get("event_type") or "none")[:100], "dead_lettered").inc()

@@ -1,0 +1,148 @@
+"""What the tests of the asynchronous half share: real customers with accounts, money moved by
+REST through Envoy, statements (ListAccountActivity) and emails (Mailpit) waited for, and
+MoneyMoved events produced straight to Kafka as svc_transfer's relay does."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaProducer
+from bank.events.v1 import events_pb2
+
+from common.config import Settings
+from common.events import TRANSFER_TOPIC
+from common.outbox import ensure_topics
+from tests.support import Customer, login, mailpit_messages, onboard, rest
+
+T = TypeVar("T")
+TELLER_USERNAME = "teller"
+TELLER_PASSWORD = "teller-local-password"  # noqa: S105  # the local stack's documented default
+WAIT_S = 20.0
+
+
+@dataclass
+class Holder:
+    customer: Customer
+    account_id: str
+
+    @property
+    def token(self) -> str:
+        return self.customer.token
+
+    @property
+    def email(self) -> str:
+        return self.customer.email
+
+
+def teller_token(settings: Settings) -> str:
+    return str(login(settings, TELLER_USERNAME, TELLER_PASSWORD)["access_token"])
+
+
+def open_account(settings: Settings, customer: Customer, currency: str = "USD") -> str:
+    response = rest(settings, "POST", "/v1/accounts", {"currency": currency}, token=customer.token)
+    assert response.status == 200, response.body
+    return str(response.body["account_id"])
+
+
+def holder(settings: Settings, currency: str = "USD") -> Holder:
+    """A verified customer with a session and one account."""
+    customer = onboard(settings)
+    return Holder(customer, open_account(settings, customer, currency))
+
+
+def deposit(settings: Settings, teller: str, account_id: str, amount: int, currency: str = "USD") -> dict[str, Any]:
+    response = rest(settings, "POST", "/v1/deposits", {"request_id": uuid.uuid4().hex, "account_id": account_id,
+                                                       "amount": amount, "currency": currency}, token=teller)
+    assert response.status == 200, response.body
+    return dict(response.body)
+
+
+def withdraw(settings: Settings, teller: str, account_id: str, amount: int, currency: str = "USD") -> dict[str, Any]:
+    response = rest(settings, "POST", "/v1/withdrawals", {"request_id": uuid.uuid4().hex, "account_id": account_id,
+                                                          "amount": amount, "currency": currency}, token=teller)
+    assert response.status == 200, response.body
+    return dict(response.body)
+
+
+def transfer(settings: Settings, source: Holder, target: Holder, amount: int, currency: str = "USD",
+             description: str = "") -> dict[str, Any]:
+    response = rest(settings, "POST", "/v1/transfers", {
+        "request_id": uuid.uuid4().hex, "from_account_id": source.account_id, "to_account_id": target.account_id,
+        "amount": amount, "currency": currency, "description": description}, token=source.token)
+    assert response.status == 200, response.body
+    return dict(response.body)
+
+
+def activity_page(settings: Settings, token: str, account_id: str, page_size: int = 0, page_token: str = "") -> Any:
+    query = f"?page_size={page_size}" + (f"&page_token={page_token}" if page_token else "")
+    return rest(settings, "GET", f"/v1/accounts/{account_id}/activity{query}", token=token)
+
+
+def statement(settings: Settings, token: str, account_id: str,
+              unavailable_ok: bool = False) -> list[dict[str, Any]] | None:
+    """Every line of the account's statement, newest first, page by page; None when the history
+    store answers UNAVAILABLE (503) and unavailable_ok (it is coming back after a restart)."""
+    lines: list[dict[str, Any]] = []
+    page_token = ""
+    for _ in range(100):
+        response = activity_page(settings, token, account_id, 500, page_token)
+        if unavailable_ok and response.status == 503:
+            return None
+        assert response.status == 200, response.body
+        lines += response.body.get("activities", [])
+        page_token = response.body.get("next_page_token", "")
+        if not page_token:
+            return lines
+    raise AssertionError("more than 100 pages")
+
+
+def until(probe: Callable[[], T | None], what: str, timeout_s: float = WAIT_S, interval_s: float = 0.1) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = probe()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s}s")
+        time.sleep(interval_s)
+
+
+def statement_with(settings: Settings, token: str, account_id: str, count: int,
+                   timeout_s: float = WAIT_S) -> list[dict[str, Any]]:
+    def probe() -> list[dict[str, Any]] | None:
+        lines = statement(settings, token, account_id)
+        assert lines is not None
+        assert len(lines) <= count, f"more statement lines than expected: {lines}"
+        return lines if len(lines) == count else None
+    return until(probe, f"{count} statement lines of {account_id}", timeout_s)
+
+
+def mails(settings: Settings, email: str) -> list[dict[str, Any]]:
+    return mailpit_messages(settings, f'to:"{email}"')
+
+
+def mails_with(settings: Settings, email: str, count: int, timeout_s: float = WAIT_S) -> list[dict[str, Any]]:
+    def probe() -> list[dict[str, Any]] | None:
+        found = mails(settings, email)
+        assert len(found) <= count, f"more emails than expected: {[m['Subject'] for m in found]}"
+        return found if len(found) == count else None
+    return until(probe, f"{count} emails to {email}", timeout_s, interval_s=0.2)
+
+
+async def produce_money_moved(settings: Settings, *events: events_pb2.MoneyMoved) -> None:
+    """Publish events as svc_transfer's relay does: keyed by transfer id, with its headers."""
+    await ensure_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for event in events:
+            headers = [("event_type", event.DESCRIPTOR.full_name.encode()), ("event_id", event.event_id.encode())]
+            await producer.send_and_wait(TRANSFER_TOPIC, event.SerializeToString(), key=event.transfer_id.encode(),
+                                         headers=headers)
+    finally:
+        await producer.stop()
+
