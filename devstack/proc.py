@@ -21,13 +21,21 @@ class PidRecord:
     start_ticks: int
 
 
-def _start_ticks(pid: int) -> int | None:
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process, from /proc."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Field 22 (starttime) follows the command name, which may itself contain spaces.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    # The fields after the command name (which may itself contain spaces and parentheses):
+    # state is field 3, starttime field 22.
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[19])
+
+
+def _start_ticks(pid: int) -> int | None:
+    stat = _stat(pid)
+    return stat[1] if stat else None
 
 
 def write_pidfile(path: Path, pid: int) -> None:
@@ -47,7 +55,18 @@ def read_pidfile(path: Path) -> PidRecord | None:
 
 
 def alive(record: PidRecord | None) -> bool:
-    return record is not None and _start_ticks(record.pid) == record.start_ticks
+    """The recorded process still runs. A zombie does not: it died, and its parent (a
+    long-lived launcher, such as the test session that started the stack) has not reaped it
+    yet; reap it if it is ours."""
+    if record is None:
+        return False
+    stat = _stat(record.pid)
+    if stat is None or stat[1] != record.start_ticks:
+        return False
+    if stat[0] == "Z":
+        _reap(record.pid)
+        return False
+    return True
 
 
 def spawn(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:

@@ -61,3 +61,16 @@ def test_bad_setting_names_the_variable() -> None:
     with pytest.raises(ValueError, match="BANK_PG_PORT"):
         config.load({"BANK_PG_PORT": "not-a-port"})
     assert config.load({"BANK_PG_PORT": "6543"}).pg_port == 6543
+
+
+def test_a_killed_child_that_is_not_reaped_yet_counts_as_dead(tmp_path: Path) -> None:
+    """The launcher's own child, killed: until reaped it is a zombie with the same start time."""
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    proc.write_pidfile(tmp_path / "c.pid", child.pid)
+    record = proc.read_pidfile(tmp_path / "c.pid")
+    assert record is not None and proc.alive(record)
+    child.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child.pid}/stat").read_text().split(") ", 1)[1][0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait until the kernel made it a zombie (not reaped: we never wait())
+    assert not proc.alive(record)
