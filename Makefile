@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: help venv gen check lint test up down run status logs tools bench bench-customers bench-transfer bench-events bench-rpcs
+.PHONY: help venv gen check lint test test-faults up down run status logs tools bench bench-customers bench-transfer bench-events bench-rpcs
 
 help:
 	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
@@ -42,6 +42,11 @@ lint: $(READY)
 
 test: $(READY) lint
 	$(PY) -m pytest
+
+# Fault tests (SIGKILL and restart of Kafka, Cassandra, svc_notify, the outbox relay; Mailpit
+# down 30 s) against the stack `make up` started: about 3 minutes.
+test-faults: $(READY) up
+	BANK_FAULT_TESTS=1 $(PY) -m pytest -q tests/test_events_faults.py
 
 up: $(READY)
 	$(PY) -m devstack up
