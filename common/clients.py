@@ -7,10 +7,9 @@ from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 import grpc
-from google.rpc import status_pb2
 
 from common import auth
-from common.errors import DomainError, error_info
+from common.errors import DomainError, error_info, status_of
 from common.logging import request_id_var
 
 T = TypeVar("T")
@@ -43,10 +42,8 @@ async def call(rpc: Awaitable[T]) -> T:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise DomainError(grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE",
                               "a service the bank depends on is unavailable; retry") from exc
-        info = None
-        for key, value in exc.trailing_metadata() or ():
-            if key == "grpc-status-details-bin" and isinstance(value, bytes):
-                info = error_info(status_pb2.Status.FromString(value))
+        status = status_of(exc)
+        info = error_info(status) if status is not None else None
         if info is None:
             raise DomainError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the request id is in the logs") from exc
         raise DomainError(code, info.reason, exc.details() or info.reason, dict(info.metadata)) from exc

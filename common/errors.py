@@ -57,6 +57,21 @@ def internal() -> DomainError:
     return DomainError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the request id is in the logs")
 
 
+def status_of(error: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status a failed call carried in its trailers, if any."""
+    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def reason_of(error: grpc.RpcError) -> str | None:
+    """The ErrorInfo reason of a failed call, if any."""
+    status = status_of(error)
+    info = error_info(status) if status is not None else None
+    return info.reason if info is not None else None
+
+
 def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
     """The ErrorInfo detail of a google.rpc.Status, if any (used by clients and tests)."""
     for detail in status.details:

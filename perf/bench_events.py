@@ -17,15 +17,13 @@ import statistics
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from typing import Any
 
 from common import config
 from common.config import REPO_ROOT
 from tests.events_support import Holder, deposit, holder, teller_token
-from tests.support import rest
+from tests.support import mail_count, rest
 
 RESULTS = REPO_ROOT / "perf" / "results"
 POLL_S = 0.005
@@ -46,13 +44,6 @@ def _newest_line(settings: config.Settings, person: Holder) -> str:
     response = rest(settings, "GET", f"/v1/accounts/{person.account_id}/activity?page_size=1", token=person.token)
     lines = response.body.get("activities", []) if response.status == 200 else []
     return str(lines[0]["transfer_id"]) if lines else ""
-
-
-def _mail_count(settings: config.Settings, email: str) -> int:
-    query = urllib.parse.quote(f'to:"{email}"')
-    url = f"http://127.0.0.1:{settings.mailpit_http_port}/api/v1/search?query={query}&limit=1"
-    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310  # loopback Mailpit
-        return int(json.load(resp)["messages_count"])
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -116,14 +107,14 @@ def main() -> int:
     with Background(settings, (load_a, load_b), args.background_rate) as background:
         started = time.perf_counter()
         for _ in range(args.samples):
-            mails_before = _mail_count(settings, receiver.email)
+            mails_before = mail_count(settings, receiver.email)
             transfer_id = _transfer(settings, sender, receiver, 1)
             committed = time.perf_counter()
             line_at = mail_at = None
             while (line_at is None or mail_at is None) and time.perf_counter() - committed < SAMPLE_TIMEOUT_S:
                 if line_at is None and _newest_line(settings, receiver) == transfer_id:
                     line_at = time.perf_counter()
-                if mail_at is None and _mail_count(settings, receiver.email) > mails_before:
+                if mail_at is None and mail_count(settings, receiver.email) > mails_before:
                     mail_at = time.perf_counter()
                 time.sleep(POLL_S)
             if line_at is None:

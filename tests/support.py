@@ -64,6 +64,14 @@ def mailpit_messages(settings: Settings, query: str) -> list[dict[str, Any]]:
         return list(json.load(resp)["messages"])
 
 
+def mail_count(settings: Settings, email: str) -> int:
+    """How many emails Mailpit holds for this address."""
+    query = urllib.parse.quote(f'to:"{email}"')
+    url = f"http://127.0.0.1:{settings.mailpit_http_port}/api/v1/search?query={query}&limit=1"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return int(json.load(resp)["messages_count"])
+
+
 def mailpit_text(settings: Settings, message_id: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{settings.mailpit_http_port}/api/v1/message/{message_id}",
                                 timeout=5) as resp:

@@ -7,14 +7,11 @@ party, and the balances add up. Each test leaves the whole stack up for the test
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,7 +22,7 @@ from common.config import Settings
 from devstack import proc
 from devstack.stack import Stack
 from tests.events_support import Holder, deposit, holder, statement, teller_token, until
-from tests.support import rest
+from tests.support import mail_count, rest
 
 # Run with `make test-faults` (against a stack that `make up` started). Not part of `make test`
 # yet: in a fresh clone, where the test session itself is the parent of every component, a run
@@ -116,13 +113,6 @@ def _ledger(settings: Settings, person: Holder) -> list[dict[str, Any]]:
     raise AssertionError("more than 100 pages of transfers")
 
 
-def _mail_count(settings: Settings, email: str) -> int:
-    query = urllib.parse.quote(f'to:"{email}"')
-    url = f"http://127.0.0.1:{settings.mailpit_http_port}/api/v1/search?query={query}&limit=1"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return int(json.load(resp)["messages_count"])
-
-
 def _balance(settings: Settings, person: Holder) -> int:
     response = rest(settings, "GET", f"/v1/accounts/{person.account_id}", token=person.token)
     assert response.status == 200, response.body
@@ -152,7 +142,7 @@ def _check_converged(settings: Settings, people: list[Holder]) -> None:
         expected_mails = 1 + len(movements)  # the verification email, then one per movement
 
         def mails_done(person: Holder = person, expected: int = expected_mails) -> int | None:
-            count = _mail_count(settings, person.email)
+            count = mail_count(settings, person.email)
             assert count <= expected, f"{person.email}: {count} emails for {expected} expected: a duplicate"
             return count if count == expected else None
 

@@ -22,10 +22,9 @@ from bank.auth.v1 import auth_pb2, auth_pb2_grpc
 from bank.customer.v1 import customer_pb2, customer_pb2_grpc
 from bank.notify.v1 import notify_pb2, notify_pb2_grpc
 from bank.transfer.v1 import ledger_pb2, ledger_pb2_grpc, transfer_pb2, transfer_pb2_grpc
-from google.rpc import status_pb2
 
 from common.config import Settings
-from common.errors import error_info
+from common.errors import error_info, status_of
 from devstack.stack import Stack
 from tests.support import ERROR_INFO_TYPE, rest
 
@@ -48,13 +47,6 @@ def test_rest_reaches_every_public_service(stack: Stack, settings: Settings, met
     assert response.headers.get("content-type", "").startswith("application/json")
     [info] = [d for d in response.body["details"] if d["@type"] == ERROR_INFO_TYPE]
     assert info["reason"] == reason and info["domain"] == "simplebank"
-
-
-def _status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            return status_pb2.Status.FromString(value)  # type: ignore[arg-type]
-    return None
 
 
 async def _call_each_public_service(channel: grpc.aio.Channel) -> dict[str, grpc.aio.AioRpcError]:
@@ -83,7 +75,7 @@ async def test_grpc_through_envoy_reaches_every_public_service(stack: Stack, set
         errors = await _call_each_public_service(channel)
     for name, error in errors.items():
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, name
-        status = _status_of(error)
+        status = status_of(error)
         assert status is not None, f"{name}: no google.rpc.Status details came back through Envoy"
         info = error_info(status)
         assert info is not None and info.reason == "UNAUTHENTICATED" and info.domain == "simplebank", name
@@ -97,7 +89,7 @@ async def test_internal_services_are_not_routed_by_envoy(stack: Stack, settings:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await ledger_pb2_grpc.LedgerServiceStub(direct).OpenLedgerAccount(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    direct_status = _status_of(caught.value)
+    direct_status = status_of(caught.value)
     assert direct_status is not None
     direct_info = error_info(direct_status)
     assert direct_info is not None and direct_info.reason == "SERVICE_ONLY"
@@ -106,7 +98,7 @@ async def test_internal_services_are_not_routed_by_envoy(stack: Stack, settings:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await ledger_pb2_grpc.LedgerServiceStub(gateway).OpenLedgerAccount(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert _status_of(caught.value) is None
+    assert status_of(caught.value) is None
     # Neither reflection nor health is public.
     assert rest(settings, "POST", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", {}).status == 404
     assert rest(settings, "POST", "/grpc.health.v1.Health/Check", {}).status == 404

@@ -14,8 +14,9 @@ import pytest
 from bank.transfer.v1 import ledger_pb2
 
 from common.config import Settings
+from common.errors import reason_of
 from devstack.stack import Stack
-from tests.test_transfer_support import Account, Bank, reason_of
+from tests.test_transfer_support import Account, Bank
 
 LedgerAccount = ledger_pb2.LedgerAccount
 

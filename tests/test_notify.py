@@ -17,11 +17,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from bank.events.v1 import events_pb2
 from bank.notify.v1 import notify_pb2, notify_pb2_grpc
-from google.rpc import status_pb2
 
 from common import auth
 from common.config import Settings
-from common.errors import error_info
+from common.errors import reason_of
 from common.events import CUSTOMER_TOPIC, TOPICS
 from devstack.stack import Stack
 from tests.support import mailpit_messages, mailpit_text, unique_email
@@ -115,14 +114,6 @@ async def _sent(stub: notify_pb2_grpc.NotificationServiceStub, token: str, count
         found = list((await _list(stub, token, page_size=500)).notifications)
         return found if len(found) == count and all(n.status == Notification.SENT for n in found) else None
     return await _until(probe, f"{count} SENT notifications")
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str | None:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            info = error_info(status_pb2.Status.FromString(value))
-            return info.reason if info else None
-    return None
 
 
 # --- tests ----------------------------------------------------------------------------------
@@ -260,4 +251,4 @@ async def test_bad_paging_input_is_invalid_argument(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _list(notify, tokens.customer(str(uuid.uuid4())), page_size=page_size, page_token=page_token)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(caught.value) == reason
+    assert reason_of(caught.value) == reason

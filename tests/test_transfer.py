@@ -16,9 +16,10 @@ from bank.events.v1 import events_pb2
 from bank.transfer.v1 import ledger_pb2, transfer_pb2
 
 from common.config import Settings
+from common.errors import reason_of
 from devstack.stack import Stack
 from tests.support import rest
-from tests.test_transfer_support import Account, Bank, new_request_id, reason_of, sql
+from tests.test_transfer_support import Account, Bank, new_request_id, sql
 
 INT64_MAX = 2**63 - 1
 Transfer = transfer_pb2.Transfer

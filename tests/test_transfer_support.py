@@ -12,11 +12,9 @@ from typing import Any
 import grpc
 import psycopg
 from bank.transfer.v1 import ledger_pb2, ledger_pb2_grpc, transfer_pb2, transfer_pb2_grpc
-from google.rpc import status_pb2
 
 from common.auth import test_tokens
 from common.config import Settings
-from common.errors import error_info
 
 Metadata = list[tuple[str, str]]
 TIMEOUT_S = 10.0
@@ -26,18 +24,6 @@ def new_request_id() -> str:
     return f"r-{uuid.uuid4().hex}"
 
 
-def status_of(error: grpc.RpcError) -> status_pb2.Status | None:
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
-        if key == "grpc-status-details-bin":
-            return status_pb2.Status.FromString(value)
-    return None
-
-
-def reason_of(error: grpc.RpcError) -> str | None:
-    """The stable reason of a refused call (ErrorInfo in google.rpc.Status)."""
-    status = status_of(error)
-    info = error_info(status) if status is not None else None
-    return info.reason if info is not None else None
 
 
 @dataclass(frozen=True)
