@@ -21,6 +21,7 @@ from common.auth import Access
 from common.grpcutil import service_name
 from common.outbox import OutboxNudge, OutboxRelay
 from svc_transfer import service
+from svc_transfer.batching import MovementBatcher
 from svc_transfer.store import LedgerAccount, Transfer
 
 _TRANSFER_SERVICE = "/bank.transfer.v1.TransferService/"
@@ -65,14 +66,15 @@ def account_message(account: LedgerAccount) -> ledger_pb2.LedgerAccount:
 
 
 class TransferService(transfer_pb2_grpc.TransferServiceServicer):
-    def __init__(self, pool: AsyncConnectionPool, nudge: OutboxNudge) -> None:
+    def __init__(self, pool: AsyncConnectionPool, ledger: MovementBatcher, nudge: OutboxNudge) -> None:
         self._pool = pool
+        self._ledger = ledger
         self._nudge = nudge
 
     async def CreateTransfer(self, request: transfer_pb2.CreateTransferRequest,
                              context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
         transfer = await service.create_transfer(
-            self._pool, auth.current(), request_id=request.request_id, from_account_id=request.from_account_id,
+            self._ledger, auth.current(), request_id=request.request_id, from_account_id=request.from_account_id,
             to_account_id=request.to_account_id, amount=request.amount, currency=request.currency,
             description=request.description, on_commit=self._nudge)
         return transfer_message(transfer)
@@ -92,7 +94,7 @@ class TransferService(transfer_pb2_grpc.TransferServiceServicer):
     async def CreateDeposit(self, request: transfer_pb2.CreateDepositRequest,
                             context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
         transfer = await service.create_deposit(
-            self._pool, auth.current(), request_id=request.request_id, account_id=request.account_id,
+            self._ledger, auth.current(), request_id=request.request_id, account_id=request.account_id,
             amount=request.amount, currency=request.currency, description=request.description,
             on_commit=self._nudge)
         return transfer_message(transfer)
@@ -100,7 +102,7 @@ class TransferService(transfer_pb2_grpc.TransferServiceServicer):
     async def CreateWithdrawal(self, request: transfer_pb2.CreateWithdrawalRequest,
                                context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
         transfer = await service.create_withdrawal(
-            self._pool, auth.current(), request_id=request.request_id, account_id=request.account_id,
+            self._ledger, auth.current(), request_id=request.request_id, account_id=request.account_id,
             amount=request.amount, currency=request.currency, description=request.description,
             on_commit=self._nudge)
         return transfer_message(transfer)
@@ -131,7 +133,11 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
 
 def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[str]:
     nudge = OutboxNudge(resources.pool, SPEC.name)
-    transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(resources.pool, nudge), grpc_server)
+    # Movements go to Postgres in batches (group commit, batching.py); stopped after the gRPC
+    # server, so the movements of in-flight RPCs are still applied during a graceful stop.
+    ledger = MovementBatcher(resources.pool)
+    resources.workers.append(ledger)
+    transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(resources.pool, ledger, nudge), grpc_server)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(resources.pool), grpc_server)
     # Publishes the MoneyMoved events that movements write to transfer.outbox (one active relay
     # per schema, whatever the number of processes).

@@ -24,6 +24,7 @@ from common.errors import DomainError
 from common.ids import parse_uuid
 from common.logging import request_id_var
 from svc_transfer import store
+from svc_transfer.batching import MovementBatcher
 from svc_transfer.store import LedgerAccount, Transfer
 
 REQUEST_ID_LENGTH_MAX = 64
@@ -129,15 +130,15 @@ def _nothing() -> None:
     pass
 
 
-async def _move(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, kind: str, owner_id: str | None,
+async def _move(ledger: MovementBatcher, caller: Caller, *, request_id: str, kind: str, owner_id: str | None,
                 from_account_id: str | None, to_account_id: str | None, amount: int, currency: str,
                 description: str, on_commit: Callable[[], None]) -> Transfer:
     with _busy_is_unavailable():
-        movement = await store.move_money(
-            pool, initiator=initiator(caller), request_id=request_id, kind=kind, owner_id=owner_id,
+        movement = await ledger.move(store.MovementRequest(
+            initiator=initiator(caller), request_id=request_id, kind=kind, owner_id=owner_id,
             from_account_id=from_account_id, to_account_id=to_account_id, amount=amount, currency=currency,
             description=description, trace_id=request_id_var.get(),
-        )
+        ))
     label = currency if currency in METRIC_CURRENCIES else "OTHER"
     if movement.error is not None:
         MOVEMENTS.labels(kind, label, movement.error).inc()
@@ -152,7 +153,7 @@ async def _move(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, k
     return public(movement.transfer)
 
 
-async def create_transfer(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, from_account_id: str,
+async def create_transfer(ledger: MovementBatcher, caller: Caller, *, request_id: str, from_account_id: str,
                           to_account_id: str, amount: int, currency: str, description: str,
                           on_commit: Callable[[], None] = _nothing) -> Transfer:
     """Moves amount from one of the caller's accounts to any other customer account."""
@@ -163,28 +164,28 @@ async def create_transfer(pool: AsyncConnectionPool, caller: Caller, *, request_
     owner = _customer_id(caller)
     if owner is None:  # a teller owns no account to move money out of
         raise refused("ACCOUNT_NOT_FOUND")
-    return await _move(pool, caller, request_id=request_id, kind="TRANSFER", owner_id=owner,
+    return await _move(ledger, caller, request_id=request_id, kind="TRANSFER", owner_id=owner,
                        from_account_id=source, to_account_id=target, amount=amount, currency=currency,
                        description=description, on_commit=on_commit)
 
 
-async def create_deposit(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, account_id: str, amount: int,
+async def create_deposit(ledger: MovementBatcher, caller: Caller, *, request_id: str, account_id: str, amount: int,
                          currency: str, description: str, on_commit: Callable[[], None] = _nothing) -> Transfer:
     """Cash into any customer account, from the currency's cash account. Tellers only (the interceptor checks)."""
     assert caller.role is Role.TELLER
     _check_movement_input(request_id, amount, currency, description)
-    return await _move(pool, caller, request_id=request_id, kind="DEPOSIT", owner_id=None, from_account_id=None,
+    return await _move(ledger, caller, request_id=request_id, kind="DEPOSIT", owner_id=None, from_account_id=None,
                        to_account_id=_account_id(account_id), amount=amount, currency=currency,
                        description=description, on_commit=on_commit)
 
 
-async def create_withdrawal(pool: AsyncConnectionPool, caller: Caller, *, request_id: str, account_id: str,
+async def create_withdrawal(ledger: MovementBatcher, caller: Caller, *, request_id: str, account_id: str,
                             amount: int, currency: str, description: str,
                             on_commit: Callable[[], None] = _nothing) -> Transfer:
     """Cash out of any customer account, into the currency's cash account. Tellers only."""
     assert caller.role is Role.TELLER
     _check_movement_input(request_id, amount, currency, description)
-    return await _move(pool, caller, request_id=request_id, kind="WITHDRAWAL", owner_id=None,
+    return await _move(ledger, caller, request_id=request_id, kind="WITHDRAWAL", owner_id=None,
                        from_account_id=_account_id(account_id), to_account_id=None, amount=amount,
                        currency=currency, description=description, on_commit=on_commit)
 

@@ -1,6 +1,7 @@
 """The only SQL of svc_transfer. Returns plain values.
 
-Every write is one call of a function of migrations/0002_ledger_functions.sql, sent in ONE round
+Every write is one call of a function of migrations/ (movements: move_money_batch, many movements
+of any callers in one transaction; see batching.py), sent in ONE round
 trip together with its statement_timeout: `SET LOCAL statement_timeout = …; SELECT f(…)` as a
 single simple-protocol query in autocommit mode, which Postgres runs as one implicit
 transaction (a statement_timeout set inside the function would not apply to the running
@@ -98,29 +99,37 @@ def _account(row: Sequence[Any]) -> LedgerAccount:
     return LedgerAccount(str(account_id), str(customer_id), currency, status, balance, create_time)
 
 
-async def move_money(
-    pool: AsyncConnectionPool,
-    *,
-    initiator: str,
-    request_id: str,
-    kind: str,
-    owner_id: str | None,
-    from_account_id: str | None,
-    to_account_id: str | None,
-    amount: int,
-    currency: str,
-    description: str,
-    trace_id: str,
-) -> Movement:
+@dataclass(frozen=True)
+class MovementRequest:
+    """One movement for move_money (0002): a TRANSFER, a DEPOSIT (no from account) or a WITHDRAWAL (no to account)."""
+    initiator: str
+    request_id: str
+    kind: str
+    owner_id: str | None
+    from_account_id: str | None
+    to_account_id: str | None
+    amount: int
+    currency: str
+    description: str
+    trace_id: str
+
+
+async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[MovementRequest]) -> list[Movement]:
+    """The movements in one transaction and one round trip (migrations/0003), one result each, in order."""
+    columns = list(zip(*((r.initiator, r.request_id, r.kind, r.owner_id, r.from_account_id, r.to_account_id,
+                          r.amount, r.currency, r.description, r.trace_id) for r in requests), strict=True))
     rows = await _fetch(
         pool,
-        "SELECT * FROM move_money(%s, %s, %s, %s::uuid, %s::uuid, %s::uuid, %s::bigint, %s, %s, %s)",
-        (initiator, request_id, kind, owner_id, from_account_id, to_account_id, amount, currency, description, trace_id),
+        "SELECT ordinal, (result).* FROM move_money_batch(%s::text[], %s::text[], %s::text[], %s::uuid[],"
+        " %s::uuid[], %s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::text[])",
+        [list(column) for column in columns],
     )
-    [(error, replayed, *transfer)] = rows
-    if error is not None:
-        return Movement(error, False, None)
-    return Movement(None, bool(replayed), _transfer(transfer))
+    assert [row[0] for row in rows] == list(range(1, len(requests) + 1)), "a movement without its result"
+    movements = []
+    for _, error, replayed, *transfer in rows:
+        movements.append(Movement(error, False, None) if error is not None
+                         else Movement(None, bool(replayed), _transfer(transfer)))
+    return movements
 
 
 async def open_ledger_account(pool: AsyncConnectionPool, account_id: str, customer_id: str, currency: str) -> AccountChange:

@@ -1,0 +1,93 @@
+"""Group commit for the ledger: the movements that arrive together go to Postgres as one batch.
+
+Each movement request waits in a queue; a few batch loops take whatever is waiting (up to
+BATCH_SIZE_MAX) and apply it with one call of move_money_batch (migrations/0003): one round
+trip, one transaction, one WAL flush, and each account's lock taken once per batch instead of
+once per movement. Nothing waits for a batch to fill: a loop that finds one movement sends one,
+so a quiet ledger answers as fast as before, and a busy one sends bigger batches by itself
+(while BATCHES_IN_FLIGHT_MAX batches run, the queue grows, and the next batch takes it all).
+
+Every movement still gets its own result or refusal. An operating error of the batch (lock or
+statement timeout, no connection) fails every movement in it with LedgerBusy: nothing of the
+batch was written, and each caller may retry with its request_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from prometheus_client import Histogram
+from psycopg_pool import AsyncConnectionPool
+
+from common import logging as bank_logging
+from svc_transfer import store
+from svc_transfer.store import Movement, MovementRequest
+
+log = logging.getLogger(__name__)
+
+# A batch holds its accounts' locks until its last movement is applied (~100 µs each in
+# Postgres): 64 keep that window under about 10 ms. move_money_batch refuses more than 256.
+BATCH_SIZE_MAX = 64
+# Batches of one process in Postgres at once. Two keep one batch being applied while the next
+# one travels; more only queue on the same hot rows and on Postgres' two cores.
+BATCHES_IN_FLIGHT_MAX = 2
+# Movements waiting beyond this are refused at once (LEDGER_BUSY) instead of queueing without bound.
+QUEUE_LENGTH_MAX = 4096
+
+BATCH_SIZE = Histogram("ledger_batch_size", "Movements per move_money_batch call",
+                       buckets=(1, 2, 4, 8, 16, 32, 64))
+
+
+class MovementBatcher:
+    """Applies movements in batches; `move` is what a use case awaits for one movement."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+        self._waiting: deque[tuple[MovementRequest, asyncio.Future[Movement]]] = deque()
+        self._arrived = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def move(self, request: MovementRequest) -> Movement:
+        if len(self._waiting) >= QUEUE_LENGTH_MAX or self._stopping:
+            raise store.LedgerBusy(f"{len(self._waiting)} movements waiting")
+        future: asyncio.Future[Movement] = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        self._arrived.set()
+        # A cancelled caller (deadline, disconnect) leaves its movement in the batch: it may move
+        # money all the same, exactly as a lost response would; a retry with its request_id tells.
+        return await asyncio.shield(future)
+
+    async def start(self) -> None:
+        self._loops = [asyncio.create_task(self._run(), name=f"ledger-batch-{i}") for i in range(BATCHES_IN_FLIGHT_MAX)]
+
+    async def stop(self) -> None:
+        """After the gRPC server stopped: apply what still waits, then end the loops."""
+        self._stopping = True
+        self._arrived.set()
+        await asyncio.gather(*self._loops)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._waiting:
+                if self._stopping:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            batch = [self._waiting.popleft() for _ in range(min(BATCH_SIZE_MAX, len(self._waiting)))]
+            BATCH_SIZE.observe(len(batch))
+            try:
+                movements = await store.move_money_batch(self._pool, [request for request, _ in batch])
+            except Exception as exc:  # every caller of the batch gets the error; the loop goes on
+                if not isinstance(exc, store.LedgerBusy):
+                    log.exception("move_money_batch failed", extra=bank_logging.fields(batch_size=len(batch)))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), movement in zip(batch, movements, strict=True):
+                if not future.done():
+                    future.set_result(movement)

@@ -1,0 +1,115 @@
+"""Group commit (svc_transfer/batching.py, migrations/0003): movements applied many to a
+transaction must each get exactly the result they would get alone, in arrival order, and an
+operating error of a batch must write nothing of it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from common import db
+from common.config import Settings
+from common.errors import reason_of
+from devstack.stack import Stack
+from svc_transfer import store
+from svc_transfer.store import MovementRequest
+from tests.test_transfer_support import Account, Bank, new_request_id
+
+
+@pytest.fixture(scope="module")
+async def bank(stack: Stack, settings: Settings) -> AsyncIterator[Bank]:
+    # The first process's own port: every call of this module reaches one batcher.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.private_grpc_port('transfer', 0)}") as channel:
+        yield Bank(settings, channel)
+
+
+@pytest.fixture
+async def pool(stack: Stack, settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
+    pool = await db.open_pool(settings, "transfer")
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def transfer(source: Account, target: Account, amount: int, request_id: str | None = None) -> MovementRequest:
+    return MovementRequest(f"customer:{source.customer_id}", request_id or new_request_id(), "TRANSFER",
+                           source.customer_id, source.account_id, target.account_id, amount, source.currency, "", "")
+
+
+def deposit(target: Account, amount: int) -> MovementRequest:
+    return MovementRequest("teller:tests", new_request_id(), "DEPOSIT", None, None, target.account_id, amount,
+                           target.currency, "", "")
+
+
+async def test_a_batch_applies_each_movement_in_order_with_its_own_result(bank: Bank, pool: AsyncConnectionPool) -> None:
+    a, b, c = [await bank.open_account() for _ in range(3)]
+    await bank.deposit(a, 100)
+    first = transfer(a, b, 60)
+    unknown = Account(str(uuid.uuid4()), a.customer_id, "USD")
+    results = await store.move_money_batch(pool, [
+        first,
+        transfer(a, b, 60),  # 40 left after the first: refused, and writes nothing
+        transfer(b, a, 10),  # sees the first one's credit
+        first,  # the same request again in the same batch: the first one's transfer, nothing moved
+        transfer(a, b, 61, request_id=first.request_id),  # the same request_id, other parameters
+        deposit(c, 5),
+        transfer(a, unknown, 1),
+    ])
+    assert [r.error for r in results] == [None, "INSUFFICIENT_FUNDS", None, None, "IDEMPOTENCY_KEY_REUSED", None,
+                                          "ACCOUNT_NOT_FOUND"]
+    assert [r.replayed for r in results] == [False, False, False, True, False, False, False]
+    assert results[0].transfer is not None and results[3].transfer == results[0].transfer
+    assert await bank.balances(a, b, c) == [50, 50, 5]
+
+
+async def test_an_operating_error_fails_the_whole_batch_and_writes_nothing(
+        bank: Bank, pool: AsyncConnectionPool, settings: Settings) -> None:
+    a, b, c, d = [await bank.open_account() for _ in range(4)]
+    await bank.deposit(a, 100)
+    await bank.deposit(c, 100)
+    # Another transaction holds b's row lock past the ledger's 1 s lock_timeout.
+    async with await psycopg.AsyncConnection.connect(settings.pg_conninfo) as holder:
+        await holder.execute("SELECT 1 FROM transfer.ledger_accounts WHERE account_id = %s FOR UPDATE", (b.account_id,))
+        with pytest.raises(store.LedgerBusy):
+            await store.move_money_batch(pool, [transfer(c, d, 7), transfer(a, b, 5)])
+        await holder.rollback()
+    assert await bank.balances(a, b, c, d) == [100, 0, 100, 0]
+
+
+def _batch_metrics(settings: Settings) -> tuple[float, float]:
+    """(batches, movements) of svc_transfer's first process so far."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port('transfer', 0)}/metrics", timeout=5).read()
+    values = dict(re.findall(r"^ledger_batch_size_(count|sum) (\S+)$", text.decode(), re.MULTILINE))
+    return float(values["count"]), float(values["sum"])
+
+
+async def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(
+        bank: Bank, settings: Settings) -> None:
+    source, target = await bank.open_account(), await bank.open_account()
+    await bank.deposit(source, 1_000)
+    batches_before, movements_before = _batch_metrics(settings)
+
+    async def attempt(amount: int) -> str:
+        try:
+            await bank.transfer(source, target, amount)
+            return "OK"
+        except grpc.aio.AioRpcError as error:
+            return reason_of(error) or error.code().name
+
+    # 64 at once: 33 of them fit (1,000 = 33 × 30 + 10), the other 31 find too little left.
+    outcomes = await asyncio.gather(*(attempt(30) for _ in range(64)))
+    batches_after, movements_after = _batch_metrics(settings)
+    assert outcomes.count("OK") == 33 and outcomes.count("INSUFFICIENT_FUNDS") == 31, outcomes
+    assert await bank.balances(source, target) == [10, 990]
+    # Fewer calls of move_money_batch than movements: they were applied together.
+    assert movements_after - movements_before >= 64
+    assert batches_after - batches_before < movements_after - movements_before
