@@ -17,8 +17,10 @@ schema files applied at start.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ from cassandra.policies import (
     FallthroughRetryPolicy,
     TokenAwarePolicy,
 )
-from cassandra.query import PreparedStatement, SimpleStatement, Statement, dict_factory
+from cassandra.query import BoundStatement, PreparedStatement, SimpleStatement, Statement, dict_factory
+from prometheus_client import Histogram
 
 from common.config import Settings
 
@@ -55,6 +58,16 @@ DEPENDENCY_WAIT_S = 60.0
 # to 10 minutes, far longer than consumers should pause after a restart.
 RECONNECT_INITIAL_S = 0.5
 RECONNECT_MAX_S = 5.0
+
+REQUEST_LATENCY = Histogram(
+    "cassandra_request_duration_seconds",
+    "Time from sending a CQL statement to its answer (or error), by operation (read, write, schema) and table",
+    ["operation", "table"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+CQL_TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE|TABLE(?: IF NOT EXISTS)?|KEYSPACE(?: IF NOT EXISTS)?)\s+([a-z0-9_.]+)",
+                       re.IGNORECASE)
+CQL_OPERATIONS = {"INSERT": "write", "UPDATE": "write", "DELETE": "write", "BATCH": "write", "SELECT": "read"}
 
 CQL_FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.cql$")
 KEYSPACE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
@@ -132,9 +145,24 @@ async def prepare(
     return prepared
 
 
+@functools.lru_cache(maxsize=256)
+def _metric_labels(cql: str) -> tuple[str, str]:
+    """(operation, table) of a statement's CQL: a handful of prepared statements, so cached."""
+    words = cql.split(None, 1)
+    operation = CQL_OPERATIONS.get(words[0].upper(), "schema") if words else "schema"
+    table = CQL_TABLE.search(cql)
+    return operation, (table.group(1).lower()[:100] if table else "")
+
+
+def _query_string(statement: Statement | PreparedStatement) -> str:
+    if isinstance(statement, BoundStatement):
+        return str(statement.prepared_statement.query_string)
+    return str(getattr(statement, "query_string", ""))
+
+
 async def execute(
     session: Session,
-    statement: Statement,
+    statement: Statement | PreparedStatement,
     parameters: Any = None,
     *,
     timeout_s: float = REQUEST_TIMEOUT_S,
@@ -145,6 +173,7 @@ async def execute(
         raise ValueError("every statement needs an explicit consistency level")
     loop = asyncio.get_running_loop()
     done: asyncio.Future[ResultSet] = loop.create_future()
+    started = time.perf_counter()
     response = session.execute_async(statement, parameters, timeout=timeout_s)
 
     def settle(error: BaseException | None) -> None:  # runs on the event loop
@@ -162,7 +191,10 @@ async def execute(
             pass
 
     response.add_callbacks(lambda _rows: from_driver_thread(None), from_driver_thread)
-    return await asyncio.wait_for(done, timeout_s + BRIDGE_SLACK_S)
+    try:
+        return await asyncio.wait_for(done, timeout_s + BRIDGE_SLACK_S)
+    finally:
+        REQUEST_LATENCY.labels(*_metric_labels(_query_string(statement))).observe(time.perf_counter() - started)
 
 
 async def create_keyspace(session: Session, keyspace: str, replication_factor: int) -> None:

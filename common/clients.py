@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import grpc
 
-from common import auth
+from common import auth, tracing
 from common.errors import DomainError, error_info, status_of
 from common.logging import request_id_var
 
@@ -20,7 +20,8 @@ INTERNAL_TIMEOUT_S = 3.0
 class InternalChannel:
     def __init__(self, address: str, keys: auth.KeyRing, service: str) -> None:
         self.channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1)]
+            address, options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1)],
+            interceptors=tracing.client_interceptors(),  # none when tracing is off
         )
         self._metadata = auth.service_metadata(keys, service)
 

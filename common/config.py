@@ -59,6 +59,8 @@ class Settings:
     smtp_password: str = _setting("BANK_SMTP_PASSWORD", "", "SMTP password")
     mailpit_http_port: int = _setting("BANK_MAILPIT_HTTP_PORT", 8025, "Mailpit web UI and HTTP API port")
 
+    otel_endpoint: str = _setting("BANK_OTEL_ENDPOINT", "", "OTLP/gRPC collector that traces go to, e.g. "
+                                  "http://127.0.0.1:4317 (empty: OTEL_EXPORTER_OTLP_ENDPOINT if set, else tracing is off)")
     prometheus_port: int = _setting("BANK_PROMETHEUS_PORT", 9090, "Prometheus web and API port")
     envoy_port: int = _setting("BANK_ENVOY_PORT", 8080, "public gateway: REST/JSON and gRPC")
     envoy_admin_port: int = _setting("BANK_ENVOY_ADMIN_PORT", 9901, "Envoy admin (loopback only)")

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,8 +34,9 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from google.protobuf.message import DecodeError, Message
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
+from common import tracing
 from common.config import Settings
 from common.events import dlq_topic
 from common.logging import fields, request_id_var
@@ -71,6 +73,9 @@ DLQ_HEADER_TIME = "dlq_time"
 
 EVENTS = Counter("consumer_events_total", "Events consumed, by group, type and outcome",
                  ["group", "event_type", "outcome"])
+LAG = Gauge("consumer_lag_records", "Records of a partition this process has not handled yet: the partition's end "
+            "offset (last stable offset, read_committed) minus the consumer's position, after each poll",
+            ["group", "topic", "partition"])
 
 
 class BadEvent(Exception):
@@ -127,6 +132,7 @@ class EventConsumer:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._dead_letters: AIOKafkaProducer | None = None
+        self._lag_partitions: set[TopicPartition] = set()  # the partitions LAG has a series for
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._group_id}-consumer")
@@ -195,13 +201,13 @@ class EventConsumer:
         try:
             while not self._stopping.is_set():
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self._batch_max_records)
-                if not batch:
-                    continue
-                if await self._process(consumer, batch):
+                storage_down = bool(batch) and await self._process(consumer, batch)
+                await self._measure_lag(consumer)
+                if storage_down:
                     log.warning("storage unavailable; pausing before reading again", extra=fields(pause_s=pause_s))
                     await self._pause(pause_s)
                     pause_s = min(PAUSE_MAX_S, pause_s * 2)
-                else:
+                elif batch:
                     pause_s = PAUSE_INITIAL_S
         finally:
             self._dead_letters = None
@@ -209,6 +215,30 @@ class EventConsumer:
                 await consumer.stop()  # leaves the group: its partitions move on at once
             finally:
                 await producer.stop()
+
+    async def _measure_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """LAG for every partition this process owns, from what the last fetch responses said
+        (no request to the broker); a partition that moved to another member loses its series,
+        so a group's lag is the sum over its members without double counting."""
+        assigned = set(consumer.assignment())
+        for gone in self._lag_partitions - assigned:
+            with contextlib.suppress(KeyError):
+                LAG.remove(self._group_id, gone.topic, str(gone.partition))
+        self._lag_partitions &= assigned
+        for partition in assigned:
+            end = consumer.last_stable_offset(partition)
+            if end is None or end < 0:
+                end = consumer.highwater(partition)
+            # No fetch answered for it yet: nothing known. Once one has, the partition has a valid
+            # position, so position() returns at once instead of waiting for one.
+            if end is None:
+                continue
+            try:
+                position = await consumer.position(partition)
+            except IllegalStateError:  # revoked meanwhile
+                continue
+            LAG.labels(self._group_id, partition.topic, str(partition.partition)).set(max(0, end - position))
+            self._lag_partitions.add(partition)
 
     async def _process(self, consumer: AIOKafkaConsumer,
                        batch: dict[TopicPartition, list[ConsumerRecord]]) -> bool:
@@ -270,46 +300,52 @@ class EventConsumer:
         headers = decode_headers(record.headers)
         event_type = headers.get("event_type", "")
         token = request_id_var.set(headers.get("request_id", "")[:128])
+        started = time.perf_counter()
         where = {"topic": record.topic, "partition": record.partition, "offset": record.offset,
                  "event_type": event_type, "group": self._group_id}
         try:
-            route = self._routes.get(event_type)
-            if route is None:
-                log.debug("event type not handled here; skipped", extra=fields(**where))
-                EVENTS.labels(self._group_id, event_type[:100] or "none", "ignored").inc()
-                return
-            try:
-                message = route.message_type.FromString(record.value or b"")
-            except DecodeError:
-                await self._dead_letter(record, f"value is not a valid {event_type}", where)
-                return
-            event_id = str(getattr(message, "event_id", "")) or headers.get("event_id", "")
-            if headers.get("event_id") and headers["event_id"] != event_id:
-                log.warning("event_id header differs from the event's; using the event's", extra=fields(**where))
-            if not event_id:
-                await self._dead_letter(record, "event has no event_id", where)
-                return
-            meta = EventMeta(event_id, datetime.fromtimestamp(record.timestamp / 1000, UTC))
-            for tries in range(1, HANDLER_TRIES + 1):
+            with tracing.consuming(headers, topic=record.topic, partition=record.partition, offset=record.offset,
+                                   group=self._group_id, event_type=event_type):
+                route = self._routes.get(event_type)
+                if route is None:
+                    log.debug("event type not handled here; skipped", extra=fields(**where))
+                    EVENTS.labels(self._group_id, event_type[:100] or "none", "ignored").inc()
+                    return
                 try:
-                    outcome = await route.handler(message, meta)
-                except (StorageUnavailable, asyncio.CancelledError):
-                    raise
-                except BadEvent as exc:
-                    await self._dead_letter(record, f"bad event: {exc}", where)
+                    message = route.message_type.FromString(record.value or b"")
+                except DecodeError:
+                    await self._dead_letter(record, f"value is not a valid {event_type}", where)
                     return
-                except Exception as exc:  # unclassified: a bug or an odd dependency error
-                    if tries == HANDLER_TRIES:
-                        log.error("handler keeps failing", exc_info=exc, extra=fields(**where, event_id=event_id))
-                        await self._dead_letter(record, f"{type(exc).__name__}: {exc}", where)
+                event_id = str(getattr(message, "event_id", "")) or headers.get("event_id", "")
+                if headers.get("event_id") and headers["event_id"] != event_id:
+                    log.warning("event_id header differs from the event's; using the event's", extra=fields(**where))
+                if not event_id:
+                    await self._dead_letter(record, "event has no event_id", where)
+                    return
+                meta = EventMeta(event_id, datetime.fromtimestamp(record.timestamp / 1000, UTC))
+                for tries in range(1, HANDLER_TRIES + 1):
+                    try:
+                        outcome = await route.handler(message, meta)
+                    except (StorageUnavailable, asyncio.CancelledError):
+                        raise
+                    except BadEvent as exc:
+                        await self._dead_letter(record, f"bad event: {exc}", where)
                         return
-                    log.warning("handler failed; trying again", exc_info=exc,
-                                extra=fields(**where, event_id=event_id, tries=tries))
-                    await asyncio.sleep(HANDLER_RETRY_PAUSE_S * tries)
-                else:
-                    EVENTS.labels(self._group_id, event_type, str(outcome)).inc()
-                    log.debug("event handled", extra=fields(**where, event_id=event_id, outcome=str(outcome)))
-                    return
+                    except Exception as exc:  # unclassified: a bug or an odd dependency error
+                        if tries == HANDLER_TRIES:
+                            log.error("handler keeps failing", exc_info=exc, extra=fields(**where, event_id=event_id))
+                            await self._dead_letter(record, f"{type(exc).__name__}: {exc}", where)
+                            return
+                        log.warning("handler failed; trying again", exc_info=exc,
+                                    extra=fields(**where, event_id=event_id, tries=tries))
+                        await asyncio.sleep(HANDLER_RETRY_PAUSE_S * tries)
+                    else:
+                        EVENTS.labels(self._group_id, event_type, str(outcome)).inc()
+                        # One line per event, as the RPC interceptor writes one per RPC: what following
+                        # one request across processes by its request_id needs (docs/decisions/0009).
+                        log.info("event handled", extra=fields(**where, event_id=event_id, outcome=str(outcome),
+                                                               duration_ms=round((time.perf_counter() - started) * 1000, 2)))
+                        return
         finally:
             request_id_var.reset(token)
 

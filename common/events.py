@@ -2,7 +2,8 @@
 
 One topic per aggregate, keyed by the aggregate id so order holds per key; several partitions
 so consumers scale out in a group. Each record carries headers event_type (the protobuf full
-name of the value), event_id (consumers drop duplicates by it) and request_id."""
+name of the value), event_id (consumers drop duplicates by it), request_id and, inside a trace,
+traceparent."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 from psycopg import AsyncConnection
 
+from common import tracing
 from common.ids import new_id
 from common.logging import request_id_var
 
@@ -45,7 +47,8 @@ async def append(conn: AsyncConnection, event: OutboxEvent) -> None:
     """Write the event to this schema's outbox in the caller's transaction; the relay publishes
     it after commit (NOTIFY is delivered only at commit, so it never announces a rolled-back row)."""
     event_id = getattr(event.message, "event_id", "") or new_id()
-    headers = {"request_id": request_id_var.get()}
+    # The request's trace context too (W3C traceparent), so the consumer's span joins its trace.
+    headers = {"request_id": request_id_var.get(), **tracing.headers()}
     await conn.execute(
         "INSERT INTO outbox (event_id, topic, aggregate_id, event_type, payload, headers)"
         " VALUES (%s, %s, %s, %s, %s, %s)",

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from common import auth, metrics
+from common import auth, metrics, tracing
 from common.errors import DomainError, internal, not_implemented
 from common.logging import fields, request_id_var
 
@@ -23,11 +23,16 @@ MAX_REQUEST_ID_LENGTH = 128
 QUIET_SERVICES = ("grpc.health.v1.Health",)
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
+def _request_headers(context: grpc.aio.ServicerContext) -> tuple[str, str | None]:
+    """The request id (the caller's, else a new one) and the caller's W3C traceparent, if any."""
+    request_id, traceparent = None, None
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_LENGTH:
-            return value
-    return str(uuid.uuid4())
+        if (key == REQUEST_ID_HEADER and request_id is None and isinstance(value, str)
+                and 0 < len(value) <= MAX_REQUEST_ID_LENGTH):
+            request_id = value
+        elif key == tracing.TRACEPARENT_HEADER and isinstance(value, str):
+            traceparent = value
+    return request_id or str(uuid.uuid4()), traceparent
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -50,8 +55,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         authenticator = self._authenticator
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id = _request_id(context)
+            request_id, traceparent = _request_headers(context)
             token = request_id_var.set(request_id)
+            trace_token = tracing.continue_remote(traceparent)
             caller_token = auth.set_current(None)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
@@ -89,6 +95,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                                      caller=f"{caller.role.value}:{caller.subject}" if caller else None),
                     )
                 auth.reset_current(caller_token)
+                tracing.detach(trace_token)
                 request_id_var.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(

@@ -1,5 +1,6 @@
-"""One logger setup for every process: one JSON object per line, with the service and the
-request id of the RPC being handled (a context variable set by the interceptor)."""
+"""One logger setup for every process: one JSON object per line, with the service, the request
+id of the RPC or event being handled (a context variable set by the interceptor and the
+consumer) and, inside a trace, its trace id (and this process's span id: common/tracing.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import time
 from contextvars import ContextVar
 from typing import Any
+
+from common import tracing
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 
@@ -29,6 +32,11 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id:
             entry["request_id"] = request_id
+        trace_id, span_id = tracing.current_ids()
+        if trace_id:
+            entry["trace_id"] = trace_id
+            if span_id:
+                entry["span_id"] = span_id
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)

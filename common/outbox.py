@@ -154,8 +154,12 @@ class OutboxRelay:
             await asyncio.wait_for(asyncio.gather(*futures), timeout=SEND_TIMEOUT_S)
             await conn.execute("UPDATE outbox SET sent_time = now() WHERE outbox_id = ANY(%s)",
                                ([r[0] for r in rows],))
-            for row in rows:
-                PUBLISHED.labels(row[2]).inc()
+            for _, event_id, topic, aggregate_id, event_type, _, headers, _ in rows:
+                PUBLISHED.labels(topic).inc()
+                # One line per event (a hop of a request followed by its request_id through the logs).
+                log.info("event published", extra={"fields": {
+                    "request_id": (headers or {}).get("request_id") or None, "event_id": str(event_id), "topic": topic,
+                    "event_type": event_type, "aggregate_id": aggregate_id}})
             cursor = await conn.execute("SELECT count(*) FROM outbox WHERE sent_time IS NULL")
             backlog = await cursor.fetchone()
             BACKLOG.set(backlog[0] if backlog else 0)

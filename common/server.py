@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from psycopg_pool import AsyncConnectionPool
 
-from common import auth, config, db, metrics
+from common import auth, config, db, metrics, tracing
 from common import logging as bank_logging
 from common.interceptors import ServerInterceptor
 
@@ -92,7 +92,9 @@ async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int
     revocations = auth.Revocations(redis_client, settings.access_token_ttl_s)
     authenticator = auth.Authenticator(auth.TokenVerifier(keys), revocations, keys.service_token, spec.access)
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(authenticator)],
+        # Tracing's server span (none when tracing is off) encloses the bank's interceptor, so the
+        # RPC's log line carries its trace id.
+        interceptors=[*tracing.server_interceptors(), ServerInterceptor(authenticator)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -136,11 +138,15 @@ async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int
         await worker.stop()
     await pool.close()
     await redis_client.aclose()
+    await asyncio.to_thread(tracing.shutdown)  # exports the spans still queued, bounded
     log.info("stopped")
 
 
 def run(spec: ServiceSpec) -> None:
     settings = config.load()
     bank_logging.setup(f"svc_{spec.name}", settings.service_log_level(spec.name))
+    endpoint = tracing.endpoint_from_env(settings.otel_endpoint)
+    if tracing.setup(f"svc_{spec.name}", endpoint):
+        log.info("tracing on", extra=bank_logging.fields(otel_endpoint=endpoint))
     process_index = int(os.environ.get("BANK_PROCESS_INDEX", "0"))
     asyncio.run(serve(spec, settings, process_index))
