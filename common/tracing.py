@@ -39,6 +39,7 @@ INSTRUMENTATION_NAME = "simplebank"
 
 _provider: Any = None  # the SDK TracerProvider while tracing is on
 _tracer: trace.Tracer | None = None
+_global_provider_set = False
 
 
 def endpoint_from_env(configured: str) -> str:
@@ -54,7 +55,7 @@ def enabled() -> bool:
 def setup(service: str, endpoint: str, exporter: Any = None) -> bool:
     """Turn tracing on when endpoint (or exporter, e.g. the SDK's InMemorySpanExporter in tests)
     is given; return whether it is on. The SDK is imported only then."""
-    global _provider, _tracer
+    global _provider, _tracer, _global_provider_set
     if not endpoint and exporter is None:
         return False
     from opentelemetry.sdk.resources import Resource
@@ -73,10 +74,10 @@ def setup(service: str, endpoint: str, exporter: Any = None) -> bool:
             max_export_batch_size=EXPORT_BATCH_MAX_SPANS, export_timeout_millis=EXPORT_TIMEOUT_MS))
     else:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-    if _provider is None:
-        trace.set_tracer_provider(provider)  # once per process (OpenTelemetry refuses a second)
-    else:
-        _provider.shutdown()
+    if not _global_provider_set:  # for libraries that trace on their own; OpenTelemetry takes one per process
+        trace.set_tracer_provider(provider)
+        _global_provider_set = True
+    shutdown()  # a provider set up before (tests) stops
     _provider = provider
     _tracer = provider.get_tracer(INSTRUMENTATION_NAME)
     return True
