@@ -20,7 +20,10 @@ INTERNAL_TIMEOUT_S = 3.0
 class InternalChannel:
     def __init__(self, address: str, keys: auth.KeyRing, service: str) -> None:
         self.channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1)],
+            # round_robin: a name that resolves to several pods (a headless Service, deploy/k8s)
+            # gets its calls spread over all of them; one address behaves as before.
+            address, options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1),
+                              ("grpc.lb_policy_name", "round_robin")],
             interceptors=tracing.client_interceptors(),  # none when tracing is off
         )
         self._metadata = auth.service_metadata(keys, service)

@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tools", help="build grpcurl, ghz and k6 into <stack_dir>/bin")
     envoy = sub.add_parser("envoy-config", help="render the Envoy config")
     envoy.add_argument("--compose", action="store_true", help="for docker-compose (service hostnames)")
+    envoy.add_argument("--k8s", action="store_true", help="for Kubernetes, deploy/k8s (headless Service names)")
     args = parser.parse_args(argv)
 
     settings = config.load()
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}={default}\n    {doc}")
         return 0
     if args.command == "envoy-config":
-        print(envoy_config(settings, compose=args.compose), end="")
+        print(envoy_config(settings, compose=args.compose, k8s=args.k8s), end="")
         return 0
     return 2
 

@@ -339,23 +339,27 @@ def _mailpit(s: Settings, p: Paths) -> list[str]:
             "--disable-version-check"]
 
 
-def envoy_config(s: Settings, compose: bool = False) -> str:
-    """The Envoy config for these settings: the local stack (loopback) or docker-compose
-    (upstreams by service name, descriptor mounted at /etc/envoy)."""
+def envoy_config(s: Settings, compose: bool = False, k8s: bool = False) -> str:
+    """The Envoy config for these settings: the local stack (loopback), docker-compose
+    (upstreams by service name, descriptor mounted at /etc/envoy) or Kubernetes (deploy/k8s:
+    upstreams by headless Service name, descriptor at /etc/envoy too)."""
     def endpoint(host: str, port: int) -> str:
         return f"{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}"
 
     endpoints: dict[str, str] = {}
     for name in SERVICES:
-        if compose:  # one name per service; replicas are the container engine's business
+        if k8s:  # the service's headless Service: Envoy resolves every ready pod and balances over them
+            listed = [endpoint(f"svc-{name}", int(getattr(s, f"{name}_grpc_port")))]
+        elif compose:  # one name per service; replicas are the container engine's business
             listed = [endpoint(f"svc_{name}", int(getattr(s, f"{name}_grpc_port")))]
         else:  # each local process's private port, so Envoy spreads requests over all of them
             listed = [endpoint(s.bind_host, s.private_grpc_port(name, i)) for i in range(s.processes(name))]
         endpoints[f"{name}_endpoints"] = "[" + ", ".join(listed) + "]"
-    listen_host = "0.0.0.0" if compose else s.bind_host
-    descriptor = Path("/etc/envoy/bank.pb") if compose else REPO_ROOT / "gen" / "bank.pb"
+    container = compose or k8s
+    listen_host = "0.0.0.0" if container else s.bind_host
+    descriptor = Path("/etc/envoy/bank.pb") if container else REPO_ROOT / "gen" / "bank.pb"
     return Template((REPO_ROOT / "envoy" / "envoy.yaml.tmpl").read_text()).substitute(
-        admin_host=listen_host if compose else "127.0.0.1", admin_port=s.envoy_admin_port, listen_host=listen_host,
+        admin_host=listen_host if container else "127.0.0.1", admin_port=s.envoy_admin_port, listen_host=listen_host,
         port=s.envoy_port, route_timeout=f"{s.envoy_route_timeout_s:g}s", descriptor=descriptor, **endpoints,
     )
 

@@ -2,7 +2,7 @@
 
 - Debian packages (PostgreSQL, Redis, Prometheus, JDK 17, Maven) with apt-get;
 - Kafka and Cassandra jars from Maven Central, resolved by mvn from the poms in devstack/maven;
-- Go tools (mailpit, grpcurl, ghz) with `go install` at pinned versions.
+- Go tools (mailpit, grpcurl, ghz, k6, kustomize, kubeconform) with `go install` at pinned versions.
 Everything downloaded lands under the stack's cache folder, so a second start downloads nothing.
 """
 
@@ -22,6 +22,10 @@ GO_TOOLS = {
     "grpcurl": "github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4",
     "ghz": "github.com/bojand/ghz/cmd/ghz@v0.93.0",
     "k6": "go.k6.io/k6@v1.8.1",
+    # deploy/k8s checks (tests/test_deploy_files.py): kustomize builds, kubeconform validates.
+    # kustomize 5.8.3 needs Go 1.27; 5.8.2 builds with the Go 1.26 the machines have.
+    "kustomize": "sigs.k8s.io/kustomize/kustomize/v5@v5.8.2",
+    "kubeconform": "github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0",
 }
 
 # apt and dpkg hold one lock; two components installing at once would collide on it.

