@@ -9,6 +9,10 @@ Output, all under gen/ (which goes on sys.path; modules import each other as
 - gen/bank/<area>/v1/*_pb2.py and .pyi stubs (mypy-protobuf) for every proto under proto/bank,
   plus *_pb2_grpc.py and .pyi for those that define a service. No Python is generated for the
   vendored proto/google: the googleapis-common-protos wheel provides google.api, google.rpc.
+- gen/buf/validate/validate_pb2.py and .pyi from the vendored proto/buf: the bank protos import
+  it for their protovalidate rules. The protovalidate runtime ships its own copy only for
+  another protobuf runtime (protobuf-py, as protovalidate._gen), not as a google.protobuf
+  module, so this is the only buf.validate module our code imports.
 - gen/bank.pb: the descriptor set Envoy's gRPC-JSON transcoder loads. It also holds
   google/rpc/status.proto and error_details.proto, named explicitly, so Envoy can render
   google.rpc.Status details (ErrorInfo, BadRequest) as JSON.
@@ -38,6 +42,9 @@ DESCRIPTOR_SET_NAME = "bank.pb"
 # Not inputs of Python generation, but Envoy needs them in the descriptor set to render error
 # details; named here because no bank proto imports them.
 ENVOY_EXTRA_PROTOS = ("google/rpc/error_details.proto", "google/rpc/status.proto")
+# Vendored, imported by the bank protos, and given Python here because no wheel provides it as
+# a google.protobuf module (see proto/buf/README.md).
+VALIDATE_PROTO = "buf/validate/validate.proto"
 # Left behind in gen/ by imports; never part of the generated output.
 IGNORED_NAMES = frozenset({"__pycache__"})
 IGNORED_SUFFIXES = (".pyc",)
@@ -86,6 +93,7 @@ def generate(out_dir: Path) -> None:
             f"--python_out={out_dir}",
             f"--mypy_out={out_dir}",
             "--mypy_opt=quiet",
+            VALIDATE_PROTO,
             *protos,
         ]
     )

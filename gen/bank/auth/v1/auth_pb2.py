@@ -22,17 +22,24 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61nk/auth/v1/auth.proto\x12\x0c\x62\x61nk.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\nCredential\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"\xdc\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x03 \x01(\t\x12<\n\x18\x61\x63\x63\x65ss_token_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x05 \x01(\t\x12=\n\x19refresh_token_expire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x17\x43reateCredentialRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\".\n\x15RefreshSessionRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"#\n\rLogoutRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x10\n\x0eLogoutResponse2\xaa\x03\n\x0b\x41uthService\x12o\n\x10\x43reateCredential\x12%.bank.auth.v1.CreateCredentialRequest\x1a\x18.bank.auth.v1.Credential\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/credentials:\x01*\x12S\n\x05Login\x12\x1a.bank.auth.v1.LoginRequest\x1a\x15.bank.auth.v1.Session\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/sessions:\x01*\x12m\n\x0eRefreshSession\x12#.bank.auth.v1.RefreshSessionRequest\x1a\x15.bank.auth.v1.Session\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/sessions:refresh:\x01*\x12\x66\n\x06Logout\x12\x1b.bank.auth.v1.LogoutRequest\x1a\x1c.bank.auth.v1.LogoutResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/sessions/{session_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61nk/auth/v1/auth.proto\x12\x0c\x62\x61nk.auth.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\nCredential\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"\xdc\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x03 \x01(\t\x12<\n\x18\x61\x63\x63\x65ss_token_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x05 \x01(\t\x12=\n\x19refresh_token_expire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\x17\x43reateCredentialRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12:\n\x08username\x18\x02 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9._-]{2,31}$\x12l\n\x08password\x18\x03 \x01(\tBZ\xbaHW\xba\x01T\n\rWEAK_PASSWORD\x12\x1cmust be 10 to 128 characters\x1a%size(this) >= 10 && size(this) <= 128\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\".\n\x15RefreshSessionRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"/\n\rLogoutRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"\x10\n\x0eLogoutResponse2\xaa\x03\n\x0b\x41uthService\x12o\n\x10\x43reateCredential\x12%.bank.auth.v1.CreateCredentialRequest\x1a\x18.bank.auth.v1.Credential\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/credentials:\x01*\x12S\n\x05Login\x12\x1a.bank.auth.v1.LoginRequest\x1a\x15.bank.auth.v1.Session\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/sessions:\x01*\x12m\n\x0eRefreshSession\x12#.bank.auth.v1.RefreshSessionRequest\x1a\x15.bank.auth.v1.Session\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/sessions:refresh:\x01*\x12\x66\n\x06Logout\x12\x1b.bank.auth.v1.LogoutRequest\x1a\x1c.bank.auth.v1.LogoutResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/sessions/{session_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bank.auth.v1.auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREATECREDENTIALREQUEST'].fields_by_name['username']._loaded_options = None
+  _globals['_CREATECREDENTIALREQUEST'].fields_by_name['username']._serialized_options = b'\272H%r#2!^[A-Za-z0-9][A-Za-z0-9._-]{2,31}$'
+  _globals['_CREATECREDENTIALREQUEST'].fields_by_name['password']._loaded_options = None
+  _globals['_CREATECREDENTIALREQUEST'].fields_by_name['password']._serialized_options = b'\272HW\272\001T\n\rWEAK_PASSWORD\022\034must be 10 to 128 characters\032%size(this) >= 10 && size(this) <= 128'
+  _globals['_LOGOUTREQUEST'].fields_by_name['session_id']._loaded_options = None
+  _globals['_LOGOUTREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
   _globals['_AUTHSERVICE'].methods_by_name['CreateCredential']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['CreateCredential']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/credentials:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
@@ -41,20 +48,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['RefreshSession']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/sessions:refresh:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._serialized_options = b'\202\323\344\223\002\033*\031/v1/sessions/{session_id}'
-  _globals['_CREDENTIAL']._serialized_start=104
-  _globals['_CREDENTIAL']._serialized_end=155
-  _globals['_SESSION']._serialized_start=158
-  _globals['_SESSION']._serialized_end=378
-  _globals['_CREATECREDENTIALREQUEST']._serialized_start=380
-  _globals['_CREATECREDENTIALREQUEST']._serialized_end=467
-  _globals['_LOGINREQUEST']._serialized_start=469
-  _globals['_LOGINREQUEST']._serialized_end=519
-  _globals['_REFRESHSESSIONREQUEST']._serialized_start=521
-  _globals['_REFRESHSESSIONREQUEST']._serialized_end=567
-  _globals['_LOGOUTREQUEST']._serialized_start=569
-  _globals['_LOGOUTREQUEST']._serialized_end=604
-  _globals['_LOGOUTRESPONSE']._serialized_start=606
-  _globals['_LOGOUTRESPONSE']._serialized_end=622
-  _globals['_AUTHSERVICE']._serialized_start=625
-  _globals['_AUTHSERVICE']._serialized_end=1051
+  _globals['_CREDENTIAL']._serialized_start=133
+  _globals['_CREDENTIAL']._serialized_end=184
+  _globals['_SESSION']._serialized_start=187
+  _globals['_SESSION']._serialized_end=407
+  _globals['_CREATECREDENTIALREQUEST']._serialized_start=410
+  _globals['_CREATECREDENTIALREQUEST']._serialized_end=631
+  _globals['_LOGINREQUEST']._serialized_start=633
+  _globals['_LOGINREQUEST']._serialized_end=683
+  _globals['_REFRESHSESSIONREQUEST']._serialized_start=685
+  _globals['_REFRESHSESSIONREQUEST']._serialized_end=731
+  _globals['_LOGOUTREQUEST']._serialized_start=733
+  _globals['_LOGOUTREQUEST']._serialized_end=780
+  _globals['_LOGOUTRESPONSE']._serialized_start=782
+  _globals['_LOGOUTRESPONSE']._serialized_end=798
+  _globals['_AUTHSERVICE']._serialized_start=801
+  _globals['_AUTHSERVICE']._serialized_end=1227
 # @@protoc_insertion_point(module_scope)

@@ -22,17 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61nk/transfer/v1/transfer.proto\x12\x10\x62\x61nk.transfer.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x03\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x03 \x01(\t\x12\x15\n\rto_account_id\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x31\n\x06status\x18\x08 \x01(\x0e\x32!.bank.transfer.v1.Transfer.Status\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04kind\x18\n \x01(\x0e\x32\x1f.bank.transfer.v1.Transfer.Kind\"G\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRANSFER\x10\x01\x12\x0b\n\x07\x44\x45POSIT\x10\x02\x12\x0e\n\nWITHDRAWAL\x10\x03\"/\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tCOMPLETED\x10\x01\"\x92\x01\n\x15\x43reateTransferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\t\x12\x15\n\rto_account_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\")\n\x12GetTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"Q\n\x14ListTransfersRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x15ListTransfersResponse\x12-\n\ttransfers\x18\x01 \x03(\x0b\x32\x1a.bank.transfer.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x14\x43reateDepositRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"x\n\x17\x43reateWithdrawalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t2\xed\x04\n\x0fTransferService\x12o\n\x0e\x43reateTransfer\x12\'.bank.transfer.v1.CreateTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/transfers:\x01*\x12t\n\x0bGetTransfer\x12$.bank.transfer.v1.GetTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/transfers/{transfer_id}\x12\x8d\x01\n\rListTransfers\x12&.bank.transfer.v1.ListTransfersRequest\x1a\'.bank.transfer.v1.ListTransfersResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/accounts/{account_id}/transfers\x12l\n\rCreateDeposit\x12&.bank.transfer.v1.CreateDepositRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/deposits:\x01*\x12u\n\x10\x43reateWithdrawal\x12).bank.transfer.v1.CreateWithdrawalRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/withdrawals:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61nk/transfer/v1/transfer.proto\x12\x10\x62\x61nk.transfer.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x03\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x03 \x01(\t\x12\x15\n\rto_account_id\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x31\n\x06status\x18\x08 \x01(\x0e\x32!.bank.transfer.v1.Transfer.Status\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04kind\x18\n \x01(\x0e\x32\x1f.bank.transfer.v1.Transfer.Kind\"G\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRANSFER\x10\x01\x12\x0b\n\x07\x44\x45POSIT\x10\x02\x12\x0e\n\nWITHDRAWAL\x10\x03\"/\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tCOMPLETED\x10\x01\"\x8d\x02\n\x15\x43reateTransferRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12#\n\x0f\x66rom_account_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12!\n\rto_account_id\x18\x03 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12H\n\x06\x61mount\x18\x04 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0\x12#\n\x08\x63urrency\x18\x05 \x01(\tB\x11\xbaH\x0er\x0c\x32\n^[A-Z]{3}$\x12\x1d\n\x0b\x64\x65scription\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"5\n\x12GetTransferRequest\x12\x1f\n\x0btransfer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"\xe8\x01\n\x14ListTransfersRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12M\n\tpage_size\x18\x02 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x03 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"_\n\x15ListTransfersResponse\x12-\n\ttransfers\x18\x01 \x03(\x0b\x32\x1a.bank.transfer.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe4\x01\n\x14\x43reateDepositRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x1e\n\naccount_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12H\n\x06\x61mount\x18\x03 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0\x12#\n\x08\x63urrency\x18\x04 \x01(\tB\x11\xbaH\x0er\x0c\x32\n^[A-Z]{3}$\x12\x1d\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"\xe7\x01\n\x17\x43reateWithdrawalRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x1e\n\naccount_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12H\n\x06\x61mount\x18\x03 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0\x12#\n\x08\x63urrency\x18\x04 \x01(\tB\x11\xbaH\x0er\x0c\x32\n^[A-Z]{3}$\x12\x1d\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x32\xed\x04\n\x0fTransferService\x12o\n\x0e\x43reateTransfer\x12\'.bank.transfer.v1.CreateTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/transfers:\x01*\x12t\n\x0bGetTransfer\x12$.bank.transfer.v1.GetTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/transfers/{transfer_id}\x12\x8d\x01\n\rListTransfers\x12&.bank.transfer.v1.ListTransfersRequest\x1a\'.bank.transfer.v1.ListTransfersResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/accounts/{account_id}/transfers\x12l\n\rCreateDeposit\x12&.bank.transfer.v1.CreateDepositRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/deposits:\x01*\x12u\n\x10\x43reateWithdrawal\x12).bank.transfer.v1.CreateWithdrawalRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/withdrawals:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bank.transfer.v1.transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['from_account_id']._loaded_options = None
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['from_account_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['to_account_id']._loaded_options = None
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['to_account_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['amount']._loaded_options = None
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['amount']._serialized_options = b'\272H5\272\0012\n\016INVALID_AMOUNT\022\026must be greater than 0\032\010this > 0'
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['currency']._loaded_options = None
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['currency']._serialized_options = b'\272H\016r\0142\n^[A-Z]{3}$'
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['description']._loaded_options = None
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['description']._serialized_options = b'\272H\005r\003\030\310\001'
+  _globals['_GETTRANSFERREQUEST'].fields_by_name['transfer_id']._loaded_options = None
+  _globals['_GETTRANSFERREQUEST'].fields_by_name['transfer_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_LISTTRANSFERSREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_LISTTRANSFERSREQUEST'].fields_by_name['account_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_LISTTRANSFERSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTTRANSFERSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H7\272\0014\n\021INVALID_PAGE_SIZE\022\024must not be negative\032\tthis >= 0'
+  _globals['_LISTTRANSFERSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTTRANSFERSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272HJ\272\001G\n\022INVALID_PAGE_TOKEN\022\036must be at most 512 characters\032\021size(this) <= 512'
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['account_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['amount']._loaded_options = None
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['amount']._serialized_options = b'\272H5\272\0012\n\016INVALID_AMOUNT\022\026must be greater than 0\032\010this > 0'
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['currency']._loaded_options = None
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['currency']._serialized_options = b'\272H\016r\0142\n^[A-Z]{3}$'
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['description']._loaded_options = None
+  _globals['_CREATEDEPOSITREQUEST'].fields_by_name['description']._serialized_options = b'\272H\005r\003\030\310\001'
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['account_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['amount']._loaded_options = None
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['amount']._serialized_options = b'\272H5\272\0012\n\016INVALID_AMOUNT\022\026must be greater than 0\032\010this > 0'
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['currency']._loaded_options = None
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['currency']._serialized_options = b'\272H\016r\0142\n^[A-Z]{3}$'
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['description']._loaded_options = None
+  _globals['_CREATEWITHDRAWALREQUEST'].fields_by_name['description']._serialized_options = b'\272H\005r\003\030\310\001'
   _globals['_TRANSFERSERVICE'].methods_by_name['CreateTransfer']._loaded_options = None
   _globals['_TRANSFERSERVICE'].methods_by_name['CreateTransfer']._serialized_options = b'\202\323\344\223\002\022\"\r/v1/transfers:\001*'
   _globals['_TRANSFERSERVICE'].methods_by_name['GetTransfer']._loaded_options = None
@@ -43,24 +84,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSFERSERVICE'].methods_by_name['CreateDeposit']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/deposits:\001*'
   _globals['_TRANSFERSERVICE'].methods_by_name['CreateWithdrawal']._loaded_options = None
   _globals['_TRANSFERSERVICE'].methods_by_name['CreateWithdrawal']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/withdrawals:\001*'
-  _globals['_TRANSFER']._serialized_start=117
-  _globals['_TRANSFER']._serialized_end=540
-  _globals['_TRANSFER_KIND']._serialized_start=420
-  _globals['_TRANSFER_KIND']._serialized_end=491
-  _globals['_TRANSFER_STATUS']._serialized_start=493
-  _globals['_TRANSFER_STATUS']._serialized_end=540
-  _globals['_CREATETRANSFERREQUEST']._serialized_start=543
-  _globals['_CREATETRANSFERREQUEST']._serialized_end=689
-  _globals['_GETTRANSFERREQUEST']._serialized_start=691
-  _globals['_GETTRANSFERREQUEST']._serialized_end=732
-  _globals['_LISTTRANSFERSREQUEST']._serialized_start=734
-  _globals['_LISTTRANSFERSREQUEST']._serialized_end=815
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=817
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=912
-  _globals['_CREATEDEPOSITREQUEST']._serialized_start=914
-  _globals['_CREATEDEPOSITREQUEST']._serialized_end=1031
-  _globals['_CREATEWITHDRAWALREQUEST']._serialized_start=1033
-  _globals['_CREATEWITHDRAWALREQUEST']._serialized_end=1153
-  _globals['_TRANSFERSERVICE']._serialized_start=1156
-  _globals['_TRANSFERSERVICE']._serialized_end=1777
+  _globals['_TRANSFER']._serialized_start=146
+  _globals['_TRANSFER']._serialized_end=569
+  _globals['_TRANSFER_KIND']._serialized_start=449
+  _globals['_TRANSFER_KIND']._serialized_end=520
+  _globals['_TRANSFER_STATUS']._serialized_start=522
+  _globals['_TRANSFER_STATUS']._serialized_end=569
+  _globals['_CREATETRANSFERREQUEST']._serialized_start=572
+  _globals['_CREATETRANSFERREQUEST']._serialized_end=841
+  _globals['_GETTRANSFERREQUEST']._serialized_start=843
+  _globals['_GETTRANSFERREQUEST']._serialized_end=896
+  _globals['_LISTTRANSFERSREQUEST']._serialized_start=899
+  _globals['_LISTTRANSFERSREQUEST']._serialized_end=1131
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=1133
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=1228
+  _globals['_CREATEDEPOSITREQUEST']._serialized_start=1231
+  _globals['_CREATEDEPOSITREQUEST']._serialized_end=1459
+  _globals['_CREATEWITHDRAWALREQUEST']._serialized_start=1462
+  _globals['_CREATEWITHDRAWALREQUEST']._serialized_end=1693
+  _globals['_TRANSFERSERVICE']._serialized_start=1696
+  _globals['_TRANSFERSERVICE']._serialized_end=2317
 # @@protoc_insertion_point(module_scope)
