@@ -373,7 +373,9 @@ def _envoy(s: Settings, p: Paths) -> list[str]:
     conf.write_text(envoy_config(s))
     return [sys.executable, "-m", "devstack.keeper",
             str(binary), "-c", str(conf), "--log-level", "warn", "--base-id", str(s.envoy_admin_port),
-            "--concurrency", "2"]
+            # The access log reaches the file within a second (Envoy's default: 10 s), so one
+            # request can be followed through the logs right after it (README).
+            "--concurrency", "2", "--file-flush-interval-msec", "1000"]
 
 
 def _private_port_of(name: str, index: int) -> Callable[[Settings], int]:
