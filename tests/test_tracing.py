@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
+from google.protobuf.wrappers_pb2 import StringValue
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -110,6 +111,11 @@ def log_lines() -> Iterator[list[dict[str, Any]]]:
         root.setLevel(saved_level)
 
 
+def _stub(channel: grpc.aio.Channel, method: str) -> Any:
+    return channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=StringValue.SerializeToString,
+                               response_deserializer=StringValue.FromString)
+
+
 @pytest.fixture
 async def echo_server() -> AsyncIterator[tuple[str, dict[str, dict[str, str]]]]:
     """A grpc.aio server with the bank's interceptor chain (tracing's first, as common/server.py
@@ -118,18 +124,19 @@ async def echo_server() -> AsyncIterator[tuple[str, dict[str, dict[str, str]]]]:
     seen: dict[str, dict[str, str]] = {}
     channels: list[grpc.aio.Channel] = []
 
-    async def inner(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def inner(request: StringValue, context: grpc.aio.ServicerContext) -> StringValue:
         seen["inner"] = tracing.headers()
         return request
 
-    async def outer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return bytes(await channels[0].unary_unary(f"/{SERVICE}/Inner")(request, timeout=5))
+    async def outer(request: StringValue, context: grpc.aio.ServicerContext) -> StringValue:
+        return cast(StringValue, await _stub(channels[0], "Inner")(request, timeout=5))
 
     authenticator = auth.Authenticator(cast(Any, None), cast(Any, None), "", {f"/{SERVICE}/": auth.Access.PUBLIC})
     server = grpc.aio.server(interceptors=[*tracing.server_interceptors(), ServerInterceptor(authenticator)])
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {
-        "Outer": grpc.unary_unary_rpc_method_handler(outer),
-        "Inner": grpc.unary_unary_rpc_method_handler(inner)})])
+        name: grpc.unary_unary_rpc_method_handler(handler, request_deserializer=StringValue.FromString,
+                                                  response_serializer=StringValue.SerializeToString)
+        for name, handler in (("Outer", outer), ("Inner", inner))})])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=tracing.client_interceptors()))
@@ -145,7 +152,7 @@ async def test_a_call_through_two_services_is_one_trace_and_its_log_lines_carry_
         log_lines: list[dict[str, Any]]) -> None:
     address, seen = echo_server
     async with grpc.aio.insecure_channel(address, interceptors=tracing.client_interceptors()) as channel:
-        assert await channel.unary_unary(f"/{SERVICE}/Outer")(b"hi", timeout=5) == b"hi"
+        assert await _stub(channel, "Outer")(StringValue(value="hi"), timeout=5) == StringValue(value="hi")
     finished = spans.get_finished_spans()
     by_kind = {(span.kind, span.name): span for span in finished}
     client_outer = by_kind[(SpanKind.CLIENT, f"/{SERVICE}/Outer")]
@@ -177,15 +184,15 @@ async def test_off_a_callers_traceparent_is_passed_through(
     address, seen = echo_server
     trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     async with grpc.aio.insecure_channel(address) as channel:
-        await channel.unary_unary(f"/{SERVICE}/Inner")(b"x", timeout=5,
-                                                         metadata=[("traceparent", f"00-{trace_id}-{span_id}-01")])
+        await _stub(channel, "Inner")(StringValue(value="x"), timeout=5,
+                                      metadata=[("traceparent", f"00-{trace_id}-{span_id}-01")])
     [line] = [line for line in log_lines if line["message"] == "rpc"]
     assert line["trace_id"] == trace_id and "span_id" not in line  # no span of its own: tracing is off
     assert seen["inner"]["traceparent"] == f"00-{trace_id}-{span_id}-01"
     # Without a traceparent, no trace id at all.
     log_lines.clear()
     async with grpc.aio.insecure_channel(address) as channel:
-        await channel.unary_unary(f"/{SERVICE}/Inner")(b"x", timeout=5)
+        await _stub(channel, "Inner")(StringValue(value="x"), timeout=5)
     [line] = [line for line in log_lines if line["message"] == "rpc"]
     assert "trace_id" not in line and seen["inner"] == {}
 
