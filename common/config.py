@@ -89,7 +89,8 @@ class Settings:
 
     token_key_dir: str = _setting("BANK_TOKEN_KEY_DIR", "", "folder of token keys: <name>.private.pem, <name>.public.pem "
                                   "(empty: <stack_dir>/keys)")
-    token_signing_key: str = _setting("BANK_TOKEN_SIGNING_KEY", "local-1", "name of the key that signs access tokens")
+    token_signing_key: str = _setting("BANK_TOKEN_SIGNING_KEY", "local-1", "name of the first key pair the local stack "
+                                      "creates; the key folder's one *.private.pem signs (python -m common.auth rotate)")
     token_generate_local_keys: bool = _setting("BANK_TOKEN_GENERATE_LOCAL_KEYS", True,
                                                "create a key pair and service token when missing (local stack only)")
     service_token: str = _setting("BANK_SERVICE_TOKEN", "", "shared secret for internal RPCs (empty: <key_dir>/service.token)")

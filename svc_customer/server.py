@@ -43,6 +43,16 @@ def _session(issued: IssuedSession) -> auth_pb2.Session:
                             refresh_token=issued.refresh_token, refresh_token_expire_time=refresh_expire)
 
 
+def _session_info(row: store.ActiveSession, caller: auth.Caller) -> auth_pb2.SessionInfo:
+    """What a customer sees of a session: times, never a token."""
+    info = auth_pb2.SessionInfo(session_id=str(row.session_id), current=str(row.session_id) == caller.session_id)
+    info.create_time.FromDatetime(row.create_time)
+    info.expire_time.FromDatetime(row.refresh_expire_time)
+    if row.last_refresh_time is not None:
+        info.last_refresh_time.FromDatetime(row.last_refresh_time)
+    return info
+
+
 class CustomerService(customer_pb2_grpc.CustomerServiceServicer):
     def __init__(self, use_cases: CustomerUseCases) -> None:
         self._uc = use_cases
@@ -81,6 +91,13 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
     async def Logout(self, request: auth_pb2.LogoutRequest, context: grpc.aio.ServicerContext) -> auth_pb2.LogoutResponse:
         await self._uc.logout(auth.current(), request.session_id)
         return auth_pb2.LogoutResponse()
+
+    async def ListSessions(self, request: auth_pb2.ListSessionsRequest,
+                           context: grpc.aio.ServicerContext) -> auth_pb2.ListSessionsResponse:
+        caller = auth.current()
+        rows, token = await self._uc.list_sessions(caller, request.customer_id, request.page_size, request.page_token)
+        return auth_pb2.ListSessionsResponse(sessions=[_session_info(row, caller) for row in rows],
+                                             next_page_token=token)
 
 
 class CustomerInternalService(customer_internal_pb2_grpc.CustomerInternalServiceServicer):

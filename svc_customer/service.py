@@ -26,7 +26,7 @@ from bank.events.v1 import events_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg_pool import AsyncConnectionPool
 
-from common import auth, events
+from common import auth, events, pagination
 from common.errors import DomainError
 from common.ids import new_id, parse_uuid, uuid7
 from svc_customer import store
@@ -292,6 +292,31 @@ class CustomerUseCases:
             await store.revoke_session(conn, sid, "logout")
         # After commit: from here on every token of the session is refused by every service.
         await self._revocations.revoke(str(sid))
+
+    async def list_sessions(self, caller: auth.Caller, customer_id: str, page_size: int,
+                            page_token: str) -> tuple[list[store.ActiveSession], str]:
+        """The customer's active sessions, newest first; nobody else's (a teller's neither)."""
+        size = pagination.page_size(page_size)
+        key = pagination.decode_token(page_token, 2)
+        cid = parse_uuid(customer_id)
+        if cid is None or caller.customer_id != str(cid):
+            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+        after = None
+        if key is not None:
+            after_id = parse_uuid(key[1]) if isinstance(key[1], str) else None
+            try:
+                after_time = datetime.fromisoformat(key[0]) if isinstance(key[0], str) else None
+            except ValueError:
+                after_time = None
+            if after_id is None or after_time is None:
+                raise pagination.invalid_token()
+            after = (after_time, after_id)
+        async with self._pool.connection() as conn:
+            rows = await store.list_active_sessions(conn, cid, after, size + 1)
+        page = rows[:size]
+        token = pagination.encode_token([page[-1].create_time.isoformat(), str(page[-1].session_id)]) \
+            if len(rows) > size else ""
+        return page, token
 
     async def customer_profile(self, customer_id: str) -> store.Customer:
         cid = parse_uuid(customer_id)

@@ -64,6 +64,14 @@ class Session:
     revoked_time: datetime | None
 
 
+@dataclass(frozen=True)
+class ActiveSession:
+    session_id: UUID
+    create_time: datetime
+    last_refresh_time: datetime | None
+    refresh_expire_time: datetime
+
+
 async def insert_customer(conn: AsyncConnection, customer_id: UUID, email: str, full_name: str,
                           phone_number: str | None) -> Customer:
     try:
@@ -219,3 +227,23 @@ async def revoke_session(conn: AsyncConnection, session_id: UUID, reason: str) -
         "UPDATE sessions SET revoked_time = now(), revoke_reason = %s WHERE session_id = %s AND revoked_time IS NULL",
         (reason, session_id),
     )
+
+
+async def list_active_sessions(conn: AsyncConnection, customer_id: UUID, after: tuple[datetime, UUID] | None,
+                               limit: int) -> list[ActiveSession]:
+    """The customer's sessions neither revoked nor expired, newest first, strictly after the key.
+    The first refresh token is written in the session's own transaction (same now()), so a later
+    one means a refresh."""
+    cursor = conn.cursor(row_factory=class_row(ActiveSession))
+    await cursor.execute(
+        "SELECT s.session_id, s.create_time, s.refresh_expire_time,"
+        " (SELECT NULLIF(max(r.create_time), s.create_time) FROM refresh_tokens r"
+        "  WHERE r.session_id = s.session_id) AS last_refresh_time"
+        " FROM sessions s JOIN credentials c USING (credential_id)"
+        " WHERE c.customer_id = %(customer_id)s AND s.revoked_time IS NULL AND s.refresh_expire_time > now()"
+        " AND (%(after_time)s::timestamptz IS NULL OR (s.create_time, s.session_id) < (%(after_time)s, %(after_id)s))"
+        " ORDER BY s.create_time DESC, s.session_id DESC LIMIT %(limit)s",
+        {"customer_id": customer_id, "after_time": after[0] if after else None,
+         "after_id": after[1] if after else None, "limit": limit},
+    )
+    return await cursor.fetchall()

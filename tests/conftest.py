@@ -1,17 +1,25 @@
 """The one stack fixture: the session starts the local stack through the launcher's own code
 (`devstack.stack.Stack.up`), reusing whatever already runs and is healthy (a developer's
-`make up`), and stops at the end exactly what it started."""
+`make up`), and stops at the end exactly what it started.
+
+And the end-of-session check that no log of the stack holds a secret the tests used
+(tests/secret_scan.py): it fails the run if one does."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from common import config
+from devstack.components import Paths
 from devstack.stack import Stack
+from tests import secret_scan
+
+_log_sizes: dict[Path, int] = {}
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +35,32 @@ def stack(settings: config.Settings) -> Iterator[Stack]:
         yield s
     finally:
         s.down(started)
+
+
+def _logs() -> Path:
+    return Paths(Path(config.load().stack_dir)).logs
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    settings = config.load()
+    _log_sizes.update(secret_scan.log_sizes(_logs()) if _logs().is_dir() else {})
+    secret_scan.REGISTRY.remember(settings.teller_password)
+    token_file = Path(settings.key_dir) / "service.token"
+    secret_scan.REGISTRY.remember(settings.service_token or (token_file.read_text().strip() if token_file.is_file() else ""))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fails the run if a log written during it holds a secret the tests used, or anything
+    shaped like a token or a private key."""
+    if not _logs().is_dir():
+        return
+    findings = secret_scan.scan(_logs(), _log_sizes, secret_scan.REGISTRY)
+    if findings:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = secret_scan.report(findings)
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(text, red=True)
+        else:
+            print(text, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import Settings
+from tests.secret_scan import REGISTRY
 
 ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
 STRONG_PASSWORD = "correct-horse-battery-staple"
@@ -38,6 +39,18 @@ class Response:
 
 def rest(settings: Settings, method: str, path: str, body: Any = None, token: str | None = None,
          headers: dict[str, str] | None = None) -> Response:
+    """One REST call through Envoy. Every secret it carries or brings back is remembered, so
+    the end of the session can check that no log holds it (tests/secret_scan.py)."""
+    REGISTRY.remember_fields(body)
+    for secret in [token or "", *(v.partition(" ")[2] for k, v in (headers or {}).items() if k.lower() == "authorization")]:
+        REGISTRY.remember(secret)
+    response = _rest(settings, method, path, body, token, headers)
+    REGISTRY.remember_fields(response.body)
+    return response
+
+
+def _rest(settings: Settings, method: str, path: str, body: Any, token: str | None,
+          headers: dict[str, str] | None) -> Response:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{settings.envoy_port}{path}", data=data, method=method)
     request.add_header("Content-Type", "application/json")
@@ -85,6 +98,7 @@ def wait_for_verification_code(settings: Settings, email: str, timeout_s: float 
         if found:
             match = re.search(r"^Verification code: (\d+)\s*$", mailpit_text(settings, found[0]["ID"]), re.MULTILINE)
             assert match, "the email has no 'Verification code: <code>' line"
+            REGISTRY.remember_code(match.group(1), email)
             return match.group(1)
         time.sleep(0.1)
     raise AssertionError(f"no verification email for {email} in Mailpit after {timeout_s}s")
@@ -115,6 +129,7 @@ def register(settings: Settings, email: str | None = None) -> dict[str, Any]:
 
 def verify(settings: Settings, customer: dict[str, Any]) -> str:
     code = wait_for_verification_code(settings, customer["email"])
+    REGISTRY.remember_code(code, customer["customer_id"])
     response = rest(settings, "POST", f"/v1/customers/{customer['customer_id']}:verifyEmail", {"code": code})
     assert response.status == 200, response.body
     return str(response.body["enrollment_token"])

@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61nk/auth/v1/auth.proto\x12\x0c\x62\x61nk.auth.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\nCredential\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"\xdc\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x03 \x01(\t\x12<\n\x18\x61\x63\x63\x65ss_token_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x05 \x01(\t\x12=\n\x19refresh_token_expire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\x17\x43reateCredentialRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12:\n\x08username\x18\x02 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9._-]{2,31}$\x12l\n\x08password\x18\x03 \x01(\tBZ\xbaHW\xba\x01T\n\rWEAK_PASSWORD\x12\x1cmust be 10 to 128 characters\x1a%size(this) >= 10 && size(this) <= 128\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\".\n\x15RefreshSessionRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"/\n\rLogoutRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"\x10\n\x0eLogoutResponse2\xaa\x03\n\x0b\x41uthService\x12o\n\x10\x43reateCredential\x12%.bank.auth.v1.CreateCredentialRequest\x1a\x18.bank.auth.v1.Credential\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/credentials:\x01*\x12S\n\x05Login\x12\x1a.bank.auth.v1.LoginRequest\x1a\x15.bank.auth.v1.Session\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/sessions:\x01*\x12m\n\x0eRefreshSession\x12#.bank.auth.v1.RefreshSessionRequest\x1a\x15.bank.auth.v1.Session\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/sessions:refresh:\x01*\x12\x66\n\x06Logout\x12\x1b.bank.auth.v1.LogoutRequest\x1a\x1c.bank.auth.v1.LogoutResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/sessions/{session_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61nk/auth/v1/auth.proto\x12\x0c\x62\x61nk.auth.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"3\n\nCredential\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"\xdc\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x03 \x01(\t\x12<\n\x18\x61\x63\x63\x65ss_token_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrefresh_token\x18\x05 \x01(\t\x12=\n\x19refresh_token_expire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\x17\x43reateCredentialRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12:\n\x08username\x18\x02 \x01(\tB(\xbaH%r#2!^[A-Za-z0-9][A-Za-z0-9._-]{2,31}$\x12l\n\x08password\x18\x03 \x01(\tBZ\xbaHW\xba\x01T\n\rWEAK_PASSWORD\x12\x1cmust be 10 to 128 characters\x1a%size(this) >= 10 && size(this) <= 128\"2\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\".\n\x15RefreshSessionRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"/\n\rLogoutRequest\x12\x1e\n\nsession_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"\x10\n\x0eLogoutResponse\"\xe8\x01\n\x13ListSessionsRequest\x12\x1f\n\x0b\x63ustomer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12M\n\tpage_size\x18\x02 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x03 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"\\\n\x14ListSessionsResponse\x12+\n\x08sessions\x18\x01 \x03(\x0b\x32\x19.bank.auth.v1.SessionInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xcb\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_refresh_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63urrent\x18\x05 \x01(\x08\x32\xb0\x04\n\x0b\x41uthService\x12o\n\x10\x43reateCredential\x12%.bank.auth.v1.CreateCredentialRequest\x1a\x18.bank.auth.v1.Credential\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/credentials:\x01*\x12S\n\x05Login\x12\x1a.bank.auth.v1.LoginRequest\x1a\x15.bank.auth.v1.Session\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/sessions:\x01*\x12m\n\x0eRefreshSession\x12#.bank.auth.v1.RefreshSessionRequest\x1a\x15.bank.auth.v1.Session\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/sessions:refresh:\x01*\x12\x66\n\x06Logout\x12\x1b.bank.auth.v1.LogoutRequest\x1a\x1c.bank.auth.v1.LogoutResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/sessions/{session_id}\x12\x83\x01\n\x0cListSessions\x12!.bank.auth.v1.ListSessionsRequest\x1a\".bank.auth.v1.ListSessionsResponse\",\x82\xd3\xe4\x93\x02&\x12$/v1/customers/{customer_id}/sessionsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATECREDENTIALREQUEST'].fields_by_name['password']._serialized_options = b'\272HW\272\001T\n\rWEAK_PASSWORD\022\034must be 10 to 128 characters\032%size(this) >= 10 && size(this) <= 128'
   _globals['_LOGOUTREQUEST'].fields_by_name['session_id']._loaded_options = None
   _globals['_LOGOUTREQUEST'].fields_by_name['session_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['customer_id']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['customer_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H7\272\0014\n\021INVALID_PAGE_SIZE\022\024must not be negative\032\tthis >= 0'
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTSESSIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272HJ\272\001G\n\022INVALID_PAGE_TOKEN\022\036must be at most 512 characters\032\021size(this) <= 512'
   _globals['_AUTHSERVICE'].methods_by_name['CreateCredential']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['CreateCredential']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/credentials:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
@@ -48,6 +54,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['RefreshSession']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/sessions:refresh:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Logout']._serialized_options = b'\202\323\344\223\002\033*\031/v1/sessions/{session_id}'
+  _globals['_AUTHSERVICE'].methods_by_name['ListSessions']._loaded_options = None
+  _globals['_AUTHSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\202\323\344\223\002&\022$/v1/customers/{customer_id}/sessions'
   _globals['_CREDENTIAL']._serialized_start=133
   _globals['_CREDENTIAL']._serialized_end=184
   _globals['_SESSION']._serialized_start=187
@@ -62,6 +70,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGOUTREQUEST']._serialized_end=780
   _globals['_LOGOUTRESPONSE']._serialized_start=782
   _globals['_LOGOUTRESPONSE']._serialized_end=798
-  _globals['_AUTHSERVICE']._serialized_start=801
-  _globals['_AUTHSERVICE']._serialized_end=1227
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=801
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1033
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1035
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1127
+  _globals['_SESSIONINFO']._serialized_start=1130
+  _globals['_SESSIONINFO']._serialized_end=1333
+  _globals['_AUTHSERVICE']._serialized_start=1336
+  _globals['_AUTHSERVICE']._serialized_end=1896
 # @@protoc_insertion_point(module_scope)

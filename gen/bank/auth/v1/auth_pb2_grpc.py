@@ -56,6 +56,11 @@ class AuthServiceStub:
                 request_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
                 response_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/bank.auth.v1.AuthService/ListSessions',
+                request_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -103,6 +108,17 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """Lists the caller's active sessions (neither revoked nor expired), newest first, paginated:
+        when each was opened, last refreshed and expires; never token material. Pair it with Logout
+        to end a session on a lost device. Auth; a customer lists only their own sessions.
+        Errors: 401 UNAUTHENTICATED; 404 NOT_FOUND CUSTOMER_NOT_FOUND for any customer_id other
+        than the caller's; 400 INVALID_ARGUMENT for a negative page_size or a bad page_token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +141,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.Logout,
                     request_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.LogoutRequest.FromString,
                     response_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.LogoutResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsRequest.FromString,
+                    response_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -237,6 +258,33 @@ class AuthService:
             '/bank.auth.v1.AuthService/Logout',
             bank_dot_auth_dot_v1_dot_auth__pb2.LogoutRequest.SerializeToString,
             bank_dot_auth_dot_v1_dot_auth__pb2.LogoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.auth.v1.AuthService/ListSessions',
+            bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsRequest.SerializeToString,
+            bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

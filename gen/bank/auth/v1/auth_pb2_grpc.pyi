@@ -62,6 +62,13 @@ class AuthServiceStub:
     Errors: 401 UNAUTHENTICATED without a valid access token; 404 NOT_FOUND for a session that
     is not the caller's.
     """
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]
+    """Lists the caller's active sessions (neither revoked nor expired), newest first, paginated:
+    when each was opened, last refreshed and expires; never token material. Pair it with Logout
+    to end a session on a lost device. Auth; a customer lists only their own sessions.
+    Errors: 401 UNAUTHENTICATED; 404 NOT_FOUND CUSTOMER_NOT_FOUND for any customer_id other
+    than the caller's; 400 INVALID_ARGUMENT for a negative page_size or a bad page_token.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -93,6 +100,13 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Auth. Revoking an already revoked session of the caller succeeds (safe to retry).
     Errors: 401 UNAUTHENTICATED without a valid access token; 404 NOT_FOUND for a session that
     is not the caller's.
+    """
+    ListSessions: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListSessionsRequest, _auth_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """Lists the caller's active sessions (neither revoked nor expired), newest first, paginated:
+    when each was opened, last refreshed and expires; never token material. Pair it with Logout
+    to end a session on a lost device. Auth; a customer lists only their own sessions.
+    Errors: 401 UNAUTHENTICATED; 404 NOT_FOUND CUSTOMER_NOT_FOUND for any customer_id other
+    than the caller's; 400 INVALID_ARGUMENT for a negative page_size or a bad page_token.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -146,6 +160,19 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         Auth. Revoking an already revoked session of the caller succeeds (safe to retry).
         Errors: 401 UNAUTHENTICATED without a valid access token; 404 NOT_FOUND for a session that
         is not the caller's.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _auth_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListSessionsResponse, _abc.Awaitable[_auth_pb2.ListSessionsResponse]]:
+        """Lists the caller's active sessions (neither revoked nor expired), newest first, paginated:
+        when each was opened, last refreshed and expires; never token material. Pair it with Logout
+        to end a session on a lost device. Auth; a customer lists only their own sessions.
+        Errors: 401 UNAUTHENTICATED; 404 NOT_FOUND CUSTOMER_NOT_FOUND for any customer_id other
+        than the caller's; 400 INVALID_ARGUMENT for a negative page_size or a bad page_token.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
