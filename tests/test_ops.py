@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -263,3 +265,21 @@ def test_one_transfer_can_be_followed_through_the_logs(settings: Settings) -> No
     handled = [line for line in lines if line.get("message") == "event handled"]
     assert {line["event_type"] for line in handled} == {"bank.events.v1.MoneyMoved"}
     assert len({line["event_id"] for line in handled}) == 1, "both consumers handled the one event of the transfer"
+
+
+def test_log_level_per_service_from_the_environment() -> None:
+    """BANK_<SERVICE>_LOG_LEVEL over BANK_LOG_LEVEL, as common/server.py sets each process up."""
+    code = ("import logging\n"
+            "from common import config, logging as bank_logging\n"
+            "settings = config.load()\n"
+            "for name in ('notify', 'account'):\n"
+            "    bank_logging.setup(f'svc_{name}', settings.service_log_level(name))\n"
+            "    logging.getLogger('x').info('info line')\n"
+            "    logging.getLogger('x').warning('warning line')\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOG_LEVEL")}
+    env.update(BANK_LOG_LEVEL="WARNING", BANK_ACCOUNT_LOG_LEVEL="info")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = [(line["service"], line["level"]) for line in map(json.loads, result.stdout.splitlines())]
+    assert lines == [("svc_notify", "WARNING"), ("svc_account", "INFO"), ("svc_account", "WARNING")]
