@@ -65,6 +65,14 @@ class Settings:
     envoy_port: int = _setting("BANK_ENVOY_PORT", 8080, "public gateway: REST/JSON and gRPC")
     envoy_admin_port: int = _setting("BANK_ENVOY_ADMIN_PORT", 9901, "Envoy admin (loopback only)")
     envoy_route_timeout_s: float = _setting("BANK_ENVOY_ROUTE_TIMEOUT_S", 10.0, "timeout of every Envoy route")
+    envoy_tls_port: int = _setting("BANK_ENVOY_TLS_PORT", 8443, "public gateway over TLS: REST/JSON and gRPC, same routes")
+    tls_cert_file: str = _setting("BANK_TLS_CERT_FILE", "", "certificate chain (PEM) Envoy serves on the TLS port "
+                                  "(empty: a local CA's certificate for localhost, made by devstack in <stack_dir>/tls)")
+    tls_key_file: str = _setting("BANK_TLS_KEY_FILE", "", "private key (PEM) of BANK_TLS_CERT_FILE (empty: devstack's)")
+    # Envoy's global token bucket, shared by every request on both ports: a flood guard well above
+    # the bank's measured peak (~900 requests/s), not a per-client quota.
+    envoy_rate_limit_rps: int = _setting("BANK_ENVOY_RATE_LIMIT_RPS", 2000, "requests/s Envoy admits in total (refill)")
+    envoy_rate_limit_burst: int = _setting("BANK_ENVOY_RATE_LIMIT_BURST", 2000, "requests Envoy admits at once (bucket)")
 
     customer_grpc_port: int = _setting("BANK_CUSTOMER_GRPC_PORT", 50051, "svc_customer gRPC port")
     account_grpc_port: int = _setting("BANK_ACCOUNT_GRPC_PORT", 50052, "svc_account gRPC port")
@@ -96,6 +104,24 @@ class Settings:
     service_token: str = _setting("BANK_SERVICE_TOKEN", "", "shared secret for internal RPCs (empty: <key_dir>/service.token)")
     access_token_ttl_s: int = _setting("BANK_ACCESS_TOKEN_TTL_S", 900, "access token lifetime")
     refresh_token_ttl_s: int = _setting("BANK_REFRESH_TOKEN_TTL_S", 30 * 24 * 3600, "refresh token lifetime")
+    # Failed attempts counted in Redis over a sliding window (common/ratelimit.py); 0 turns a
+    # limit off. Why failures only, and these numbers: docs/decisions/0010.
+    login_failures_per_username_max: int = _setting("BANK_LOGIN_FAILURES_PER_USERNAME_MAX", 10,
+                                                     "failed logins of one username per window, then 429")
+    login_failures_per_username_window_s: int = _setting("BANK_LOGIN_FAILURES_PER_USERNAME_WINDOW_S", 900,
+                                                         "window of BANK_LOGIN_FAILURES_PER_USERNAME_MAX")
+    login_failures_per_address_max: int = _setting("BANK_LOGIN_FAILURES_PER_ADDRESS_MAX", 100,
+                                                   "failed logins from one client address (IPv6: its /64) per window")
+    login_failures_per_address_window_s: int = _setting("BANK_LOGIN_FAILURES_PER_ADDRESS_WINDOW_S", 900,
+                                                        "window of BANK_LOGIN_FAILURES_PER_ADDRESS_MAX")
+    verify_failures_per_address_max: int = _setting("BANK_VERIFY_FAILURES_PER_ADDRESS_MAX", 20,
+                                                    "wrong email verification codes from one client address per window "
+                                                    "(per customer: 5 ever, in Postgres)")
+    verify_failures_per_address_window_s: int = _setting("BANK_VERIFY_FAILURES_PER_ADDRESS_WINDOW_S", 900,
+                                                         "window of BANK_VERIFY_FAILURES_PER_ADDRESS_MAX")
+    rate_limit_exempt_addresses: str = _setting("BANK_RATE_LIMIT_EXEMPT_ADDRESSES", "127.0.0.1,::1",
+                                                "client addresses/CIDRs never limited per address: the gateway's own "
+                                                "host (per-username limits still apply)")
 
     grpc_shutdown_grace_s: float = _setting("BANK_GRPC_SHUTDOWN_GRACE_S", 5.0, "time in-flight RPCs get to finish on SIGTERM")
     teller_username: str = _setting("BANK_TELLER_USERNAME", "teller", "the local stack's teller login")

@@ -1,16 +1,18 @@
 """The one mapping from domain errors to gRPC statuses.
 
 Use cases raise DomainError with a gRPC code and a stable reason from ../shared/API.md; the
-interceptor turns it into a google.rpc.Status carrying an ErrorInfo (domain "simplebank") and,
-for invalid fields, a BadRequest. Envoy renders that status as JSON with the matching HTTP code.
+interceptor turns it into a google.rpc.Status carrying an ErrorInfo (domain "simplebank"), for
+invalid fields a BadRequest, and for a call worth retrying later (a rate limit) a RetryInfo.
+Envoy renders that status as JSON with the matching HTTP code.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -25,6 +27,7 @@ class DomainError(Exception):
         message: str,
         metadata: Mapping[str, str] | None = None,
         field_violations: Sequence[tuple[str, str]] = (),
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -32,6 +35,8 @@ class DomainError(Exception):
         self.message = message
         self.metadata = dict(metadata or {})
         self.field_violations = list(field_violations)
+        # When the same call may succeed again (a rate limit): a google.rpc.RetryInfo detail.
+        self.retry_after_s = retry_after_s
 
     def to_status(self) -> grpc.Status:
         details = []
@@ -44,6 +49,12 @@ class DomainError(Exception):
                 error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in self.field_violations
             ]))
             details.append(bad)
+        if self.retry_after_s is not None:
+            retry = any_pb2.Any()
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(max(1, math.ceil(self.retry_after_s * 1000)))
+            retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+            details.append(retry)
         proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(proto)
 
@@ -81,3 +92,13 @@ def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
             return info
     return None
 
+
+
+def retry_info(status: status_pb2.Status) -> error_details_pb2.RetryInfo | None:
+    """The RetryInfo detail of a google.rpc.Status, if any (how long a rate-limited caller waits)."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info
+    return None

@@ -1,4 +1,4 @@
-"""The local stack launcher: `python -m devstack up|run|down|status|logs|env|envoy-config`.
+"""The local stack launcher: `python -m devstack up|run|down|status|logs|env|envoy-config|tls`.
 
 `make up`, `make run` and `make down` are thin aliases. Every setting comes from the
 environment (see `python -m devstack env`).
@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from common import config
-from devstack import install, proc
+from devstack import install, proc, tls
 from devstack.components import envoy_config
 from devstack.stack import Stack, StackError
 
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     envoy = sub.add_parser("envoy-config", help="render the Envoy config")
     envoy.add_argument("--compose", action="store_true", help="for docker-compose (service hostnames)")
     envoy.add_argument("--k8s", action="store_true", help="for Kubernetes, deploy/k8s (headless Service names)")
+    tls_cmd = sub.add_parser("tls", help="make the local CA and Envoy's localhost certificate if missing or expiring")
+    tls_cmd.add_argument("--dir", help="where (default: <stack_dir>/tls)")
+    tls_cmd.add_argument("--owner", type=int, help="uid to own the files (docker-compose: Envoy's)")
     args = parser.parse_args(argv)
 
     settings = config.load()
@@ -107,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "env":
         for name, default, doc in config.documented():
             print(f"{name}={default}\n    {doc}")
+        return 0
+    if args.command == "tls":
+        files = tls.LocalTls(Path(args.dir)) if args.dir else tls.local(settings)
+        made = tls.ensure(files, owner_uid=args.owner)
+        print(f"{'made' if made else 'kept'}: {files.cert} (CA for clients: {files.ca_cert})", file=sys.stderr)
         return 0
     if args.command == "envoy-config":
         print(envoy_config(settings, compose=args.compose, k8s=args.k8s), end="")

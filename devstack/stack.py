@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from common.config import REPO_ROOT, Settings
-from devstack import proc
+from devstack import proc, tls
 from devstack.components import Component, Paths, all_components, endpoint
 
 HEALTH_POLL_S = 0.5
@@ -199,6 +199,8 @@ class Stack:
         s = self.settings
         rows = [
             ("REST + gRPC gateway (Envoy)", f"http://127.0.0.1:{s.envoy_port}"),
+            ("...over TLS", f"https://localhost:{s.envoy_tls_port}"
+                            + ("" if s.tls_cert_file else f"  (CA: {tls.local(s).ca_cert})")),
             ("svc_customer gRPC", f"127.0.0.1:{s.customer_grpc_port}  (metrics :{s.customer_metrics_port})"),
             ("svc_account gRPC", f"127.0.0.1:{s.account_grpc_port}  (metrics :{s.account_metrics_port})"),
             ("svc_transfer gRPC", f"127.0.0.1:{s.transfer_grpc_port}  (metrics :{s.transfer_metrics_port})"),

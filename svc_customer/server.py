@@ -11,11 +11,11 @@ from bank.auth.v1 import auth_pb2, auth_pb2_grpc
 from bank.customer.v1 import customer_internal_pb2, customer_internal_pb2_grpc, customer_pb2, customer_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from common import auth, server
+from common import auth, ratelimit, server
 from common.grpcutil import service_name
 from common.outbox import OutboxRelay
 from svc_customer import store
-from svc_customer.service import CustomerUseCases, IssuedSession
+from svc_customer.service import CustomerUseCases, IssuedSession, Throttle
 
 ACCESS = {
     "/bank.customer.v1.CustomerService/RegisterCustomer": auth.Access.PUBLIC,
@@ -32,6 +32,10 @@ def _customer(row: store.Customer) -> customer_pb2.Customer:
                                     email_verified=row.email_verified)
     message.create_time.FromDatetime(row.create_time)
     return message
+
+
+def _client_address(context: grpc.aio.ServicerContext) -> str:
+    return ratelimit.client_address(context.invocation_metadata() or (), context.peer())
 
 
 def _session(issued: IssuedSession) -> auth_pb2.Session:
@@ -63,7 +67,7 @@ class CustomerService(customer_pb2_grpc.CustomerServiceServicer):
 
     async def VerifyEmail(self, request: customer_pb2.VerifyEmailRequest,
                           context: grpc.aio.ServicerContext) -> customer_pb2.VerifyEmailResponse:
-        customer, token = await self._uc.verify_email(request.customer_id, request.code)
+        customer, token = await self._uc.verify_email(request.customer_id, request.code, _client_address(context))
         return customer_pb2.VerifyEmailResponse(customer=_customer(customer), enrollment_token=token)
 
     async def GetCustomer(self, request: customer_pb2.GetCustomerRequest,
@@ -82,7 +86,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.Credential(customer_id=customer_id, username=username)
 
     async def Login(self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext) -> auth_pb2.Session:
-        return _session(await self._uc.login(request.username, request.password))
+        return _session(await self._uc.login(request.username, request.password, _client_address(context)))
 
     async def RefreshSession(self, request: auth_pb2.RefreshSessionRequest,
                              context: grpc.aio.ServicerContext) -> auth_pb2.Session:
@@ -126,7 +130,8 @@ class TellerBootstrap:
 
 def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[str]:
     s = resources.settings
-    use_cases = CustomerUseCases(resources.pool, resources.keys, resources.revocations,
+    throttle = Throttle.from_settings(ratelimit.SlidingWindow(resources.redis), s)
+    use_cases = CustomerUseCases(resources.pool, resources.keys, resources.revocations, throttle,
                                  s.access_token_ttl_s, s.refresh_token_ttl_s)
     customer_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(use_cases), grpc_server)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(use_cases), grpc_server)

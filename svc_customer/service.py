@@ -3,7 +3,9 @@
 Each function reads like the rules of ../shared/API.md. Costs: registration and verification
 are one Postgres transaction each (the event goes to the outbox in it); login is one read, one
 argon2id verification (~tens of ms of CPU, run off the event loop) and one transaction;
-refresh is one transaction; logout is one transaction and one Redis write.
+refresh is one transaction; logout is one transaction and one Redis write. Login and
+verification also ask Redis about failed attempts (one script call before, one more after a
+failure or a login): see Throttle.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
@@ -26,7 +29,8 @@ from bank.events.v1 import events_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg_pool import AsyncConnectionPool
 
-from common import auth, events, pagination
+from common import auth, events, pagination, ratelimit
+from common.config import Settings
 from common.errors import DomainError
 from common.ids import new_id, parse_uuid, uuid7
 from svc_customer import store
@@ -41,6 +45,9 @@ EMAIL_MAX_LENGTH = 254
 FULL_NAME_MAX_LENGTH = 100
 PASSWORD_MIN_LENGTH = 10
 PASSWORD_MAX_LENGTH = 128  # argon2 takes any length; a bound keeps a request from buying CPU
+# Password verifications at once per process: argon2id is CPU-bound (more than the cores only
+# queue) and 19 MiB each; the bound also caps how many guesses pass a throttle check together.
+LOGINS_IN_FLIGHT_MAX = 8
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{2,31}$")
 EMAIL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]+@[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$")
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -73,6 +80,41 @@ def _sha256(value: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class Throttle:
+    """Failed attempts, counted in Redis per username and per client address (docs/decisions/0010).
+    Only failures count, so a customer's own logins never run into a limit."""
+
+    limiter: ratelimit.SlidingWindow
+    login_by_username: ratelimit.Limit
+    login_by_address: ratelimit.Limit
+    verify_by_address: ratelimit.Limit
+    exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def from_settings(cls, limiter: ratelimit.SlidingWindow, s: Settings) -> Throttle:
+        return cls(
+            limiter,
+            login_by_username=ratelimit.Limit("login_failures_by_username", s.login_failures_per_username_max,
+                                              s.login_failures_per_username_window_s),
+            login_by_address=ratelimit.Limit("login_failures_by_address", s.login_failures_per_address_max,
+                                             s.login_failures_per_address_window_s),
+            verify_by_address=ratelimit.Limit("verify_failures_by_address", s.verify_failures_per_address_max,
+                                              s.verify_failures_per_address_window_s),
+            exempt=ratelimit.parse_networks(s.rate_limit_exempt_addresses),
+        )
+
+    def by_address(self, limit: ratelimit.Limit, client_address: str) -> list[ratelimit.Count]:
+        if ratelimit.is_exempt(client_address, self.exempt):
+            return []
+        return [ratelimit.Count(limit, ratelimit.address_subject(client_address))]
+
+    async def check(self, counts: list[ratelimit.Count]) -> None:
+        retry_after_s = await self.limiter.retry_after_s(counts)
+        if retry_after_s > 0:
+            raise ratelimit.rate_limited(retry_after_s)
+
+
+@dataclass(frozen=True)
 class IssuedSession:
     session_id: str
     customer_id: str
@@ -82,9 +124,11 @@ class IssuedSession:
 
 
 class CustomerUseCases:
-    def __init__(self, pool: AsyncConnectionPool, keys: auth.KeyRing, revocations: auth.Revocations,
+    def __init__(self, pool: AsyncConnectionPool, keys: auth.KeyRing, revocations: auth.Revocations, throttle: Throttle,
                  access_ttl_s: int, refresh_ttl_s: int, common_passwords_file: Path = COMMON_PASSWORDS_FILE) -> None:
         self._pool = pool
+        self._throttle = throttle
+        self._login_slots = asyncio.Semaphore(LOGINS_IN_FLIGHT_MAX)
         self._issuer = auth.TokenIssuer(keys, access_ttl_s)
         self._revocations = revocations
         self._refresh_ttl = timedelta(seconds=refresh_ttl_s)
@@ -126,12 +170,16 @@ class CustomerUseCases:
             await events.append(conn, events.OutboxEvent(events.CUSTOMER_TOPIC, str(customer_id), event))
         return customer
 
-    async def verify_email(self, customer_id: str, code: str) -> tuple[store.Customer, str]:
+    async def verify_email(self, customer_id: str, code: str, client_address: str) -> tuple[store.Customer, str]:
         cid = parse_uuid(customer_id)
         if cid is None:
             raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
         if not code.isdigit() or len(code) != CODE_DIGITS:
             raise _invalid("code", f"must be the {CODE_DIGITS}-digit code from the email", "INVALID_CODE")
+        # Wrong codes per customer are capped in Postgres (TOO_MANY_ATTEMPTS, for good); per client
+        # address, here: someone guessing across many registrations.
+        by_address = self._throttle.by_address(self._throttle.verify_by_address, client_address)
+        await self._throttle.check(by_address)
         failure: DomainError | None = None
         enrollment_token = secrets.token_urlsafe(32)
         async with self._pool.connection() as conn, conn.transaction():
@@ -157,6 +205,7 @@ class CustomerUseCases:
                                                  create_time=_timestamp(datetime.now(UTC)))
                 await events.append(conn, events.OutboxEvent(events.CUSTOMER_TOPIC, str(cid), event))
         if failure is not None:
+            await self._throttle.limiter.record(by_address)
             raise failure
         return customer, enrollment_token
 
@@ -225,18 +274,30 @@ class CustomerUseCases:
 
     # --- sessions -------------------------------------------------------------------------
 
-    async def login(self, username: str, password: str) -> IssuedSession:
+    async def login(self, username: str, password: str, client_address: str) -> IssuedSession:
         username = username.strip().lower()
         bad = DomainError(grpc.StatusCode.UNAUTHENTICATED, "BAD_CREDENTIALS", "wrong username or password")
-        if len(username) > 64 or len(password) > PASSWORD_MAX_LENGTH:
-            await asyncio.to_thread(_verifies, _DUMMY_HASH, password[:PASSWORD_MAX_LENGTH])
-            raise bad
-        async with self._pool.connection() as conn:
-            credential = await store.get_credential(conn, username)
-        # The same work whether or not the user exists, so timing tells nothing.
-        ok = await asyncio.to_thread(_verifies, credential.password_hash if credential else _DUMMY_HASH, password)
-        if credential is None or not ok:
-            raise bad
+        # Unknown usernames count too: a limit that only known ones hit would tell which exist.
+        by_username = [ratelimit.Count(self._throttle.login_by_username, username)]
+        failures = by_username + self._throttle.by_address(self._throttle.login_by_address, client_address)
+        async with self._login_slots:
+            # Checked once a slot is free: guesses sent in parallel cannot all pass one check
+            # before the first failure is counted; at most LOGINS_IN_FLIGHT_MAX can.
+            await self._throttle.check(failures)
+            credential: store.Credential | None = None
+            if len(username) > 64 or len(password) > PASSWORD_MAX_LENGTH:
+                ok = await asyncio.to_thread(_verifies, _DUMMY_HASH, password[:PASSWORD_MAX_LENGTH])
+            else:
+                async with self._pool.connection() as conn:
+                    credential = await store.get_credential(conn, username)
+                # The same work whether or not the user exists, so timing tells nothing.
+                ok = await asyncio.to_thread(_verifies, credential.password_hash if credential else _DUMMY_HASH,
+                                             password)
+            if credential is None or not ok:
+                await self._throttle.limiter.record(failures)
+                raise bad
+        # The right password ends a run of the username's failures (an address's stay counted).
+        await self._throttle.limiter.clear(by_username)
         if HASHER.check_needs_rehash(credential.password_hash):
             new_hash = await asyncio.to_thread(HASHER.hash, password)
             async with self._pool.connection() as conn:

