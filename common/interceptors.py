@@ -16,7 +16,7 @@ import grpc
 import protovalidate
 from google.protobuf.message import Message
 
-from common import auth, metrics, tracing
+from common import auth, input_guard, metrics, tracing
 from common.errors import DomainError, internal, not_implemented
 from common.logging import fields, request_id_var
 
@@ -110,6 +110,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 caller = await authenticator.authenticate(full_method, context.invocation_metadata() or ())
                 auth.set_current(caller)
+                input_guard.check(request)
                 # After authentication: a caller without a valid token learns nothing about input.
                 check_rules(request)
                 return await inner(request, context)
@@ -145,6 +146,6 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             wrapper,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=input_guard.tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

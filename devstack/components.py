@@ -342,8 +342,8 @@ def _mailpit(s: Settings, p: Paths) -> list[str]:
 
 def envoy_config(s: Settings, compose: bool = False, k8s: bool = False) -> str:
     """The Envoy config for these settings: the local stack (loopback), docker-compose
-    (upstreams by service name, descriptor mounted at /etc/envoy) or Kubernetes (deploy/k8s:
-    upstreams by headless Service name, descriptor at /etc/envoy too)."""
+    (upstreams by service name, descriptor and OpenAPI document mounted at /etc/envoy) or
+    Kubernetes (deploy/k8s: upstreams by headless Service name, files at /etc/envoy too)."""
     def endpoint(host: str, port: int) -> str:
         return f"{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}"
 
@@ -359,9 +359,10 @@ def envoy_config(s: Settings, compose: bool = False, k8s: bool = False) -> str:
     container = compose or k8s
     listen_host = "0.0.0.0" if container else s.bind_host
     descriptor = Path("/etc/envoy/bank.pb") if container else REPO_ROOT / "gen" / "bank.pb"
+    openapi = Path("/etc/envoy/bank.swagger.json") if container else REPO_ROOT / "gen" / "bank.swagger.json"
     return Template((REPO_ROOT / "envoy" / "envoy.yaml.tmpl").read_text()).substitute(
         admin_host=listen_host if container else "127.0.0.1", admin_port=s.envoy_admin_port, listen_host=listen_host,
-        port=s.envoy_port, route_timeout=f"{s.envoy_route_timeout_s:g}s", descriptor=descriptor,
+        port=s.envoy_port, route_timeout=f"{s.envoy_route_timeout_s:g}s", descriptor=descriptor, openapi=openapi,
         tls_port=s.envoy_tls_port, **_envoy_tls_files(s, container), **_envoy_token_bucket(s), **endpoints,
     )
 

@@ -26,6 +26,8 @@ GO_TOOLS = {
     # kustomize 5.8.3 needs Go 1.27; 5.8.2 builds with the Go 1.26 the machines have.
     "kustomize": "sigs.k8s.io/kustomize/kustomize/v5@v5.8.2",
     "kubeconform": "github.com/yannh/kubeconform/cmd/kubeconform@v0.8.0",
+    # protoc plugin for gen/bank.swagger.json (scripts/gen_protos.py builds it when missing).
+    "protoc-gen-openapiv2": "github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-openapiv2@v2.33.0",
 }
 
 # apt and dpkg hold one lock; two components installing at once would collide on it.

@@ -16,6 +16,10 @@ Output, all under gen/ (which goes on sys.path; modules import each other as
 - gen/bank.pb: the descriptor set Envoy's gRPC-JSON transcoder loads. It also holds
   google/rpc/status.proto and error_details.proto, named explicitly, so Envoy can render
   google.rpc.Status details (ErrorInfo, BadRequest) as JSON.
+- gen/bank.swagger.json: the OpenAPI (Swagger 2.0) document of the public REST API, by
+  protoc-gen-openapiv2 (built by devstack into the stack's bin/ at a pinned version) and
+  finished by openapi_doc.py (buf.validate rules, error statuses, bearer auth). Envoy serves it
+  at /openapi.json.
 
 Everything is generated into a temporary directory first: a protoc failure leaves gen/ as it
 was, and --check compares that directory with gen/ instead of touching it. Inputs are sorted,
@@ -32,8 +36,14 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import openapi_doc
+from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc  # type: ignore[import-untyped]  # grpcio-tools ships no stubs
+
+from common import config
+from devstack import install
+from devstack.components import Paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "proto"
@@ -68,6 +78,12 @@ def plugin_path(name: str) -> Path:
     if not path.is_file():
         raise SystemExit(f"protoc plugin {name} not found at {path}; run this with the venv's python")
     return path
+
+
+def go_plugin_path(name: str) -> Path:
+    """A Go protoc plugin, built by devstack into the stack's bin/ if missing (pinned there)."""
+    paths = Paths(Path(config.load().stack_dir))
+    return install.go_tool(name, paths.bin, paths.install_log(name))
 
 
 def run_protoc(arguments: Sequence[str]) -> None:
@@ -110,6 +126,35 @@ def generate(out_dir: Path) -> None:
             *service_protos,
         ]
     )
+    generate_openapi(descriptor_set, protos, out_dir)
+
+
+def generate_openapi(descriptor_set: descriptor_pb2.FileDescriptorSet, protos: list[str], out_dir: Path) -> None:
+    """Write the OpenAPI document of the services that have REST routes (the public ones)."""
+    public_protos = sorted(
+        file.name
+        for file in descriptor_set.file
+        if file.name in protos
+        and any(method.options.HasExtension(annotations_pb2.http) for service in file.service for method in service.method)
+    )
+    # The plugin insists on a Go import path for every file; ours declare none (no Go code is
+    # generated), so each one gets a placeholder that never appears in the output.
+    go_packages = [
+        f"M{file.name}=simplebank/{Path(file.name).parent.as_posix()}"
+        for file in descriptor_set.file
+        if not file.options.go_package
+    ]
+    with tempfile.TemporaryDirectory(prefix="openapi_") as temporary:
+        raw_dir = Path(temporary)
+        run_protoc(
+            [
+                f"--plugin=protoc-gen-openapiv2={go_plugin_path(openapi_doc.PLUGIN_NAME)}",
+                f"--openapiv2_out={raw_dir}",
+                f"--openapiv2_opt={','.join([*openapi_doc.PLUGIN_OPTIONS, *go_packages])}",
+                *public_protos,
+            ]
+        )
+        openapi_doc.write(openapi_doc.plugin_output(raw_dir), out_dir / openapi_doc.DOC_NAME, descriptor_set)
 
 
 def is_ignored(relative: Path) -> bool:

@@ -26,6 +26,8 @@ ENVOY_COMPOSE = REPO / "envoy" / "envoy.compose.yaml"
 PROMETHEUS_COMPOSE = REPO / "deploy" / "prometheus.compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE_DESCRIPTOR = "/etc/envoy/bank.pb"
+# Envoy reads the OpenAPI document it serves at /openapi.json when it starts.
+COMPOSE_OPENAPI = "/etc/envoy/bank.swagger.json"
 
 BANK_SERVICES = {f"svc_{name}" for name in SERVICES}
 INFRA = {"postgres", "redis", "kafka", "cassandra", "mailpit", "prometheus", "envoy"}
@@ -204,6 +206,7 @@ def test_envoy_accepts_the_compose_config(tmp_path: Path) -> None:
     tls.ensure(certificate)
     local = tmp_path / "envoy.yaml"
     local.write_text(text.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path)))
+                     .replace(COMPOSE_OPENAPI, str(REPO / "gen" / "bank.swagger.json"))
                      .replace(str(COMPOSE_TLS_DIR), str(certificate.folder)))
     result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(local)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -328,6 +331,7 @@ def test_k8s_envoy_config_is_fresh_and_accepted_by_envoy(tmp_path: Path) -> None
     tls.ensure(certificate)
     local = tmp_path / "envoy.yaml"
     local.write_text(rendered.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path)))
+                     .replace(COMPOSE_OPENAPI, str(REPO / "gen" / "bank.swagger.json"))
                      .replace(str(COMPOSE_TLS_DIR), str(certificate.folder)))
     result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(local)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
