@@ -35,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
 from common import config
 from common.config import REPO_ROOT, Settings
 from devstack.stack import Stack
-from tests.events_support import Holder, deposit, holder, open_account, transfer
+from tests.events_support import Holder, deposit, holder, open_account, transfer, withdraw
 from tests.support import login, rest, unique_email
 
 SEED = 20261124
@@ -79,7 +79,7 @@ def world(stack: Stack, settings: Settings) -> Iterator[World]:
     # The teller operations aim at a separate account, so a fuzzed freeze does not stop the
     # customer's own movements.
     teller_target = Holder(owner.customer, open_account(settings, owner.customer, "GBP"))
-    yield World(
+    world = World(
         customer_token=owner.token,
         teller_token=teller_token,
         customer_ids={
@@ -94,6 +94,14 @@ def world(stack: Stack, settings: Settings) -> Iterator[World]:
         requests=Counter(),
         statuses=Counter(),
     )
+    yield world
+    # Fuzzed deposits came out of the bank's GBP cash account, which other tests expect near zero
+    # (test_transfer.py moves int64's largest amount through it): the money goes back.
+    rest(settings, "POST", f"/v1/accounts/{teller_target.account_id}:unfreeze", {"reason": "fuzz cleanup"},
+         token=teller_token)
+    balance = int(rest(settings, "GET", f"/v1/accounts/{teller_target.account_id}", token=owner.token).body["balance"])
+    if balance:
+        withdraw(settings, teller_token, teller_target.account_id, balance, "GBP")
 
 
 # Loaded when pytest collects, before the stack fixture runs, so from the generated file that
@@ -122,16 +130,18 @@ schema = schemathesis.openapi.from_path(
 # Fields whose aimed value must be new each time: an idempotency key, an email to register.
 FRESH: dict[str, Callable[[], str]] = {"request_id": lambda: uuid.uuid4().hex, "email": lambda: unique_email("fuzz")}
 # Aimed amounts, in turn: the rule "> 0" is CEL, which the document cannot state, so generated
-# amounts are mostly 0 or negative. These are the smallest, an ordinary one, and int64's largest.
+# amounts are mostly 0 or negative. These are the smallest, an ordinary one, and int64's largest
+# (customer operations only: a teller deposit of it would leave the cash account at its limit).
 AMOUNTS = ("1", "2500", "9223372036854775807")
+TELLER_AMOUNTS = ("1", "2500")
 
 
-def aim(case: Any, ids: dict[str, str], number: int) -> None:
+def aim(case: Any, ids: dict[str, str], amounts: tuple[str, ...], number: int) -> None:
     """On every other case, put real ids (and fresh keys) in place of the generated ones, where
     the names match."""
     if number % 2 == 0:
         return
-    ids = {**ids, **{name: make() for name, make in FRESH.items()}, "amount": AMOUNTS[number // 2 % len(AMOUNTS)]}
+    ids = {**ids, **{name: make() for name, make in FRESH.items()}, "amount": amounts[number // 2 % len(amounts)]}
     for name in case.path_parameters or {}:
         if name in ids:
             case.path_parameters[name] = ids[name]
@@ -145,7 +155,8 @@ def aim(case: Any, ids: dict[str, str], number: int) -> None:
 def test_fuzz(case: Any, world: World) -> None:
     operation_id = str(case.operation.definition.raw["operationId"])
     teller = operation_id in TELLER_OPERATIONS
-    aim(case, world.teller_ids if teller else world.customer_ids, world.requests[operation_id])
+    aim(case, world.teller_ids if teller else world.customer_ids, TELLER_AMOUNTS if teller else AMOUNTS,
+        world.requests[operation_id])
     world.requests[operation_id] += 1
     headers = {"Authorization": f"Bearer {world.teller_token if teller else world.customer_token}",
                "x-request-id": f"fuzz-{uuid.uuid4().hex[:12]}"}
