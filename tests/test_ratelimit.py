@@ -308,6 +308,9 @@ async def test_envoy_answers_429_past_its_token_bucket(stack: Stack, tiny_bucket
     # Three tokens reach the service (401: no token); then Envoy refuses by itself. At most one
     # token comes back during the burst.
     assert statuses[:3] == [401] * 3 and statuses.count(429) >= 6, statuses
+    # As a google.rpc.Status, like the services' own rate limits.
+    refused = next(r for r in responses if r.status == 429)
+    assert refused.body["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and refused.reason == "RATE_LIMITED"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{tiny.envoy_port}") as channel:
         codes = []
         for _ in range(3):
