@@ -69,10 +69,11 @@ class Settings:
     tls_cert_file: str = _setting("BANK_TLS_CERT_FILE", "", "certificate chain (PEM) Envoy serves on the TLS port "
                                   "(empty: a local CA's certificate for localhost, made by devstack in <stack_dir>/tls)")
     tls_key_file: str = _setting("BANK_TLS_KEY_FILE", "", "private key (PEM) of BANK_TLS_CERT_FILE (empty: devstack's)")
-    # Envoy's global token bucket, shared by every request on both ports: a flood guard well above
-    # the bank's measured peak (~900 requests/s), not a per-client quota.
-    envoy_rate_limit_rps: int = _setting("BANK_ENVOY_RATE_LIMIT_RPS", 2000, "requests/s Envoy admits in total (refill)")
-    envoy_rate_limit_burst: int = _setting("BANK_ENVOY_RATE_LIMIT_BURST", 2000, "requests Envoy admits at once (bucket)")
+    # Envoy's token bucket, one per listener (8080, 8443) for all of its requests: a flood guard well
+    # above the bank's measured peak (~900 requests/s), not a per-client quota.
+    envoy_rate_limit_rps: int = _setting("BANK_ENVOY_RATE_LIMIT_RPS", 2000, "requests/s each Envoy listener admits (refill)")
+    envoy_rate_limit_burst: int = _setting("BANK_ENVOY_RATE_LIMIT_BURST", 2000,
+                                           "requests each Envoy listener admits at once (bucket)")
 
     customer_grpc_port: int = _setting("BANK_CUSTOMER_GRPC_PORT", 50051, "svc_customer gRPC port")
     account_grpc_port: int = _setting("BANK_ACCOUNT_GRPC_PORT", 50052, "svc_account gRPC port")
