@@ -195,14 +195,21 @@ async def test_invalid_amount_is_refused_before_the_database(bank: Bank) -> None
     assert await bank.balances(alice, bob) == [100, 0]
 
 
-async def test_an_amount_that_would_overflow_a_balance_is_invalid(bank: Bank) -> None:
-    # GBP keeps this test's huge cash movement away from the other tests' currency.
+async def test_an_amount_that_would_overflow_a_balance_is_invalid(bank: Bank, settings: Settings) -> None:
+    # GBP keeps this test's huge cash movement away from the other tests' currency. The cash
+    # account holds minus the sum of the customers' GBP (never positive): the largest deposit it
+    # can still pay without passing int64's minimum fills the whale's balance up to the top.
+    [(cash,)] = sql(settings, "SELECT balance FROM transfer.ledger_accounts WHERE kind = 'CASH' AND currency = 'GBP'")
+    assert cash <= 0
+    fill = INT64_MAX + cash
     whale = await bank.open_account("GBP")
-    await bank.deposit(whale, INT64_MAX)
+    await bank.deposit(whale, fill)
     try:
-        assert await refused(bank.deposit(whale, 1)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_AMOUNT")
+        # One more than fits: the whale's balance would pass int64's maximum.
+        assert await refused(bank.deposit(whale, INT64_MAX - fill + 1)) \
+            == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_AMOUNT")
     finally:
-        await bank.withdraw(whale, INT64_MAX)
+        await bank.withdraw(whale, fill)
     assert await bank.balances(whale) == [0]
 
 
