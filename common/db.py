@@ -32,23 +32,25 @@ def conninfo(settings: Settings, schema: str) -> str:
 
 
 class PoolCollector(Collector):
-    """The pool's own statistics, read at scrape time: size, idle connections, waiting requests."""
+    """Every open pool's own statistics, read at scrape time: size, idle connections, waiting
+    requests, one series per schema. One collector for all pools: Prometheus refuses two
+    collectors that yield the same metric names."""
 
-    def __init__(self, pool: AsyncConnectionPool, schema: str) -> None:
-        self._pool = pool
-        self._schema = schema
+    def __init__(self) -> None:
+        self.pools: dict[str, AsyncConnectionPool] = {}
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        stats = self._pool.get_stats()
         for name, key, doc in (("db_pool_size", "pool_size", "Connections open in the pool"),
                                ("db_pool_available", "pool_available", "Idle connections in the pool"),
                                ("db_pool_requests_waiting", "requests_waiting", "Requests waiting for a connection")):
             family = GaugeMetricFamily(name, doc, labels=["schema"])
-            family.add_metric([self._schema], float(stats.get(key, 0)))
+            for schema, pool in self.pools.items():
+                family.add_metric([schema], float(pool.get_stats().get(key, 0)))
             yield family
 
 
-_COLLECTORS: dict[str, PoolCollector] = {}
+_POOLS = PoolCollector()
+REGISTRY.register(_POOLS)
 
 
 async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
@@ -61,14 +63,8 @@ async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
         name=f"svc_{schema}",
     )
     await pool.open(wait=True, timeout=30.0)
-    # The newest pool of a schema is the one reported: a process that opens a second pool for the
-    # same schema (a test, a restart of a worker) must not register the same series twice.
-    previous = _COLLECTORS.pop(schema, None)
-    if previous is not None:
-        REGISTRY.unregister(previous)
-    collector = PoolCollector(pool, schema)
-    REGISTRY.register(collector)
-    _COLLECTORS[schema] = collector
+    # The newest pool of a schema is the one reported (a test, a restarted worker may open another).
+    _POOLS.pools[schema] = pool
     return pool
 
 

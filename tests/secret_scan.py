@@ -61,12 +61,14 @@ class Registry:
     passwords: set[str] = field(default_factory=set)  # any other secret
     codes: dict[str, set[str]] = field(default_factory=dict)  # code -> its customer's id and email
 
-    def remember(self, secret: str) -> None:
+    def remember(self, secret: str, *, password: bool = True) -> None:
+        """password=False: a token field, whose secrets all have a token's shape; anything else
+        in one ("not-a-token", a fuzzed value) is a test's made-up input, not a secret."""
         if URLSAFE_TOKEN.match(secret):
             self.tokens.add(secret)
         elif secret.startswith(("v2.", "v3.", "v4.")):
             pass  # every PASETO token is found by its shape
-        elif len(secret) >= PASSWORD_LENGTH_MIN and len(set(secret)) >= PASSWORD_DISTINCT_CHARACTERS_MIN:
+        elif password and len(secret) >= PASSWORD_LENGTH_MIN and len(set(secret)) >= PASSWORD_DISTINCT_CHARACTERS_MIN:
             self.passwords.add(secret)
 
     def remember_code(self, code: str, *owner: str) -> None:
@@ -77,7 +79,7 @@ class Registry:
         if isinstance(message, Mapping):
             for key, value in message.items():
                 if key in SECRET_FIELDS and isinstance(value, str):
-                    self.remember(value)
+                    self.remember(value, password=key == "password")
                 else:
                     self.remember_fields(value)
         elif isinstance(message, list):

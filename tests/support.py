@@ -43,7 +43,7 @@ def rest(settings: Settings, method: str, path: str, body: Any = None, token: st
     the end of the session can check that no log holds it (tests/secret_scan.py)."""
     REGISTRY.remember_fields(body)
     for secret in [token or "", *(v.partition(" ")[2] for k, v in (headers or {}).items() if k.lower() == "authorization")]:
-        REGISTRY.remember(secret)
+        REGISTRY.remember(secret, password=False)
     response = _rest(settings, method, path, body, token, headers)
     REGISTRY.remember_fields(response.body)
     return response

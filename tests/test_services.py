@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -58,12 +59,16 @@ def test_service_serves_prometheus_metrics(stack: Stack, settings: Settings, nam
     assert "grpc_server_handling_seconds_bucket" in text
 
 
-def test_service_shuts_down_gracefully_on_sigterm(stack: Stack, settings: Settings) -> None:
+def test_service_shuts_down_gracefully_on_sigterm(stack: Stack, settings: Settings, tmp_path: Path) -> None:
     """A second svc_notify on spare ports: healthy, then SIGTERM, then a clean exit."""
     # Ports clear of the stack's own (a process also binds grpc port + 100 as its private port).
     env = dict(os.environ, BANK_NOTIFY_GRPC_PORT="50954", BANK_NOTIFY_METRICS_PORT="9904", PYTHONUNBUFFERED="1")
-    child = subprocess.Popen([sys.executable, "-m", "svc_notify"], cwd=REPO_ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Its log goes to a file: it joins the consumer groups and logs a line per event it handles,
+    # which would fill a pipe nobody reads until the end and block the process on the write.
+    log_path = tmp_path / "svc_notify.log"
+    with log_path.open("wb") as log_file:
+        child = subprocess.Popen([sys.executable, "-m", "svc_notify"], cwd=REPO_ROOT, env=env,
+                                 stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         serving = False
@@ -74,13 +79,13 @@ def test_service_shuts_down_gracefully_on_sigterm(stack: Stack, settings: Settin
                     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
                 except grpc.RpcError:
                     time.sleep(0.2)
-        assert serving, "the second svc_notify never became healthy"
+        assert serving, f"the second svc_notify never became healthy:\n{log_path.read_text()[-3000:]}"
         child.send_signal(signal.SIGTERM)
         code = child.wait(timeout=settings.grpc_shutdown_grace_s + 10)
-        output = child.stdout.read().decode() if child.stdout else ""
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert code == 0, output
+    output = log_path.read_text()
+    assert code == 0, output[-3000:]
     assert '"message": "stopped"' in output
