@@ -6,7 +6,8 @@
 `list` prints each parked record as one JSON line (offset, key, the error, the group that
 gave up on it, where it came from, its headers), oldest first, without changing anything.
 `replay` publishes parked records back to their source topic, with their original headers, and
-remembers how far it got (consumer group "dlq-replay"), so a record is replayed once. Every
+remembers how far it got (consumer group "dlq-replay"), so a record is replayed once; the copies
+of one event that several groups parked go back as one. Every
 consumer group of the source topic sees it again and drops what it already did by event_id;
 one that still cannot handle it parks it again. Both stop at the end offsets seen at start and
 after --limit records: bounded, never waiting for new ones."""
@@ -18,6 +19,7 @@ import asyncio
 import base64
 import json
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -81,7 +83,22 @@ async def _read(consumer: AIOKafkaConsumer, topic: str, limit: int) -> list[Cons
     return records[:limit]
 
 
-async def list_records(settings: config.Settings, topic: str, limit: int) -> list[dict[str, Any]]:
+async def end_offsets(settings: config.Settings, topic: str) -> dict[int, int]:
+    """Where each partition of the dead-letter topic ends now: list_records(after=…) reads what comes later."""
+    await ensure_topics(settings)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, isolation_level="read_committed",
+                                request_timeout_ms=30_000)
+    await consumer.start()
+    try:
+        end = await consumer.end_offsets(_partitions(topic))
+        return {tp.partition: offset for tp, offset in end.items()}
+    finally:
+        await consumer.stop()
+
+
+async def list_records(settings: config.Settings, topic: str, limit: int,
+                       after: Mapping[int, int] | None = None) -> list[dict[str, Any]]:
+    """Parked records, oldest first: from the beginning, or from the offsets `after` (by partition)."""
     await ensure_topics(settings)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
                                 isolation_level="read_committed", request_timeout_ms=30_000)
@@ -89,7 +106,11 @@ async def list_records(settings: config.Settings, topic: str, limit: int) -> lis
     try:
         partitions = _partitions(topic)
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        if after is None:
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            for tp in partitions:
+                consumer.seek(tp, after.get(tp.partition, 0))
         return [describe(r) for r in await _read(consumer, topic, limit)]
     finally:
         await consumer.stop()
@@ -112,13 +133,22 @@ async def replay(settings: config.Settings, topic: str, limit: int) -> list[dict
         consumer.assign(partitions)
         records = await _read(consumer, topic, limit)
         replayed = []
+        # Each consumer group that gave up on an event parked its own copy, but one copy back on
+        # the source topic reaches every group. Publishing every copy would hand each group the
+        # event once per copy, and each still-failing group would park it that many times again:
+        # the parked copies would double with every replay.
+        published: set[tuple[str, str]] = set()
         for record in records:
-            headers = [(k, v) for k, v in (record.headers or ()) if not k.startswith("dlq_")]
-            sent = await producer.send(source_topic(record), record.value, key=record.key, headers=headers)
-            await asyncio.wait_for(sent, SEND_TIMEOUT_S)
-            # One at a time: an interrupted replay starts again after the last record it published.
+            source = source_topic(record)
+            event_id = decode_headers(record.headers).get("event_id", "")
+            if not event_id or (source, event_id) not in published:
+                headers = [(k, v) for k, v in (record.headers or ()) if not k.startswith("dlq_")]
+                sent = await producer.send(source, record.value, key=record.key, headers=headers)
+                await asyncio.wait_for(sent, SEND_TIMEOUT_S)
+                published.add((source, event_id))
+                replayed.append(describe(record))
+            # One at a time: an interrupted replay starts again after the last record it handled.
             await consumer.commit({TopicPartition(record.topic, record.partition): record.offset + 1})
-            replayed.append(describe(record))
         return replayed
     finally:
         await consumer.stop()
