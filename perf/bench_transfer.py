@@ -15,7 +15,13 @@ Every request is a new movement of 1 JPY (a new request_id) between two differen
 one bench customer, all funded generously: no business refusal is expected, so any error counts.
 The bench's accounts and movements stay in the ledger (JPY, ids under a per-run prefix).
 
-    make bench-transfer   (or: .venv/bin/python -m perf.bench_transfer [--duration-s 10] [--clients 16,64])
+    make bench-transfer   (or: .venv/bin/python -m perf.bench_transfer [--duration-s 10] [--clients 16,64]
+                           [--paths grpc-direct,pgbench] [--pause-consumers])
+
+`make bench-transfer` pauses svc_account and svc_notify for the runs (--pause-consumers): their
+consumers turn each movement into statement lines and emails as it happens, which takes about
+one of the two cores from the path being measured and from pgbench alike (`make bench-events`
+measures that half). Without the flag, the numbers are those of the whole stack at once.
 
 Needs the stack up (`make up`), ghz and k6 (`make tools`; without k6 the REST runs are skipped). Writes perf/results/transfer-<time>.json
 and .png (and transfer-latest.*). 2 CPU cores: the load generators compete with what they load.
@@ -24,6 +30,7 @@ and .png (and transfer-latest.*). 2 CPU cores: the load generators compete with 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -45,6 +52,7 @@ import psycopg
 
 from common import config
 from common.auth import test_tokens
+from devstack.stack import Stack
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,6 +64,8 @@ UNIFORM_ACCOUNTS = 10_000
 HOT_ACCOUNTS = 10
 PAIRS = 20_000  # pre-drawn (from, to) pairs the load generators cycle through
 RUN_TIMEOUT_S = 120
+# The services whose Kafka consumers turn every movement into statement lines and emails.
+CONSUMERS = ["svc_account", "svc_notify"]
 
 
 @dataclass
@@ -316,11 +326,33 @@ def chart(results: list[Result], path: Path) -> None:
     plt.close(figure)
 
 
+def run_all(bench: Bench, results: list[Result], layouts: dict[str, tuple[int, int]], clients: list[int],
+            paths: list[str], grpc_targets: dict[str, str], data_files: dict[str, Path]) -> None:
+    """Every path at every client count over both distributions, appending to results as it goes."""
+    for distribution, (first, count) in layouts.items():
+        for client_count in clients:
+            for name in paths:
+                result = Result(name, distribution, client_count, float(bench.duration_s))
+                if name in grpc_targets:
+                    run_ghz(bench, result, grpc_targets[name], data_files[distribution])
+                elif name == "rest-envoy":
+                    run_k6(bench, result)
+                elif name == "pgbench":
+                    run_pgbench(bench, result, first, count)
+                results.append(result)
+                print(f"  {name:11} {distribution:7} {client_count:3} clients: {result.rps:8.0f}/s"
+                      f"  p50 {result.latency_ms.get('p50', 0):6.1f} ms  p99 {result.latency_ms.get('p99', 0):6.1f} ms"
+                      f"  errors {result.errors} {result.note}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=int, default=10, help="seconds per run (default 10)")
     parser.add_argument("--clients", default="16,64", help="comma-separated client counts (default 16,64)")
     parser.add_argument("--paths", default="grpc-direct,grpc-envoy,rest-envoy,pgbench")
+    parser.add_argument("--pause-consumers", action="store_true",
+                        help="stop svc_account and svc_notify for the runs (the synchronous path alone: their event "
+                             "consumers otherwise take about a core of the two), and start them again afterwards")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     paths = args.paths.split(",")
@@ -347,24 +379,18 @@ def main() -> None:
         data_files = {d: ghz_messages(bench, d) for d in layouts}
         grpc_targets = {"grpc-direct": f"127.0.0.1:{settings.transfer_grpc_port}",
                         "grpc-envoy": f"127.0.0.1:{settings.envoy_port}"}
+        if args.pause_consumers:
+            # They catch up from their committed offsets when they start again: nothing is lost.
+            Stack(settings).down(CONSUMERS)
         print("warming up (3 s, not recorded)...", flush=True)
         run_ghz(bench, Result("warmup", "uniform", 16, 3), grpc_targets["grpc-direct"], data_files["uniform"])
 
         results: list[Result] = []
-        for distribution, (first, count) in layouts.items():
-            for client_count in clients:
-                for name in paths:
-                    result = Result(name, distribution, client_count, float(args.duration_s))
-                    if name in grpc_targets:
-                        run_ghz(bench, result, grpc_targets[name], data_files[distribution])
-                    elif name == "rest-envoy":
-                        run_k6(bench, result)
-                    elif name == "pgbench":
-                        run_pgbench(bench, result, first, count)
-                    results.append(result)
-                    print(f"  {name:11} {distribution:7} {client_count:3} clients: {result.rps:8.0f}/s"
-                          f"  p50 {result.latency_ms.get('p50', 0):6.1f} ms  p99 {result.latency_ms.get('p99', 0):6.1f} ms"
-                          f"  errors {result.errors} {result.note}", flush=True)
+        try:
+            run_all(bench, results, layouts, clients, paths, grpc_targets, data_files)
+        finally:
+            if args.pause_consumers:
+                asyncio.run(Stack(settings).up(CONSUMERS))
         check = ledger_check(bench, UNIFORM_ACCOUNTS + HOT_ACCOUNTS)
         print(f"ledger check after the bench: {check}", flush=True)
 
@@ -372,6 +398,7 @@ def main() -> None:
         report = {"time": stamp, "duration_s_per_run": args.duration_s, "cpu_cores": os.cpu_count(),
                   "accounts": {"uniform": UNIFORM_ACCOUNTS, "hot": HOT_ACCOUNTS}, "currency": CURRENCY,
                   "transfer_processes": settings.processes("transfer"), "pg_pool_max_per_process": settings.pg_pool_max,
+                  "consumers_paused": args.pause_consumers,
                   "ledger_check": check, "results": [asdict(r) for r in results],
                   "wall_time_s": round(time.monotonic() - started, 1)}
         json_path, png_path = RESULTS / f"transfer-{stamp}.json", RESULTS / f"transfer-{stamp}.png"
