@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+DetailT = TypeVar("DetailT", error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo)
 
 DOMAIN = "simplebank"
 
@@ -83,22 +86,21 @@ def reason_of(error: grpc.RpcError) -> str | None:
     return info.reason if info is not None else None
 
 
-def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo detail of a google.rpc.Status, if any (used by clients and tests)."""
+def _detail(status: status_pb2.Status, kind: type[DetailT]) -> DetailT | None:
+    """The first detail of this kind in a google.rpc.Status, if any."""
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
+        if detail.Is(kind.DESCRIPTOR):
+            found = kind()
+            detail.Unpack(found)
+            return found
     return None
 
+
+def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a google.rpc.Status, if any (used by clients and tests)."""
+    return _detail(status, error_details_pb2.ErrorInfo)
 
 
 def retry_info(status: status_pb2.Status) -> error_details_pb2.RetryInfo | None:
     """The RetryInfo detail of a google.rpc.Status, if any (how long a rate-limited caller waits)."""
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info
-    return None
+    return _detail(status, error_details_pb2.RetryInfo)

