@@ -7,6 +7,10 @@ relay's wake-up + Kafka + the consumer + Cassandra or SMTP + this poller's inter
 Run against the local stack (`make up` first) with `make bench-events`; loopback only. Bounded:
 a fixed number of samples, each given at most SAMPLE_TIMEOUT_S. Writes JSON to
 perf/results/events-<time>.json and prints it.
+
+Mailpit's search slows down with the number of messages it holds (measured: 3 ms empty, 270 ms
+at 100,000), and this poller searches it every POLL_S: for comparable numbers empty it first
+(`curl -X DELETE http://127.0.0.1:8025/api/v1/messages`; the local sink only).
 """
 
 from __future__ import annotations
