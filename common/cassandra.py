@@ -42,6 +42,7 @@ from cassandra.policies import (
 )
 from cassandra.query import BoundStatement, PreparedStatement, SimpleStatement, Statement, dict_factory
 from prometheus_client import Histogram
+from psycopg_pool import AsyncConnectionPool
 
 from common.config import Settings
 
@@ -51,6 +52,8 @@ PROTOCOL_VERSION = 5
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 5.0
 SCHEMA_TIMEOUT_S = 30.0  # DDL waits for schema agreement
+# How long a process waits for another one of its service to finish applying the schema.
+SCHEMA_LOCK_WAIT_S = 60
 # The driver enforces request timeouts itself; this extra margin only guards the bridge.
 BRIDGE_SLACK_S = 2.0
 DEPENDENCY_WAIT_S = 60.0
@@ -237,6 +240,19 @@ def cql_statements(text: str, keyspace: str) -> list[str]:
         if f" {keyspace}." not in statement:
             raise ValueError(f"schema statement does not name keyspace {keyspace}: {statement[:80]}")
     return statements
+
+
+async def apply_schema(session: Session, pool: AsyncConnectionPool, settings: Settings, keyspace: str,
+                       directory: Path) -> None:
+    """The keyspace and the CQL files of a service, one process at a time: concurrent CREATE TABLE
+    IF NOT EXISTS from several clients can leave Cassandra with two table ids for one table, so
+    the processes of a service take turns under a Postgres advisory lock (as SQL migrations do)."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'")
+        await conn.execute(f"SET LOCAL statement_timeout = '{SCHEMA_LOCK_WAIT_S + 5}s'")
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cql:{keyspace}",))
+        await create_keyspace(session, keyspace, settings.cassandra_replication_factor)
+        await apply_cql_files(session, keyspace, directory)
 
 
 async def apply_cql_files(session: Session, keyspace: str, directory: Path) -> list[str]:

@@ -15,7 +15,7 @@ from typing import TextIO
 
 from common.config import REPO_ROOT, Settings
 from devstack import proc, tls
-from devstack.components import Component, Paths, all_components, endpoint
+from devstack.components import SERVICES, Component, Paths, all_components, endpoint
 
 HEALTH_POLL_S = 0.5
 
@@ -78,6 +78,7 @@ class Stack:
         """Start what is not running; return the names this call started. On failure, stop those
         and raise StackError naming the component, with the tail of its log."""
         chosen = self.select(names)
+        reserve_service_ports(self.settings)
         states = {c.name: _State(c) for c in chosen}
         display = _Progress(states, out)
         display_task = asyncio.create_task(display.run())
@@ -258,3 +259,23 @@ class _Progress:
 
     def final(self) -> None:
         self.draw()
+
+
+RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+
+
+def reserve_service_ports(settings: Settings) -> None:
+    """Keep the services' gRPC ports out of the kernel's ephemeral range (32768-60999 by default,
+    which holds 50051 and up): otherwise an outgoing connection of an earlier component (to
+    Kafka, Cassandra, ...) can be given, say, 50054 as its local port, and svc_notify then fails
+    to bind it (seen: "Address already in use" with nothing listening). Needs root; without it,
+    or on another OS, nothing changes."""
+    ports = [port for name in SERVICES for i in range(settings.processes(name))
+             for port in (int(getattr(settings, f"{name}_grpc_port")), settings.private_grpc_port(name, i))]
+    wanted = f"{min(ports)}-{max(ports)}"
+    try:
+        current = RESERVED_PORTS.read_text().strip()
+        if wanted not in current.split(","):
+            RESERVED_PORTS.write_text(",".join(filter(None, [current, wanted])))
+    except OSError:
+        pass

@@ -80,7 +80,6 @@ async def set_status(conn: AsyncConnection, account_id: UUID, status: str) -> No
 
 KEYSPACE = "bank_account"  # spelled out in every statement below and in cql/: no session-wide USE
 CQL_DIR = Path(__file__).parent / "cql"
-SCHEMA_LOCK_WAIT_S = 60
 MONTHS_MEMO_MAX = 100_000  # (account, month) pairs known written; about 10 MB at most
 
 
@@ -139,7 +138,7 @@ class ActivityStore:
     async def start(self) -> None:
         cluster, session = await cassandra.connect(self._settings)
         try:
-            await self._apply_schema(session)
+            await cassandra.apply_schema(session, self._pool, self._settings, KEYSPACE, CQL_DIR)
             self._statements = await self._prepare(session)
         except BaseException:
             await cassandra.close(cluster)
@@ -150,15 +149,6 @@ class ActivityStore:
         cluster, self._cluster, self._session, self._statements = self._cluster, None, None, None
         if cluster is not None:
             await cassandra.close(cluster)
-
-    async def _apply_schema(self, session: Session) -> None:
-        # Processes of this service take turns (concurrent CREATE TABLE can leave two table ids).
-        async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'")
-            await conn.execute(f"SET LOCAL statement_timeout = '{SCHEMA_LOCK_WAIT_S + 5}s'")
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cql:{KEYSPACE}",))
-            await cassandra.create_keyspace(session, KEYSPACE, self._settings.cassandra_replication_factor)
-            await cassandra.apply_cql_files(session, KEYSPACE, CQL_DIR)
 
     @staticmethod
     async def _prepare(session: Session) -> _Statements:

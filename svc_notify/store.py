@@ -22,7 +22,6 @@ from common.config import Settings
 KEYSPACE = "bank_notify"  # spelled out in every statement below and in cql/: no session-wide USE
 # 1 on the local single-node stack; a real cluster wants 3 (then LOCAL_QUORUM is 2 of 3).
 CQL_DIR = Path(__file__).parent / "cql"
-SCHEMA_LOCK_WAIT_S = 60
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*cassandra.TRANSIENT_ERRORS, psycopg.OperationalError)
 
@@ -84,7 +83,7 @@ class Store:
     async def start(self) -> None:
         cluster, session = await cassandra.connect(self._settings)
         try:
-            await self._apply_schema(session)
+            await cassandra.apply_schema(session, self._pool, self._settings, KEYSPACE, CQL_DIR)
             self._statements = await self._prepare(session)
         except BaseException:
             await cassandra.close(cluster)
@@ -95,17 +94,6 @@ class Store:
         cluster, self._cluster, self._session, self._statements = self._cluster, None, None, None
         if cluster is not None:
             await cassandra.close(cluster)
-
-    async def _apply_schema(self, session: Session) -> None:
-        # Concurrent CREATE TABLE IF NOT EXISTS from several clients can leave Cassandra with two
-        # table ids for one table, so processes of this service take turns, under a Postgres
-        # advisory lock (the same trick as the SQL migrations).
-        async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'")
-            await conn.execute(f"SET LOCAL statement_timeout = '{SCHEMA_LOCK_WAIT_S + 5}s'")
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"cql:{KEYSPACE}",))
-            await cassandra.create_keyspace(session, KEYSPACE, self._settings.cassandra_replication_factor)
-            await cassandra.apply_cql_files(session, KEYSPACE, CQL_DIR)
 
     @staticmethod
     async def _prepare(session: Session) -> _Statements:

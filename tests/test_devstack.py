@@ -3,6 +3,7 @@ dependency, reject bad settings."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -12,7 +13,8 @@ import pytest
 
 from common import config
 from devstack import proc
-from devstack.stack import Stack, StackError
+from devstack.components import SERVICES
+from devstack.stack import RESERVED_PORTS, Stack, StackError
 
 
 def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
@@ -74,3 +76,17 @@ def test_a_killed_child_that_is_not_reaped_yet_counts_as_dead(tmp_path: Path) ->
     while Path(f"/proc/{child.pid}/stat").read_text().split(") ", 1)[1][0] != "Z" and time.monotonic() < deadline:
         time.sleep(0.05)  # wait until the kernel made it a zombie (not reaped: we never wait())
     assert not proc.alive(record)
+
+
+def test_service_ports_are_kept_out_of_the_ephemeral_range(stack: Stack, settings: config.Settings) -> None:
+    """No outgoing connection can be handed a service's port before the service binds it."""
+    if not os.access(RESERVED_PORTS, os.W_OK):
+        pytest.skip(f"{RESERVED_PORTS} is not writable here (not root, or not Linux)")
+    reserved: list[tuple[int, int]] = []
+    for part in filter(None, RESERVED_PORTS.read_text().strip().split(",")):
+        low, _, high = part.partition("-")
+        reserved.append((int(low), int(high or low)))
+    for name in SERVICES:
+        for i in range(settings.processes(name)):
+            for port in (int(getattr(settings, f"{name}_grpc_port")), settings.private_grpc_port(name, i)):
+                assert any(low <= port <= high for low, high in reserved), f"{name} port {port} is not reserved"
