@@ -21,8 +21,9 @@ import functools
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cassandra import (
     ConsistencyLevel,
@@ -45,6 +46,8 @@ from prometheus_client import Histogram
 from psycopg_pool import AsyncConnectionPool
 
 from common.config import Settings
+
+PreparedT = TypeVar("PreparedT")
 
 log = logging.getLogger("cassandra_client")
 
@@ -240,6 +243,19 @@ def cql_statements(text: str, keyspace: str) -> list[str]:
         if f" {keyspace}." not in statement:
             raise ValueError(f"schema statement does not name keyspace {keyspace}: {statement[:80]}")
     return statements
+
+
+async def open_keyspace(settings: Settings, pool: AsyncConnectionPool, keyspace: str, directory: Path,
+                        prepare: Callable[[Session], Awaitable[PreparedT]]) -> tuple[Cluster, Session, PreparedT]:
+    """What a service's Cassandra store does at start: connect, apply its schema (apply_schema),
+    prepare its statements; on any failure the cluster is closed again."""
+    cluster, session = await connect(settings)
+    try:
+        await apply_schema(session, pool, settings, keyspace, directory)
+        return cluster, session, await prepare(session)
+    except BaseException:
+        await close(cluster)
+        raise
 
 
 async def apply_schema(session: Session, pool: AsyncConnectionPool, settings: Settings, keyspace: str,

@@ -136,14 +136,8 @@ class ActivityStore:
         self._months_written: set[tuple[UUID, int]] = set()
 
     async def start(self) -> None:
-        cluster, session = await cassandra.connect(self._settings)
-        try:
-            await cassandra.apply_schema(session, self._pool, self._settings, KEYSPACE, CQL_DIR)
-            self._statements = await self._prepare(session)
-        except BaseException:
-            await cassandra.close(cluster)
-            raise
-        self._cluster, self._session = cluster, session
+        self._cluster, self._session, self._statements = await cassandra.open_keyspace(
+            self._settings, self._pool, KEYSPACE, CQL_DIR, self._prepare)
 
     async def stop(self) -> None:
         cluster, self._cluster, self._session, self._statements = self._cluster, None, None, None
