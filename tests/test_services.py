@@ -26,6 +26,8 @@ EXPECTED_SERVICES = {
     "notify": {"bank.notify.v1.NotificationService"},
 }
 
+SPARE_GRPC_PORT = 19954
+
 
 async def _reflected_services(address: str) -> set[str]:
     async with grpc.aio.insecure_channel(address) as channel:
@@ -61,8 +63,11 @@ def test_service_serves_prometheus_metrics(stack: Stack, settings: Settings, nam
 
 def test_service_shuts_down_gracefully_on_sigterm(stack: Stack, settings: Settings, tmp_path: Path) -> None:
     """A second svc_notify on spare ports: healthy, then SIGTERM, then a clean exit."""
-    # Ports clear of the stack's own (a process also binds grpc port + 100 as its private port).
-    env = dict(os.environ, BANK_NOTIFY_GRPC_PORT="50954", BANK_NOTIFY_METRICS_PORT="9904", PYTHONUNBUFFERED="1")
+    # Ports clear of the stack's own (a process also binds grpc port + 100 as its private port),
+    # and below the kernel's ephemeral range (32768-60999): a port inside it can be held at any
+    # moment as the local port of some outgoing connection (CI once failed on exactly that).
+    grpc_port = SPARE_GRPC_PORT
+    env = dict(os.environ, BANK_NOTIFY_GRPC_PORT=str(grpc_port), BANK_NOTIFY_METRICS_PORT="9904", PYTHONUNBUFFERED="1")
     # Its log goes to a file: it joins the consumer groups and logs a line per event it handles,
     # which would fill a pipe nobody reads until the end and block the process on the write.
     log_path = tmp_path / "svc_notify.log"
@@ -73,7 +78,7 @@ def test_service_shuts_down_gracefully_on_sigterm(stack: Stack, settings: Settin
         deadline = time.monotonic() + 30
         serving = False
         while not serving and time.monotonic() < deadline and child.poll() is None:
-            with grpc.insecure_channel("127.0.0.1:50954") as channel:
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
                 try:
                     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
                     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
