@@ -43,16 +43,20 @@ class OutboxEvent:
         return str(self.message.DESCRIPTOR.full_name)
 
 
+def event_headers() -> dict[str, str]:
+    """The Kafka headers of an event written now: the request id, and the request's trace
+    context (W3C traceparent) so that the consumer's span joins its trace."""
+    return {"request_id": request_id_var.get(), **tracing.headers()}
+
+
 async def append(conn: AsyncConnection, event: OutboxEvent) -> None:
     """Write the event to this schema's outbox in the caller's transaction; the relay publishes
     it after commit (NOTIFY is delivered only at commit, so it never announces a rolled-back row)."""
     event_id = getattr(event.message, "event_id", "") or new_id()
-    # The request's trace context too (W3C traceparent), so the consumer's span joins its trace.
-    headers = {"request_id": request_id_var.get(), **tracing.headers()}
     await conn.execute(
         "INSERT INTO outbox (event_id, topic, aggregate_id, event_type, payload, headers)"
         " VALUES (%s, %s, %s, %s, %s, %s)",
         (event_id, event.topic, event.aggregate_id, event.event_type, event.message.SerializeToString(),
-         json.dumps(headers)),
+         json.dumps(event_headers())),
     )
     await conn.execute("SELECT pg_notify('outbox_' || current_schema(), '')")

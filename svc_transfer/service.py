@@ -18,11 +18,10 @@ import grpc
 from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
-from common import pagination
+from common import events, pagination
 from common.auth import Caller, Role
 from common.errors import DomainError
 from common.ids import parse_uuid
-from common.logging import request_id_var
 from svc_transfer import store
 from svc_transfer.batching import MovementBatcher
 from svc_transfer.store import LedgerAccount, Transfer
@@ -137,7 +136,8 @@ async def _move(ledger: MovementBatcher, caller: Caller, *, request_id: str, kin
         movement = await ledger.move(store.MovementRequest(
             initiator=initiator(caller), request_id=request_id, kind=kind, owner_id=owner_id,
             from_account_id=from_account_id, to_account_id=to_account_id, amount=amount, currency=currency,
-            description=description, trace_id=request_id_var.get(),
+            description=description,
+            event_headers=events.event_headers(),
         ))
     label = currency if currency in METRIC_CURRENCIES else "OTHER"
     if movement.error is not None:

@@ -13,7 +13,8 @@ errors (lock wait or statement timed out, pool exhausted) raise, as LedgerBusy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -111,13 +112,22 @@ class MovementRequest:
     amount: int
     currency: str
     description: str
-    trace_id: str
+    event_headers: Mapping[str, str]  # the Kafka headers of its event: request_id, traceparent, ...
+
+
+def _event_headers_param(headers: Mapping[str, str]) -> str:
+    """move_money's p_trace_id: the bare request id, or the headers as a JSON object when there
+    is more to pass (migrations/0004 puts that object in place)."""
+    request_id = headers.get("request_id", "")
+    if headers.keys() <= {"request_id"} and not request_id.startswith("{"):
+        return request_id
+    return json.dumps({key: value for key, value in headers.items() if value}, separators=(",", ":"))
 
 
 async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[MovementRequest]) -> list[Movement]:
     """The movements in one transaction and one round trip (migrations/0003), one result each, in order."""
     columns = list(zip(*((r.initiator, r.request_id, r.kind, r.owner_id, r.from_account_id, r.to_account_id,
-                          r.amount, r.currency, r.description, r.trace_id) for r in requests), strict=True))
+                          r.amount, r.currency, r.description, _event_headers_param(r.event_headers)) for r in requests), strict=True))
     rows = await _fetch(
         pool,
         "SELECT ordinal, (result).* FROM move_money_batch(%s::text[], %s::text[], %s::text[], %s::uuid[],"

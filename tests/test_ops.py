@@ -227,7 +227,8 @@ def test_one_transfer_can_be_followed_through_the_logs(settings: Settings) -> No
     """What the README's "Follow one transfer through the logs" does: every hop of a transfer
     writes one JSON line with its request id: Envoy's access log, svc_transfer's RPC line, the
     outbox relay's, and the consumers' in svc_account and svc_notify. The caller's traceparent
-    reaches svc_transfer through Envoy (its trace id is on the RPC line)."""
+    reaches svc_transfer through Envoy (its trace id is on the RPC line) and the consumers
+    through the event's Kafka headers (on their lines too)."""
     from tests.events_support import deposit, holder, teller_token
 
     source, target = holder(settings), holder(settings)
@@ -265,6 +266,8 @@ def test_one_transfer_can_be_followed_through_the_logs(settings: Settings) -> No
     handled = [line for line in lines if line.get("message") == "event handled"]
     assert {line["event_type"] for line in handled} == {"bank.events.v1.MoneyMoved"}
     assert len({line["event_id"] for line in handled}) == 1, "both consumers handled the one event of the transfer"
+    assert [line.get("trace_id") for line in handled] == [trace_id] * len(handled), \
+        "the traceparent did not travel with the event"
 
 
 def test_log_level_per_service_from_the_environment() -> None:

@@ -5,6 +5,7 @@ operating error of a batch must write nothing of it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import urllib.request
 import uuid
@@ -42,12 +43,12 @@ async def pool(stack: Stack, settings: Settings) -> AsyncIterator[AsyncConnectio
 
 def transfer(source: Account, target: Account, amount: int, request_id: str | None = None) -> MovementRequest:
     return MovementRequest(f"customer:{source.customer_id}", request_id or new_request_id(), "TRANSFER",
-                           source.customer_id, source.account_id, target.account_id, amount, source.currency, "", "")
+                           source.customer_id, source.account_id, target.account_id, amount, source.currency, "", {})
 
 
 def deposit(target: Account, amount: int) -> MovementRequest:
     return MovementRequest("teller:tests", new_request_id(), "DEPOSIT", None, None, target.account_id, amount,
-                           target.currency, "", "")
+                           target.currency, "", {})
 
 
 async def test_a_batch_applies_each_movement_in_order_with_its_own_result(bank: Bank, pool: AsyncConnectionPool) -> None:
@@ -113,3 +114,27 @@ async def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answ
     # Fewer calls of move_money_batch than movements: they were applied together.
     assert movements_after - movements_before >= 64
     assert batches_after - batches_before < movements_after - movements_before
+
+
+async def test_each_event_carries_its_own_requests_headers(bank: Bank, pool: AsyncConnectionPool) -> None:
+    """The request id alone stays a plain text to move_money; with a traceparent (or a request id
+    that looks like JSON) the headers go as a JSON object, which migrations/0004 puts in place."""
+    a, b = await bank.open_account(), await bank.open_account()
+    await bank.deposit(a, 100)
+    traceparent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+    sent = [
+        {"request_id": "plain-" + uuid.uuid4().hex},
+        {"request_id": "traced-" + uuid.uuid4().hex, "traceparent": traceparent, "tracestate": "bank=1"},
+        {"request_id": '{"not": "json headers"} ' + uuid.uuid4().hex},
+        {"request_id": "", "traceparent": traceparent},
+        {"request_id": ""},
+    ]
+    requests = [dataclasses.replace(transfer(a, b, 1), event_headers=headers) for headers in sent]
+    results = await store.move_money_batch(pool, requests)
+    assert [r.error for r in results] == [None] * len(sent)
+    async with pool.connection() as conn:
+        cursor = await conn.execute("SELECT aggregate_id, headers FROM transfer.outbox WHERE aggregate_id = ANY(%s)",
+                                    ([r.transfer.transfer_id for r in results if r.transfer],))
+        stored: dict[str, dict[str, str]] = dict(await cursor.fetchall())
+    assert [stored[r.transfer.transfer_id] for r in results if r.transfer] == [
+        sent[0], sent[1], sent[2], {"traceparent": traceparent}, {}]
