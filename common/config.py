@@ -15,6 +15,10 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROCESS_PORT_STEP = 100
+# Secrets whose defaults exist for the local stack only. A deployment that does not generate
+# local keys (BANK_TOKEN_GENERATE_LOCAL_KEYS=false: Kubernetes, any real environment) must set
+# every one of them; a service refuses to start with a local default there.
+LOCAL_ONLY_SECRETS = ("pg_password", "teller_password")
 
 
 def _setting(env: str, default: Any, doc: str) -> Any:
@@ -129,6 +133,15 @@ class Settings:
     teller_password: str = _setting(
         "BANK_TELLER_PASSWORD", "teller-local-password", "the local stack's teller password (local default only)"
     )
+
+    def local_secrets_in_use(self) -> list[str]:
+        """The variables of LOCAL_ONLY_SECRETS still at their local default outside the local
+        stack (empty on the local stack, where those defaults are the point)."""
+        if self.token_generate_local_keys:
+            return []
+        by_name = {f.name: f for f in fields(self)}
+        return [by_name[name].metadata["env"] for name in LOCAL_ONLY_SECRETS
+                if getattr(self, name) == by_name[name].default]
 
     @property
     def pg_conninfo(self) -> str:

@@ -145,6 +145,11 @@ async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int
 def run(spec: ServiceSpec) -> None:
     settings = config.load()
     bank_logging.setup(f"svc_{spec.name}", settings.service_log_level(spec.name))
+    local_secrets = settings.local_secrets_in_use()
+    if local_secrets:
+        log.error("refusing to start: local-stack default secrets outside the local stack; set them from the "
+                  "secret store", extra=bank_logging.fields(variables=local_secrets))
+        raise SystemExit(2)
     endpoint = tracing.endpoint_from_env(settings.otel_endpoint)
     if tracing.setup(f"svc_{spec.name}", endpoint):
         log.info("tracing on", extra=bank_logging.fields(otel_endpoint=endpoint))

@@ -8,8 +8,11 @@ BANK_TELLER_PASSWORD from their secret store (docs/decisions, key rotation recor
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from common import config
@@ -106,3 +109,26 @@ def test_the_live_keys_and_service_token_appear_in_no_tracked_file() -> None:
         if path and file.is_file() and file.stat().st_size < 2_000_000:
             text = file.read_text(errors="replace")
             assert not [body for body in bodies if body in text], path
+
+
+def test_local_default_secrets_count_only_on_the_local_stack() -> None:
+    assert config.load({}).local_secrets_in_use() == []  # the local stack: its defaults are the point
+    deployed = {"BANK_TOKEN_GENERATE_LOCAL_KEYS": "false"}
+    assert config.load(deployed).local_secrets_in_use() == ["BANK_PG_PASSWORD", "BANK_TELLER_PASSWORD"]
+    assert config.load({**deployed, "BANK_TELLER_PASSWORD": "from-the-secret-store"}).local_secrets_in_use() == [
+        "BANK_PG_PASSWORD"]
+    assert config.load({**deployed, "BANK_TELLER_PASSWORD": "a", "BANK_PG_PASSWORD": "b"}).local_secrets_in_use() == []
+
+
+def test_a_deployed_service_refuses_to_start_with_a_local_default_secret() -> None:
+    """A forgotten BANK_TELLER_PASSWORD outside the local stack would open the teller login with
+    a password written in this repository: the service exits before it listens or connects."""
+    env = {k: v for k, v in os.environ.items() if k not in ("BANK_PG_PASSWORD", "BANK_TELLER_PASSWORD")}
+    env.update(BANK_TOKEN_GENERATE_LOCAL_KEYS="false", BANK_PG_PASSWORD="set-by-the-deployment")
+    result = subprocess.run([sys.executable, "-m", "svc_customer"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert line["level"] == "ERROR" and line["message"].startswith("refusing to start")
+    assert line["variables"] == ["BANK_TELLER_PASSWORD"]
+    assert "teller-local-password" not in result.stdout + result.stderr
