@@ -281,8 +281,10 @@ async def test_envoy_refuses_an_oversize_grpc_message(settings: Settings, tokens
         transfers = transfer_pb2_grpc.TransferServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await transfers.CreateTransfer(request, metadata=metadata, timeout=5)
-        # Envoy's 413 as gRPC sees it (Envoy maps HTTP 413 to UNKNOWN); the service never saw it.
-        assert caught.value.code() == grpc.StatusCode.UNKNOWN and "Payload Too Large" in (caught.value.details() or "")
+        # Envoy's 413 as gRPC sees it: RESOURCE_EXHAUSTED (its local-reply mapper; Envoy alone
+        # would say UNKNOWN); the service never saw it.
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+        assert "Payload Too Large" in (caught.value.details() or "")
         request.description = "d" * 200
         code, reason, _ = await refusal(transfers.CreateTransfer(request, metadata=metadata, timeout=5))
         assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
