@@ -89,7 +89,7 @@ def _customer_id(caller: Caller) -> str | None:
 
 @contextlib.contextmanager
 def _busy_is_unavailable() -> Iterator[None]:
-    """Timeouts and an exhausted pool are operating errors: the caller may retry (nothing was written)."""
+    """Operating errors (store.LedgerBusy): the caller may retry with the same request_id."""
     try:
         yield
     except store.LedgerBusy as exc:

@@ -29,7 +29,10 @@ STATEMENT_TIMEOUT_MS = 3000
 
 
 class LedgerBusy(Exception):
-    """A lock wait or the statement timed out, or no connection was free: nothing was written."""
+    """An operating error: a lock wait or the statement timed out, no connection was free, or the
+    connection failed (Postgres restarted, the backend was terminated). Nothing was written,
+    except when a connection is lost during the commit, where the movements may have committed:
+    either way a retry with the same request_id moves money at most once."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any]) -
             await cursor.execute(prefixed, params)  # type: ignore[arg-type]  # our own constant SQL
             assert cursor.nextset(), "the SELECT after SET LOCAL returned no result"
             return await cursor.fetchall()
-    except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled, PoolTimeout) as exc:
+    # OperationalError covers the timeouts (LockNotAvailable, QueryCanceled), a lost or
+    # terminated connection (the pool replaces it once it is returned) and a deadlock.
+    except (psycopg.OperationalError, PoolTimeout) as exc:
         raise LedgerBusy(str(exc)) from exc
 
 

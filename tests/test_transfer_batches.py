@@ -138,3 +138,28 @@ async def test_each_event_carries_its_own_requests_headers(bank: Bank, pool: Asy
         stored: dict[str, dict[str, str]] = dict(await cursor.fetchall())
     assert [stored[r.transfer.transfer_id] for r in results if r.transfer] == [
         sent[0], sent[1], sent[2], {"traceparent": traceparent}, {}]
+
+
+async def test_a_lost_connection_is_ledger_busy_and_the_retry_moves_once(bank: Bank, settings: Settings) -> None:
+    """A pooled connection whose backend is gone (Postgres restarted, a backend terminated) is
+    an operating error like a timeout, LEDGER_BUSY for the batch, not an unclassified error
+    (which the interceptor answers INTERNAL); the pool replaces it and the retry moves once."""
+    a, b = await bank.open_account(), await bank.open_account()
+    await bank.deposit(a, 100)
+    pool = AsyncConnectionPool(db.conninfo(settings, "transfer"), min_size=1, max_size=1, open=False)
+    await pool.open(wait=True, timeout=30)
+    try:
+        async with pool.connection() as conn:
+            backend = conn.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(settings.pg_conninfo, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        request = transfer(a, b, 30)
+        with pytest.raises(store.LedgerBusy):
+            await store.move_money_batch(pool, [request])
+        [retried] = await store.move_money_batch(pool, [request])
+        [replayed] = await store.move_money_batch(pool, [request])
+    finally:
+        await pool.close()
+    assert retried.error is None and not retried.replayed
+    assert replayed.replayed and replayed.transfer == retried.transfer
+    assert await bank.balances(a, b) == [70, 30]
