@@ -116,6 +116,26 @@ def test_transfer_inputs_are_checked_by_rest(settings: Settings, tokens: TestTok
     assert (unknown.status, unknown.reason) == (404, "ACCOUNT_NOT_FOUND"), unknown.body
 
 
+def test_an_amount_that_is_no_int64_is_invalid_amount_by_rest(settings: Settings, tokens: TestTokens) -> None:
+    """API.md: amount > 0 and within int64, else 400 INVALID_AMOUNT. Such a value never reaches a
+    service over REST (the transcoder cannot make an int64 of it); Envoy answers for it."""
+    customer, teller = tokens.customer(str(uuid.uuid4())), tokens.teller()
+    transfer = {"request_id": f"r-{uuid.uuid4().hex}", "from_account_id": str(uuid.uuid4()),
+                "to_account_id": str(uuid.uuid4()), "currency": "USD"}
+    deposit = {"request_id": f"r-{uuid.uuid4().hex}", "account_id": str(uuid.uuid4()), "currency": "USD"}
+    for amount in ["9223372036854775808", "-9223372036854775809", "1" + "0" * 30, 1.5, "abc", True]:
+        for path, body, token in [("/v1/transfers", transfer, customer), ("/v1/deposits", deposit, teller),
+                                  ("/v1/withdrawals", deposit, teller)]:
+            assert_invalid(rest(settings, "POST", path, {**body, "amount": amount}, token=token), "INVALID_AMOUNT",
+                           {"amount"})
+    # The largest int64 is an amount: the service decides (the accounts do not exist).
+    largest = rest(settings, "POST", "/v1/transfers", {**transfer, "amount": "9223372036854775807"}, token=customer)
+    assert (largest.status, largest.reason) == (404, "ACCOUNT_NOT_FOUND"), largest.body
+    # Other bodies the transcoder refuses keep its own answer.
+    other = rest(settings, "GET", "/v1/notifications?page_size=abc", token=customer)
+    assert other.status == 400 and other.body["code"] == 3 and other.reason is None, other.body
+
+
 def test_notification_inputs_are_checked_by_rest(settings: Settings, tokens: TestTokens) -> None:
     customer = tokens.customer(str(uuid.uuid4()))
     assert_invalid(rest(settings, "GET", "/v1/notifications?page_size=-3", token=customer), "INVALID_PAGE_SIZE",
