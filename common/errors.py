@@ -66,6 +66,12 @@ def not_implemented(method: str) -> DomainError:
     return DomainError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"{method} is not implemented yet")
 
 
+def storage_unavailable() -> DomainError:
+    # A dependency failed (a lost connection, a timeout): worth a retry, unlike INTERNAL.
+    return DomainError(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE",
+                       "the bank cannot reach its storage right now; retry shortly")
+
+
 def internal() -> DomainError:
     # Never a stack trace or an internal detail to the caller: the log has those.
     return DomainError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the request id is in the logs")

@@ -14,10 +14,13 @@ from typing import Any
 
 import grpc
 import protovalidate
+import psycopg
+import redis.exceptions
 from google.protobuf.message import Message
+from psycopg_pool import PoolTimeout
 
-from common import auth, input_guard, metrics, tracing
-from common.errors import DomainError, internal, not_implemented
+from common import auth, cassandra, input_guard, metrics, tracing
+from common.errors import DomainError, internal, not_implemented, storage_unavailable
 from common.logging import fields, request_id_var
 
 log = logging.getLogger("rpc")
@@ -34,6 +37,13 @@ API_REASON = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # One validator per process: it compiles a message type's rules on first use (a few ms for the
 # first type, well under one after) and keeps them, so a request costs a few microseconds.
 VALIDATOR = protovalidate.Validator()
+
+# A storage dependency that failed rather than refused: a lost or timed-out Postgres connection
+# or statement, no free pooled connection, Redis or Cassandra unreachable or slow. UNAVAILABLE
+# (503) tells the client to retry; INTERNAL (500) would say the bank itself is broken.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, PoolTimeout,
+                                               redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                                               *cassandra.TRANSIENT_ERRORS)
 
 
 def _field_path(violation: protovalidate.Violation) -> str:
@@ -124,6 +134,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
                 raise
+            except STORAGE_ERRORS as exc:
+                log.warning("storage unavailable in %s", full_method, exc_info=exc)
+                error = storage_unavailable()
+                code, reason = error.code, error.reason
+                await context.abort_with_status(error.to_status())
             except Exception:
                 log.exception("unhandled error in %s", full_method)
                 error = internal()

@@ -8,15 +8,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from common.auth import test_tokens
 from common.config import REPO_ROOT, Settings
 from devstack.stack import Stack
+from tests.support import rest
 
 EXPECTED_SERVICES = {
     "customer": {"bank.customer.v1.CustomerService", "bank.auth.v1.AuthService",
@@ -94,3 +98,23 @@ def test_service_shuts_down_gracefully_on_sigterm(stack: Stack, settings: Settin
     output = log_path.read_text()
     assert code == 0, output[-3000:]
     assert '"message": "stopped"' in output
+
+
+def test_a_lost_database_connection_is_503_storage_unavailable_never_500(stack: Stack, settings: Settings) -> None:
+    """Postgres drops svc_account's connections (a restart, a failover, a terminated backend): a
+    request that gets a dead pooled connection is UNAVAILABLE / 503 STORAGE_UNAVAILABLE, which
+    says "retry", not INTERNAL / 500; the pool replaces the connection and the retries succeed."""
+    token = test_tokens(settings).customer(str(uuid.uuid4()))
+    with psycopg.connect(settings.pg_conninfo, autocommit=True) as admin:
+        row = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                            " WHERE application_name = 'svc_account'").fetchone()
+    assert row is not None and row[0] >= 1, "svc_account had no database connection to lose"
+    answers = []
+    for _ in range(50):
+        response = rest(settings, "GET", "/v1/accounts", token=token)
+        answers.append((response.status, response.reason))
+        if response.status == 200:
+            break
+    assert answers[0] == (503, "STORAGE_UNAVAILABLE"), answers
+    assert answers[-1] == (200, None), answers
+    assert set(answers) <= {(503, "STORAGE_UNAVAILABLE"), (200, None)}, answers
