@@ -18,6 +18,11 @@
   bounded, growing backoff before polling again.
 - A batch has a deadline so the consumer polls often enough to stay in the group, whatever
   the dependencies do (checked against the handlers' worst case at construction).
+- A rebalance waits for the batch in hand: the member does not give up its partitions before
+  that batch is done and committed (aiokafka awaits on_partitions_revoked before it rejoins), so
+  the next owner starts after this member's work and two members never work the same records
+  at once (svc_notify's claim would then see PENDING and send an email twice). A batch fetched
+  while a rebalance began is not worked on: it is read again by whoever owns it next.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter, Gauge
@@ -111,6 +117,30 @@ class _Progress:
     storage_down: bool
 
 
+class _FinishBatchBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped base
+    """Holds this member's part of a rebalance until the batch in hand is done and committed."""
+
+    def __init__(self, group_id: str, idle: asyncio.Event, bound_s: float) -> None:
+        self._group_id = group_id
+        self._idle = idle
+        self._bound_s = bound_s
+        self.revocations = 0  # how many rebalances began; a batch fetched across one is not worked on
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.revocations += 1
+        if not revoked or self._idle.is_set():
+            return
+        log.info("rebalance: finishing the batch in hand first", extra=fields(group=self._group_id))
+        try:
+            await asyncio.wait_for(self._idle.wait(), self._bound_s)
+        except TimeoutError:
+            log.warning("rebalance: the batch in hand did not finish in time", extra=fields(
+                group=self._group_id, bound_s=self._bound_s))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        pass
+
+
 class EventConsumer:
     """Started as a worker of the service: start() returns at once, the loop runs as a task."""
 
@@ -133,6 +163,10 @@ class EventConsumer:
         self._task: asyncio.Task[None] | None = None
         self._dead_letters: AIOKafkaProducer | None = None
         self._lag_partitions: set[TopicPartition] = set()  # the partitions LAG has a series for
+        self._idle = asyncio.Event()  # no batch in hand (see _FinishBatchBeforeRevoke)
+        self._idle.set()
+        # A batch started just before a rebalance runs to its deadline, then gets its commit.
+        self._rebalance_wait_s = BATCH_DEADLINE_S + event_worst_case_s + REQUEST_TIMEOUT_MS / 1000
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._group_id}-consumer")
@@ -173,7 +207,6 @@ class EventConsumer:
     async def _consume(self) -> None:
         await ensure_topics(self._settings)  # the same topics, settings and code as the outbox relay
         consumer = AIOKafkaConsumer(
-            *self._topics,
             bootstrap_servers=self._settings.kafka_bootstrap,
             group_id=self._group_id,
             client_id=f"{self._group_id}-{os.getpid()}",
@@ -187,6 +220,8 @@ class EventConsumer:
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
             request_timeout_ms=REQUEST_TIMEOUT_MS,
         )
+        rebalances = _FinishBatchBeforeRevoke(self._group_id, self._idle, self._rebalance_wait_s)
+        consumer.subscribe(self._topics, listener=rebalances)
         producer = AIOKafkaProducer(bootstrap_servers=self._settings.kafka_bootstrap, acks="all",
                                     enable_idempotence=True, request_timeout_ms=int(DLQ_SEND_TIMEOUT_S * 1000))
         await producer.start()
@@ -200,8 +235,16 @@ class EventConsumer:
         pause_s = PAUSE_INITIAL_S
         try:
             while not self._stopping.is_set():
+                revocations = rebalances.revocations
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self._batch_max_records)
-                storage_down = bool(batch) and await self._process(consumer, batch)
+                if batch and rebalances.revocations != revocations:
+                    self._rewind(consumer, batch)  # may be another member's now: read again by the owner
+                    continue
+                self._idle.clear()
+                try:
+                    storage_down = bool(batch) and await self._process(consumer, batch)
+                finally:
+                    self._idle.set()
                 await self._measure_lag(consumer)
                 if storage_down:
                     log.warning("storage unavailable; pausing before reading again", extra=fields(pause_s=pause_s))
@@ -215,6 +258,12 @@ class EventConsumer:
                 await consumer.stop()  # leaves the group: its partitions move on at once
             finally:
                 await producer.stop()
+
+    @staticmethod
+    def _rewind(consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        for partition, records in batch.items():
+            with contextlib.suppress(IllegalStateError):  # no longer ours
+                consumer.seek(partition, records[0].offset)
 
     async def _measure_lag(self, consumer: AIOKafkaConsumer) -> None:
         """LAG for every partition this process owns, from what the last fetch responses said

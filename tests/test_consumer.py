@@ -1,0 +1,77 @@
+"""common/consumer.py against the real Kafka: what the framework promises beyond one consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from bank.events.v1 import events_pb2
+from google.protobuf.message import Message
+
+from common.config import Settings
+from common.consumer import EventConsumer, EventMeta, Route
+from devstack.stack import Stack
+
+RECORDS_PER_PARTITION = 3
+HANDLING_S = 2.0  # per record: a batch of one partition takes 6 s, long enough to be mid-batch
+
+
+async def test_a_member_joining_mid_batch_never_works_the_same_records_twice(stack: Stack, settings: Settings) -> None:
+    """A second live member joins the group while the first is in the middle of a batch. The
+    first finishes and commits that batch before it gives up a partition, so the second starts
+    after it: every event is handled exactly once (before, both worked the same records, which
+    in svc_notify means a second email)."""
+    topic, group = f"test.rebalance.{uuid.uuid4().hex[:8]}", f"test-rebalance-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
+        await producer.start()
+        try:
+            for partition in (0, 1):
+                for n in range(RECORDS_PER_PARTITION):
+                    event = events_pb2.MoneyMoved(event_id=f"p{partition}-{n}", transfer_id=f"t-{partition}-{n}")
+                    await producer.send_and_wait(topic, event.SerializeToString(), partition=partition,
+                                                 headers=[("event_type", event.DESCRIPTOR.full_name.encode())])
+        finally:
+            await producer.stop()
+
+        handled: list[tuple[str, str]] = []  # (member, event_id), in the order handlers started
+
+        def member(name: str) -> EventConsumer:
+            async def slow(message: Message, meta: EventMeta) -> str:
+                handled.append((name, meta.event_id))
+                await asyncio.sleep(HANDLING_S)
+                return "applied"
+
+            routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: Route(events_pb2.MoneyMoved, slow)}
+            return EventConsumer(settings, group_id=group, topics=[topic], routes=routes, event_worst_case_s=5.0)
+
+        first, second = member("first"), member("second")
+        await first.start()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not handled:  # the first member is in the middle of its batch
+                assert loop.time() < deadline, "the first member never started"
+                await asyncio.sleep(0.05)
+            await second.start()
+            try:
+                while len({event_id for _, event_id in handled}) < 2 * RECORDS_PER_PARTITION:
+                    assert loop.time() < deadline + 30, handled
+                    await asyncio.sleep(0.1)
+                # Long enough for a second member working the same records to have started them.
+                await asyncio.sleep(2 * HANDLING_S)
+            finally:
+                await second.stop()
+        finally:
+            await first.stop()
+        counts = Counter(event_id for _, event_id in handled)
+        assert set(counts.values()) == {1}, handled
+    finally:
+        await admin.delete_topics([topic])
+        await admin.close()
