@@ -4,14 +4,17 @@ MoneyMoved events produced straight to Kafka as svc_transfer's relay does."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bank.events.v1 import events_pb2
+from google.protobuf.message import Message
 
 from common.config import Settings
 from common.events import TRANSFER_TOPIC
@@ -146,3 +149,29 @@ async def produce_money_moved(settings: Settings, *events: events_pb2.MoneyMoved
     finally:
         await producer.stop()
 
+
+@contextlib.asynccontextmanager
+async def scratch_topic(settings: Settings, name: str, partitions: int = 1) -> AsyncIterator[str]:
+    """A topic of one test's own ("<name>.<random>"), deleted afterwards."""
+    topic = f"{name}.{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        yield topic
+    finally:
+        await admin.delete_topics([topic])
+        await admin.close()
+
+
+async def publish(settings: Settings, topic: str, *events: Message, key: bytes | None = None,
+                  partition: int | None = None, headers: Sequence[tuple[str, bytes]] = ()) -> None:
+    """Publish events in order, each with its event_type header (as the outbox relay writes it)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send_and_wait(topic, event.SerializeToString(), key=key, partition=partition,
+                                         headers=[("event_type", event.DESCRIPTOR.full_name.encode()), *headers])
+    finally:
+        await producer.stop()

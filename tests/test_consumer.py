@@ -6,14 +6,13 @@ import asyncio
 import uuid
 from collections import Counter
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
 
 from common.config import Settings
 from common.consumer import EventConsumer, EventMeta, Route
 from devstack.stack import Stack
+from tests.events_support import publish, scratch_topic
 
 RECORDS_PER_PARTITION = 3
 HANDLING_S = 2.0  # per record: a batch of one partition takes 6 s, long enough to be mid-batch
@@ -24,21 +23,11 @@ async def test_a_member_joining_mid_batch_never_works_the_same_records_twice(sta
     first finishes and commits that batch before it gives up a partition, so the second starts
     after it: every event is handled exactly once (before, both worked the same records, which
     in svc_notify means a second email)."""
-    topic, group = f"test.rebalance.{uuid.uuid4().hex[:8]}", f"test-rebalance-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
-        await producer.start()
-        try:
-            for partition in (0, 1):
-                for n in range(RECORDS_PER_PARTITION):
-                    event = events_pb2.MoneyMoved(event_id=f"p{partition}-{n}", transfer_id=f"t-{partition}-{n}")
-                    await producer.send_and_wait(topic, event.SerializeToString(), partition=partition,
-                                                 headers=[("event_type", event.DESCRIPTOR.full_name.encode())])
-        finally:
-            await producer.stop()
+    group = f"test-rebalance-{uuid.uuid4().hex[:8]}"
+    async with scratch_topic(settings, "test.rebalance", partitions=2) as topic:
+        for partition in (0, 1):
+            await publish(settings, topic, *(events_pb2.MoneyMoved(event_id=f"p{partition}-{n}", transfer_id=f"t-{n}")
+                                             for n in range(RECORDS_PER_PARTITION)), partition=partition)
 
         handled: list[tuple[str, str]] = []  # (member, event_id), in the order handlers started
 
@@ -72,6 +61,3 @@ async def test_a_member_joining_mid_batch_never_works_the_same_records_twice(sta
             await first.stop()
         counts = Counter(event_id for _, event_id in handled)
         assert set(counts.values()) == {1}, handled
-    finally:
-        await admin.delete_topics([topic])
-        await admin.close()

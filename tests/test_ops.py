@@ -17,8 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
 from prometheus_client import REGISTRY
@@ -27,6 +25,7 @@ from common.config import REPO_ROOT, Settings
 from common.consumer import EventConsumer, EventMeta, Route
 from devstack import install
 from devstack.stack import Stack
+from tests.events_support import publish, scratch_topic
 from tests.support import rest
 
 RULES = REPO_ROOT / "deploy" / "prometheus"
@@ -162,20 +161,10 @@ def test_prometheus_has_every_target_up_and_latency_histograms_from_all_four_ser
 async def test_consumer_lag_follows_a_backlog_down_to_zero(settings: Settings) -> None:
     """A consumer of a topic of its own, with 30 records waiting and a slow handler: the gauge
     shows the backlog, shrinks as batches are handled, and ends at zero."""
-    topic, group = f"test.lag.{uuid.uuid4().hex[:8]}", f"test-lag-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
-        await producer.start()
-        try:
-            for n in range(30):
-                event = events_pb2.MoneyMoved(event_id=f"lag-{n}", transfer_id=f"t-{n}")
-                await producer.send_and_wait(topic, event.SerializeToString(), key=b"k",
-                                             headers=[("event_type", event.DESCRIPTOR.full_name.encode())])
-        finally:
-            await producer.stop()
+    group = f"test-lag-{uuid.uuid4().hex[:8]}"
+    async with scratch_topic(settings, "test.lag") as topic:
+        await publish(settings, topic, *(events_pb2.MoneyMoved(event_id=f"lag-{n}", transfer_id=f"t-{n}")
+                                         for n in range(30)), key=b"k")
 
         handled: list[str] = []
 
@@ -206,9 +195,6 @@ async def test_consumer_lag_follows_a_backlog_down_to_zero(settings: Settings) -
         peak = seen.index(max(seen))
         assert seen[peak:] == sorted(seen[peak:], reverse=True) and seen[-1] == 0, seen
         assert len(seen[peak:]) >= 3, seen
-    finally:
-        await admin.delete_topics([topic])
-        await admin.close()
 
 
 def _new_lines(offsets: dict[Path, int], request_id: str) -> list[dict[str, Any]]:

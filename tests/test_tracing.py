@@ -20,8 +20,6 @@ from typing import Any, cast
 
 import grpc
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import StringValue
@@ -34,6 +32,7 @@ from common.config import REPO_ROOT, Settings
 from common.consumer import EventConsumer, EventMeta, Route
 from common.interceptors import ServerInterceptor
 from common.logging import JsonFormatter
+from tests.events_support import publish, scratch_topic
 
 SERVICE = "test.Echo"
 
@@ -200,19 +199,10 @@ async def test_off_a_callers_traceparent_is_passed_through(
 async def _consume_one(settings: Settings, headers: list[tuple[str, bytes]]) -> tuple[str, str]:
     """Publish one MoneyMoved with headers to a topic of its own and consume it with the bank's
     EventConsumer; the (trace_id, span_id) its handler ran in."""
-    topic, group = f"test.trace.{uuid.uuid4().hex[:8]}", f"test-trace-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-        event = events_pb2.MoneyMoved(event_id="trace-1", transfer_id="t-1")
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
-        await producer.start()
-        try:
-            await producer.send_and_wait(topic, event.SerializeToString(), key=b"t-1",
-                                         headers=[("event_type", event.DESCRIPTOR.full_name.encode()), *headers])
-        finally:
-            await producer.stop()
+    group = f"test-trace-{uuid.uuid4().hex[:8]}"
+    async with scratch_topic(settings, "test.trace") as topic:
+        await publish(settings, topic, events_pb2.MoneyMoved(event_id="trace-1", transfer_id="t-1"), key=b"t-1",
+                      headers=headers)
         ids: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
 
         async def handler(message: Message, meta: EventMeta) -> str:
@@ -226,9 +216,6 @@ async def _consume_one(settings: Settings, headers: list[tuple[str, bytes]]) -> 
             return await asyncio.wait_for(ids, 30)
         finally:
             await consumer.stop()
-    finally:
-        await admin.delete_topics([topic])
-        await admin.close()
 
 
 async def test_a_consumers_span_joins_the_trace_of_the_events_traceparent(
