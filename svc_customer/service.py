@@ -190,7 +190,7 @@ class CustomerUseCases:
                 raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_VERIFIED", "the email is already verified")
             if row.failed_attempts >= MAX_CODE_ATTEMPTS:
                 raise DomainError(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ATTEMPTS",
-                                  "too many wrong codes; register again to get a new one")
+                                  "too many wrong codes; this registration can no longer be verified")
             if row.expire_time <= datetime.now(UTC):
                 raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "CODE_EXPIRED", "the code has expired")
             if not hmac.compare_digest(row.code_hash, self._code_hash(cid, code)):
@@ -240,9 +240,19 @@ class CustomerUseCases:
         if not enrollment_token or len(enrollment_token) > 256:
             raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_ENROLLMENT_TOKEN",
                               "the enrollment token is not valid")
-        password_hash = await asyncio.to_thread(HASHER.hash, password)
+        token_hash = _sha256(enrollment_token)
+        async with self._pool.connection() as conn:
+            live = await store.enrollment_token_is_live(conn, token_hash)
+        if not live:
+            raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_ENROLLMENT_TOKEN",
+                              "the enrollment token is not valid, used, or expired")
+        # Only a live token buys a password hash (argon2id: ~20 ms of a core and 19 MiB), and no
+        # more hashes run at once than password checks do.
+        async with self._login_slots:
+            password_hash = await asyncio.to_thread(HASHER.hash, password)
         async with self._pool.connection() as conn, conn.transaction():
-            customer_id = await store.use_enrollment_token(conn, _sha256(enrollment_token))
+            # Still the deciding step: a use racing this one may have spent the token meanwhile.
+            customer_id = await store.use_enrollment_token(conn, token_hash)
             if customer_id is None:
                 raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_ENROLLMENT_TOKEN",
                                   "the enrollment token is not valid, used, or expired")

@@ -143,6 +143,16 @@ async def insert_enrollment_token(conn: AsyncConnection, token_hash: bytes, cust
     )
 
 
+async def enrollment_token_is_live(conn: AsyncConnection, token_hash: bytes) -> bool:
+    """Whether the token could be spent now: a cheap look before costly work (spending it,
+    use_enrollment_token, still decides)."""
+    cursor = await conn.execute(
+        "SELECT 1 FROM enrollment_tokens WHERE token_hash = %s AND used_time IS NULL AND expire_time > now()",
+        (token_hash,),
+    )
+    return await cursor.fetchone() is not None
+
+
 async def use_enrollment_token(conn: AsyncConnection, token_hash: bytes) -> UUID | None:
     """Spend a live enrollment token (one statement, so two racing uses cannot both win)."""
     cursor = await conn.execute(

@@ -14,9 +14,12 @@ import psycopg
 import pytest
 from pyseto import Key
 
-from common import auth
+from common import auth, db, ratelimit
 from common.config import Settings
+from common.errors import DomainError
 from devstack.stack import Stack
+from svc_customer import service as customer_service
+from svc_customer.service import CustomerUseCases, Throttle
 from tests.support import (
     STRONG_PASSWORD,
     login,
@@ -326,3 +329,40 @@ def test_accounts_are_paginated(stack: Stack, settings: Settings) -> None:
     bad = rest(settings, "GET", "/v1/accounts?page_token=garbage", token=customer.token)
     assert bad.status == 400 and bad.reason == "INVALID_PAGE_TOKEN"
     assert rest(settings, "GET", "/v1/accounts?page_size=-1", token=customer.token).status == 400
+
+
+async def test_only_a_live_enrollment_token_buys_a_password_hash(stack: Stack, settings: Settings,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """CreateCredential needs no login, and an argon2id hash costs ~20 ms of a core and 19 MiB:
+    a made-up, used or expired token is refused before hashing, so it cannot buy CPU. (A spy
+    counts the hashes of the use case, built as svc_customer builds it on the real stores.)"""
+    pool = await db.open_pool(settings, "customer")
+    redis_client = auth.redis_client(settings)
+    try:
+        use_cases = CustomerUseCases(pool, auth.load_keys(settings, signing=True),
+                                     auth.Revocations(redis_client, settings.access_token_ttl_s),
+                                     Throttle.from_settings(ratelimit.SlidingWindow(redis_client), settings),
+                                     settings.access_token_ttl_s, settings.refresh_token_ttl_s)
+        hashed: list[str] = []
+        real = customer_service.HASHER
+
+        class CountingHasher:
+            def hash(self, password: str) -> str:
+                hashed.append(password)
+                return real.hash(password)
+
+        monkeypatch.setattr(customer_service, "HASHER", CountingHasher())
+        for token in ["made-up", "x" * 200]:
+            with pytest.raises(DomainError) as refused:
+                await use_cases.create_credential(token, f"u{uuid.uuid4().hex[:12]}", STRONG_PASSWORD)
+            assert refused.value.reason == "INVALID_ENROLLMENT_TOKEN"
+        assert hashed == []
+        live = verify(settings, register(settings))
+        await use_cases.create_credential(live, f"u{uuid.uuid4().hex[:12]}", STRONG_PASSWORD)
+        assert hashed == [STRONG_PASSWORD]
+        with pytest.raises(DomainError) as spent:  # used now: refused before a second hash
+            await use_cases.create_credential(live, f"u{uuid.uuid4().hex[:12]}", STRONG_PASSWORD)
+        assert spent.value.reason == "INVALID_ENROLLMENT_TOKEN" and hashed == [STRONG_PASSWORD]
+    finally:
+        await redis_client.aclose()
+        await pool.close()
