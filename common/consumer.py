@@ -329,10 +329,23 @@ class EventConsumer:
 
     async def _drain_together(self, partition: TopicPartition, records: Sequence[ConsumerRecord]) -> _Progress:
         """All records at once; done up to the first one that is not (the ones after it that
-        did finish are done again on redelivery, which order-free handlers allow)."""
+        did finish are done again on redelivery, which order-free handlers allow). Copies of one
+        record in the batch (the relay published it again) are worked on once: handled side by
+        side, both copies would pass a handler's duplicate check before either had finished."""
         if self._stopping.is_set():
             return _Progress(partition, None, records[0].offset, storage_down=False)
-        results = await asyncio.gather(*(self._handle(r) for r in records), return_exceptions=True)
+        first_copy: dict[tuple[bytes | None, bytes | None], int] = {}
+        originals = [first_copy.setdefault((r.key, r.value), i) for i, r in enumerate(records)]
+        unique = [records[i] for i in sorted(set(originals))]
+        handled = dict(zip((r.offset for r in unique),
+                           await asyncio.gather(*(self._handle(r) for r in unique), return_exceptions=True),
+                           strict=True))
+        for record, original in zip(records, originals, strict=True):
+            if records[original] is not record:
+                log.info("a copy of an event in the same batch; worked on once", extra=fields(
+                    topic=partition.topic, partition=partition.partition, offset=record.offset,
+                    copy_of=records[original].offset, group=self._group_id))
+        results = [handled[records[original].offset] for original in originals]
         commit_offset: int | None = None
         for record, result in zip(records, results, strict=True):
             if isinstance(result, StorageUnavailable):

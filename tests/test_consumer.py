@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections import Counter
 
+from aiokafka.admin import AIOKafkaAdminClient
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
 
@@ -61,3 +62,41 @@ async def test_a_member_joining_mid_batch_never_works_the_same_records_twice(sta
             await first.stop()
         counts = Counter(event_id for _, event_id in handled)
         assert set(counts.values()) == {1}, handled
+
+
+async def test_copies_of_one_event_in_a_batch_are_worked_on_once(stack: Stack, settings: Settings) -> None:
+    """The relay may publish an event again (a send timeout, a crash before marking it sent); two
+    copies arriving in one batch of an order-free consumer were handled side by side, so both
+    passed the handler's duplicate check (svc_notify sent the email twice). Now once, and the
+    offsets of both are committed."""
+    group = f"test-copies-{uuid.uuid4().hex[:8]}"
+    async with scratch_topic(settings, "test.copies") as topic:
+        event = events_pb2.MoneyMoved(event_id="copy-1", transfer_id="t-1")
+        other = events_pb2.MoneyMoved(event_id="copy-2", transfer_id="t-2")
+        await publish(settings, topic, event, event, other, event, key=b"t")
+        calls: list[str] = []
+
+        async def slow(message: Message, meta: EventMeta) -> str:
+            calls.append(meta.event_id)
+            await asyncio.sleep(0.5)  # both copies would be in their handlers at once
+            return "applied"
+
+        routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: Route(events_pb2.MoneyMoved, slow)}
+        consumer = EventConsumer(settings, group_id=group, topics=[topic], routes=routes, event_worst_case_s=5.0,
+                                 ordered=False)
+        await consumer.start()
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+        await admin.start()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            committed = -1
+            while committed < 4:
+                assert loop.time() < deadline, (calls, committed)
+                await asyncio.sleep(0.2)
+                offsets = await admin.list_consumer_group_offsets(group)
+                committed = max((o.offset for o in offsets.values()), default=-1)
+        finally:
+            await admin.close()
+            await consumer.stop()
+        assert sorted(calls) == ["copy-1", "copy-2"], calls
