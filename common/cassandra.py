@@ -41,6 +41,7 @@ from cassandra.policies import (
     FallthroughRetryPolicy,
     TokenAwarePolicy,
 )
+from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
 from cassandra.query import BoundStatement, PreparedStatement, SimpleStatement, Statement, dict_factory
 from prometheus_client import Histogram
 from psycopg_pool import AsyncConnectionPool
@@ -89,6 +90,9 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     OperationTimedOut,
     NoHostAvailable,
     ConnectionException,
+    # The coordinator refused the request for now (the driver's retry policy re-raises these).
+    OverloadedErrorMessage,
+    IsBootstrappingErrorMessage,
 )
 
 
