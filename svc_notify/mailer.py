@@ -58,12 +58,16 @@ def _is_transient_reply(code: int) -> bool:
 
 def _send_blocking(settings: Settings, message: EmailMessage) -> None:
     try:
-        with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SOCKET_TIMEOUT_S) as smtp:
+        smtp = smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=SOCKET_TIMEOUT_S)
+        try:
             if settings.smtp_user:
                 # Never send a password in clear: a server that cannot STARTTLS is refused.
                 smtp.starttls(context=ssl.create_default_context())
                 smtp.login(settings.smtp_user, settings.smtp_password)
             smtp.send_message(message)
+        except BaseException:
+            smtp.close()
+            raise
     except smtplib.SMTPRecipientsRefused as exc:
         codes = [code for code, _ in exc.recipients.values()]
         if all(_is_transient_reply(code) for code in codes):
@@ -79,6 +83,12 @@ def _send_blocking(settings: Settings, message: EmailMessage) -> None:
         raise PermanentMailError(f"server does not support a needed extension: {exc}") from exc
     except OSError as exc:  # refused, reset, timed out (smtplib's own errors are OSErrors too: caught above)
         raise TransientMailError(f"{type(exc).__name__}: {exc}") from exc
+    # Accepted: the message is the server's now. A goodbye that fails (a reply other than 221, a
+    # reset) must not make it a transient failure, whose retry would send a second copy.
+    try:
+        smtp.quit()
+    except (smtplib.SMTPException, OSError):
+        smtp.close()
 
 
 class Mailer:

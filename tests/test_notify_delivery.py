@@ -21,7 +21,7 @@ from common.consumer import EventMeta, StorageUnavailable
 from common.retry import Backoff
 from devstack.stack import Stack
 from svc_notify import service
-from svc_notify.mailer import Mailer
+from svc_notify.mailer import Email, Mailer
 from svc_notify.store import Store
 from tests.support import mailpit_messages, unique_email
 
@@ -117,3 +117,43 @@ def test_cql_files_must_be_idempotent_and_name_their_keyspace(tmp_path: Path) ->
     (tmp_path / "1_bad_name.cql").write_text(good)
     with pytest.raises(ValueError):
         cassandra.cql_files(tmp_path)
+
+
+async def test_a_goodbye_that_fails_after_the_message_was_accepted_is_still_sent(settings: Settings) -> None:
+    """The server took the message (250 after DATA), then answered QUIT with 421: the email is
+    delivered, so the mailer must report it sent; as a transient failure it was sent again.
+    A mail server that misbehaves on purpose cannot be had from Mailpit: a minimal SMTP
+    dialogue on a local socket stands in for it."""
+    accepted: list[bytes] = []
+
+    async def dialogue(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                writer.write(b"250 test\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+                await writer.drain()
+                body = await reader.readuntil(b"\r\n.\r\n")
+                accepted.append(body)
+                writer.write(b"250 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"421 closing in a bad mood\r\n")
+                await writer.drain()
+                break
+            else:  # MAIL, RCPT, RSET, NOOP
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(dialogue, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        mailer = Mailer(dataclasses.replace(settings, smtp_host="127.0.0.1", smtp_port=port, smtp_user=""))
+        await mailer.send(Email(recipient="grace@example.com", subject="s", text="t",
+                                        message_id=f"{uuid.uuid4()}@test"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(accepted) == 1
