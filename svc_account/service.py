@@ -258,16 +258,34 @@ def _activity_page_key(token: str) -> tuple[int, tuple[datetime, UUID]] | None:
     return month, (create_time, parsed_id)
 
 
+# A month is listed before its line is written (a line is never unreachable), so a month can
+# stay empty when that write failed for good. A page steps over such months, up to this many
+# months in all: the work stays bounded by the page size and this, never by the account's age.
+STATEMENT_MONTHS_SCANNED_MAX = 240
+
+
+def _month_before(month: int) -> int:
+    year, number = divmod(month, 100)
+    return month - 1 if number > 1 else (year - 1) * 100 + 12
+
+
 async def _read_statement(activity: store.ActivityStore, account_id: UUID, limit: int,
                           after: tuple[int, tuple[datetime, UUID]] | None) -> list[store.Activity]:
-    """Up to limit lines, newest first, strictly after the page key. Every month listed holds at
-    least one line, so at most limit + 1 months are read (the first may hold nothing after the
-    key): the work is bounded by the page size, never by the account's age."""
-    months = await activity.months(account_id, after[0] if after else None, limit + 1)
+    """Up to limit lines, newest first, strictly after the page key. Months are read limit + 1
+    at a time (as many as the page can need when each holds a line, the first one possibly
+    none after the key); more only while empty months leave the page short."""
     lines: list[store.Activity] = []
-    for month in months:
-        key = after[1] if after is not None and month == after[0] else None
-        lines += await activity.month_page(account_id, month, key, limit - len(lines))
-        if len(lines) >= limit:
+    up_to = after[0] if after else None
+    scanned = 0
+    while len(lines) < limit and scanned < STATEMENT_MONTHS_SCANNED_MAX:
+        months = await activity.months(account_id, up_to, limit + 1)
+        for month in months:
+            key = after[1] if after is not None and month == after[0] else None
+            lines += await activity.month_page(account_id, month, key, limit - len(lines))
+            if len(lines) >= limit:
+                break
+        scanned += len(months)
+        if len(months) < limit + 1:  # no older months
             break
+        up_to = _month_before(months[-1])
     return lines
