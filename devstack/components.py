@@ -265,9 +265,12 @@ def _redis(s: Settings, p: Paths) -> list[str]:
     binary = install.debian_binary("redis-server", "redis-server", p.install_log("redis"))
     data = p.data / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    # A cache and rate-limit store: nothing in it must survive a restart, so no persistence.
+    # Revoked sessions live here until their access tokens expire, and a restart must not bring
+    # them back to life: an append-only file, written before each reply, flushed to disk every
+    # second (a machine crash may lose the last second; a process restart loses nothing).
     return [binary, "--bind", s.bind_host, "--port", str(s.redis_port), "--dir", str(data),
-            "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"]
+            "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
+            "--protected-mode", "yes"]
 
 
 def _prometheus(s: Settings, p: Paths) -> list[str]:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 import urllib.error
 import urllib.parse
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import Settings
+from devstack import proc
+from devstack.stack import Stack
 from tests.secret_scan import REGISTRY
 
 ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
@@ -151,3 +155,18 @@ def login(settings: Settings, username: str, password: str) -> dict[str, Any]:
     response = rest(settings, "POST", "/v1/sessions", {"username": username, "password": password})
     assert response.status == 200, response.body
     return dict(response.body)
+
+
+def kill9(stack: Stack, name: str) -> None:
+    """SIGKILL every process of the component (its whole process group), by its pid file."""
+    for component in stack.expand([name]):
+        pidfile = stack.pidfile(component)
+        record = proc.read_pidfile(pidfile)
+        assert proc.alive(record), f"{component} is not running"
+        assert record is not None
+        os.killpg(record.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while proc.alive(record) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not proc.alive(record), f"{component} survived SIGKILL"
+        pidfile.unlink(missing_ok=True)

@@ -7,8 +7,6 @@ party, and the balances add up. Each test leaves the whole stack up for the test
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sys
 import threading
 import time
@@ -19,31 +17,15 @@ from typing import Any
 import pytest
 
 from common.config import Settings
-from devstack import proc
 from devstack.stack import Stack
 from tests.events_support import Holder, deposit, holder, statement, teller_token, until
-from tests.support import mail_count, rest
+from tests.support import kill9, mail_count, rest
 
 PEOPLE = 4
 STREAM_BEFORE_S = 3.0  # transfers before the fault
 STREAM_AFTER_S = 3.0  # and after the component is back
 TRANSFER_PAUSE_S = 0.05
 CONVERGE_S = 90.0
-
-
-def kill9(stack: Stack, name: str) -> None:
-    """SIGKILL every process of the component (its whole process group), by its pid file."""
-    for component in stack.expand([name]):
-        pidfile = stack.pidfile(component)
-        record = proc.read_pidfile(pidfile)
-        assert proc.alive(record), f"{component} is not running"
-        assert record is not None
-        os.killpg(record.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while proc.alive(record) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not proc.alive(record), f"{component} survived SIGKILL"
-        pidfile.unlink(missing_ok=True)
 
 
 class Stream:

@@ -7,6 +7,7 @@ cutting every token off at once, are in tests/test_customers.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -29,7 +30,7 @@ from pyseto.key_interface import KeyInterface
 from common import auth
 from common.config import Settings
 from devstack.stack import Stack
-from tests.support import Customer, Response, login, onboard, rest
+from tests.support import Customer, Response, kill9, login, onboard, rest
 
 PREFIX = "v4.public."
 
@@ -282,6 +283,29 @@ def test_a_customer_lists_and_ends_their_sessions(stack: Stack, settings: Settin
     assert reused.reason == "SESSION_REVOKED"
     assert [s["session_id"] for s in _sessions(settings, customer, second["access_token"]).body["sessions"]] == \
         [second["session_id"]]
+
+
+async def test_a_revoked_session_stays_revoked_when_redis_restarts(stack: Stack, settings: Settings) -> None:
+    """Revocations live in Redis until the access tokens expire: a Redis killed and started
+    again must not bring a logged-out session back to life (append-only file, devstack)."""
+    customer = await asyncio.to_thread(onboard, settings)
+    kept = await asyncio.to_thread(login, settings, customer.username, customer.password)
+    ended = await asyncio.to_thread(rest, settings, "DELETE", f"/v1/sessions/{customer.session['session_id']}",
+                                    None, customer.token)
+    assert ended.status == 200, ended.body
+    await asyncio.to_thread(kill9, stack, "redis")
+    await stack.up(["redis"], out=sys.stderr)
+
+    def answer(token: str) -> tuple[int, str | None]:
+        response = rest(settings, "GET", "/v1/accounts", token=token)
+        return response.status, response.reason
+
+    # The services reconnect on their own; until then a check fails closed (AUTH_UNAVAILABLE).
+    deadline = time.monotonic() + 30
+    while (seen := await asyncio.to_thread(answer, kept["access_token"]))[0] != 200:
+        assert time.monotonic() < deadline and seen == (503, "AUTH_UNAVAILABLE"), seen
+        await asyncio.sleep(0.2)
+    assert await asyncio.to_thread(answer, customer.token) == (401, "SESSION_REVOKED")
 
 
 def test_sessions_of_someone_else_are_not_found(stack: Stack, settings: Settings, customer: Customer) -> None:
