@@ -10,6 +10,10 @@ by event_id) but never lost or reordered per key.
 
 Costs per batch: one SELECT … FOR UPDATE, one Kafka round trip (all records of the batch in
 flight together), one UPDATE; the relay wakes on NOTIFY at commit, with a poll as a fallback.
+
+Sent rows are kept SENT_RETENTION_S (the table still shows yesterday's events; Kafka keeps the
+events themselves), then deleted by the active relay when it is not busy: the table stays
+bounded by the traffic of that window instead of growing for ever.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ POLL_INTERVAL_S = 1.0
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 5.0
 SEND_TIMEOUT_S = 30.0
+SENT_RETENTION_S = 24 * 3600
+CLEANUP_INTERVAL_S = 60.0
+# Rows looked at per cleanup pass: the oldest ones (outbox_id is commit order, so rows old enough
+# to go are among them); a pass that deleted this many runs again at the next quiet moment.
+CLEANUP_BATCH = 10_000
 
 PUBLISHED = Counter("outbox_published_total", "Outbox events published to Kafka", ["topic"])
 BACKLOG = Gauge("outbox_backlog", "Outbox events not yet published (seen by the active relay)")
@@ -55,6 +64,18 @@ async def ensure_topics(settings: Settings) -> None:
         await admin.close()
 
 
+async def delete_sent(conn: AsyncConnection, retention_s: float = SENT_RETENTION_S,
+                      batch: int = CLEANUP_BATCH) -> int:
+    """Delete the rows sent more than retention_s ago among the `batch` oldest rows of this
+    schema's outbox; unsent rows always stay. Returns how many went."""
+    cursor = await conn.execute(
+        "DELETE FROM outbox WHERE outbox_id IN (SELECT outbox_id FROM outbox ORDER BY outbox_id LIMIT %s)"
+        " AND sent_time < now() - make_interval(secs => %s)",
+        (batch, retention_s),
+    )
+    return cursor.rowcount
+
+
 class OutboxRelay:
     def __init__(self, settings: Settings, pool: AsyncConnectionPool, schema: str) -> None:
         self._settings = settings
@@ -63,6 +84,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._next_cleanup = 0.0  # time.monotonic() of the next cleanup pass
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"outbox-relay-{self._schema}")
@@ -116,6 +138,7 @@ class OutboxRelay:
                 while not self._stopping:
                     published = await self._relay_batch(producer)
                     if published < BATCH_SIZE:
+                        await self._clean_up()
                         self._wake.clear()
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), timeout=POLL_INTERVAL_S)
@@ -126,6 +149,23 @@ class OutboxRelay:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await notifies
                 await producer.stop()
+
+    async def _clean_up(self) -> None:
+        """A cleanup pass when one is due; a failing one only waits for the next."""
+        if time.monotonic() < self._next_cleanup:
+            return
+        self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL_S
+        try:
+            async with self._pool.connection() as conn:
+                deleted = await delete_sent(conn)
+        except Exception as exc:  # the database is down: relaying reports it; the next pass retries
+            log.warning("outbox cleanup failed", exc_info=exc)
+            return
+        if deleted:
+            log.info("sent outbox events deleted", extra={"fields": {"schema": self._schema, "deleted": deleted,
+                                                                     "retention_s": SENT_RETENTION_S}})
+        if deleted == CLEANUP_BATCH:
+            self._next_cleanup = 0.0  # more to go: again at the next quiet moment
 
     async def _listen(self, conn: AsyncConnection) -> None:
         async for _ in conn.notifies():

@@ -11,6 +11,7 @@ import uuid
 import psycopg
 from aiokafka import AIOKafkaConsumer
 
+from common import db, outbox
 from common.config import Settings
 from common.events import CUSTOMER_TOPIC
 from devstack.stack import Stack
@@ -82,3 +83,27 @@ async def test_relay_survives_a_broker_restart_without_loss_or_reordering(stack:
         # complete and in order.
         first_deliveries = [n for i, n in enumerate(sequence) if n not in sequence[:i]]
         assert first_deliveries == list(range(EVENTS_PER_KEY)), (key, sequence)
+
+
+async def test_sent_events_are_deleted_after_the_retention_and_unsent_ones_never(stack: Stack,
+                                                                                 settings: Settings) -> None:
+    """The outbox stays bounded: rows sent longer ago than the retention go; rows sent recently
+    and rows not sent yet (however old) stay. Run in a transaction that is rolled back, so the
+    running relay never sees these rows."""
+    async with await psycopg.AsyncConnection.connect(db.conninfo(settings, "customer")) as conn:
+        rows = {}
+        for name, sent in (("old-sent", "now() - interval '2 days'"), ("recent-sent", "now() - interval '1 hour'"),
+                           ("old-unsent", "NULL")):
+            cursor = await conn.execute(
+                "INSERT INTO outbox (event_id, topic, aggregate_id, event_type, payload, create_time, sent_time)"
+                f" VALUES (gen_random_uuid(), 'bank.customer.v1', %s, 'test', '', now() - interval '2 days', {sent})"
+                " RETURNING outbox_id", (f"cleanup-{name}",))
+            row = await cursor.fetchone()
+            assert row is not None
+            rows[name] = row[0]
+        deleted = await outbox.delete_sent(conn, retention_s=24 * 3600, batch=10**9)
+        cursor = await conn.execute("SELECT outbox_id FROM outbox WHERE outbox_id = ANY(%s)", (list(rows.values()),))
+        left = {row[0] for row in await cursor.fetchall()}
+        await conn.rollback()
+    assert deleted >= 1
+    assert left == {rows["recent-sent"], rows["old-unsent"]}
