@@ -48,6 +48,9 @@ PASSWORD_MAX_LENGTH = 128  # argon2 takes any length; a bound keeps a request fr
 # Password verifications at once per process: argon2id is CPU-bound (more than the cores only
 # queue) and 19 MiB each; the bound also caps how many guesses pass a throttle check together.
 LOGINS_IN_FLIGHT_MAX = 8
+# Code checks at once per process: the per-address limit is checked before a wrong code is
+# counted, so at most this many guesses sent in parallel can pass one check together.
+VERIFICATIONS_IN_FLIGHT_MAX = 8
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{2,31}$")
 EMAIL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]+@[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$")
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -129,6 +132,7 @@ class CustomerUseCases:
         self._pool = pool
         self._throttle = throttle
         self._login_slots = asyncio.Semaphore(LOGINS_IN_FLIGHT_MAX)
+        self._verify_slots = asyncio.Semaphore(VERIFICATIONS_IN_FLIGHT_MAX)
         self._issuer = auth.TokenIssuer(keys, access_ttl_s)
         self._revocations = revocations
         self._refresh_ttl = timedelta(seconds=refresh_ttl_s)
@@ -179,6 +183,11 @@ class CustomerUseCases:
         # Wrong codes per customer are capped in Postgres (TOO_MANY_ATTEMPTS, for good); per client
         # address, here: someone guessing across many registrations.
         by_address = self._throttle.by_address(self._throttle.verify_by_address, client_address)
+        async with self._verify_slots:
+            return await self._check_code(cid, code, by_address)
+
+    async def _check_code(self, cid: UUID, code: str, by_address: list[ratelimit.Count]) -> tuple[store.Customer, str]:
+        """verify_email's check, from the limit to the counted failure, in one verification slot."""
         await self._throttle.check(by_address)
         failure: DomainError | None = None
         enrollment_token = secrets.token_urlsafe(32)

@@ -38,7 +38,7 @@ from common.config import Settings
 from common.errors import reason_of, retry_info, status_of
 from devstack.components import envoy_config
 from devstack.stack import Stack
-from svc_customer.service import Throttle
+from svc_customer.service import VERIFICATIONS_IN_FLIGHT_MAX, Throttle
 from tests.support import ERROR_INFO_TYPE, Response, onboard, register, rest, wait_for_verification_code
 
 RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
@@ -257,6 +257,31 @@ async def test_wrong_codes_from_one_address_are_limited_across_customers(
     # ...which the refusal did not spend: from elsewhere the customer verifies.
     verified = await verify(f"{_unique_ipv6_network()}::1", code)
     assert verified.customer.email_verified and verified.enrollment_token
+
+
+async def test_wrong_codes_sent_in_parallel_pass_the_address_limit_only_a_few_at_a_time(
+        stack: Stack, settings: Settings) -> None:
+    """The limit is checked before a wrong code is counted; guesses sent all at once could all
+    pass one check before the first was counted (40 of 40 did). At most
+    VERIFICATIONS_IN_FLIGHT_MAX more than the limit get through now."""
+    address = f"{_unique_ipv6_network()}::1"
+    customers = [register(settings) for _ in range(8)]  # 5 wrong codes each before TOO_MANY_ATTEMPTS
+
+    async def guess(customer_id: str) -> str | None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.customer_grpc_port}") as channel:
+            try:
+                await customer_pb2_grpc.CustomerServiceStub(channel).VerifyEmail(
+                    customer_pb2.VerifyEmailRequest(customer_id=customer_id, code="000000"),
+                    metadata=[(ratelimit.CLIENT_ADDRESS_HEADER, address)], timeout=10)
+                return "VERIFIED"
+            except grpc.aio.AioRpcError as error:
+                return reason_of(error)
+
+    answers = await asyncio.gather(*(guess(c["customer_id"]) for c in customers for _ in range(5)))
+    counted = answers.count("INVALID_CODE")
+    assert counted + answers.count("RATE_LIMITED") == len(answers), answers
+    assert settings.verify_failures_per_address_max <= counted <= \
+        settings.verify_failures_per_address_max + VERIFICATIONS_IN_FLIGHT_MAX, answers
 
 
 # --- Envoy's global token bucket -------------------------------------------------------------------
