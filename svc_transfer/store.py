@@ -8,7 +8,7 @@ transaction (a statement_timeout set inside the function would not apply to the 
 statement). Reads go the same way, so every statement of this service has an explicit bound.
 
 Business refusals come back as a reason code in the result's `error` field; only operating
-errors (lock wait or statement timed out, pool exhausted) raise, as LedgerBusy.
+errors (lock wait or statement timed out, pool exhausted, connection lost) raise, as LedgerBusy.
 """
 
 from __future__ import annotations
