@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -76,11 +76,18 @@ async def delete_sent(conn: AsyncConnection, retention_s: float = SENT_RETENTION
     return cursor.rowcount
 
 
+# Builds the bytes of the rows stored without a payload (event ids in, payload by event id out),
+# inside the relay's transaction: a writer that keeps event encoding out of its lock window.
+PayloadBuilder = Callable[[AsyncConnection, Sequence[str]], Awaitable[dict[str, bytes]]]
+
+
 class OutboxRelay:
-    def __init__(self, settings: Settings, pool: AsyncConnectionPool, schema: str) -> None:
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool, schema: str,
+                 build_payloads: PayloadBuilder | None = None) -> None:
         self._settings = settings
         self._pool = pool
         self._schema = schema
+        self._build_payloads = build_payloads
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -184,12 +191,19 @@ class OutboxRelay:
                 OLDEST_AGE.set(0)
                 return 0
             OLDEST_AGE.set(max(0.0, time.time() - rows[0][7].timestamp()))
+            built: dict[str, bytes] = {}
+            unbuilt = [str(row[1]) for row in rows if not row[5]]
+            if unbuilt:
+                assert self._build_payloads is not None, f"{self._schema}.outbox rows without a payload"
+                built = await self._build_payloads(conn, unbuilt)
+                assert built.keys() == set(unbuilt), "an outbox event whose payload could not be built"
             # All records in flight together; the idempotent producer keeps their order per partition.
             futures = []
             for _, event_id, topic, aggregate_id, event_type, payload, headers, _ in rows:
                 record_headers = [("event_type", event_type.encode()), ("event_id", str(event_id).encode())]
                 record_headers += [(k, str(v).encode()) for k, v in (headers or {}).items() if v]
-                futures.append(await producer.send(topic, bytes(payload), key=aggregate_id.encode(),
+                value = bytes(payload) if payload else built[str(event_id)]
+                futures.append(await producer.send(topic, value, key=aggregate_id.encode(),
                                                    headers=record_headers))
             await asyncio.wait_for(asyncio.gather(*futures), timeout=SEND_TIMEOUT_S)
             await conn.execute("UPDATE outbox SET sent_time = now() WHERE outbox_id = ANY(%s)",

@@ -1,7 +1,7 @@
 """Group commit for the ledger: the movements that arrive together go to Postgres as one batch.
 
 Each movement request waits in a queue; a few batch loops take whatever is waiting (up to
-BATCH_SIZE_MAX) and apply it with one call of move_money_batch (migrations/0003): one round
+BATCH_SIZE_MAX) and apply it with one call of move_money_batch (migrations/0005): one round
 trip, one transaction, one WAL flush, and each account's lock taken once per batch instead of
 once per movement. Nothing waits for a batch to fill: a loop that finds one movement sends one,
 so a quiet ledger answers as fast as before, and a busy one sends bigger batches by itself

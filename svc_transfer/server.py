@@ -20,7 +20,7 @@ from common import auth, server
 from common.auth import Access
 from common.grpcutil import service_name
 from common.outbox import OutboxNudge, OutboxRelay
-from svc_transfer import service
+from svc_transfer import events, service
 from svc_transfer.batching import MovementBatcher
 from svc_transfer.store import LedgerAccount, Transfer
 
@@ -139,9 +139,9 @@ def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[
     resources.workers.append(ledger)
     transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(resources.pool, ledger, nudge), grpc_server)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(resources.pool), grpc_server)
-    # Publishes the MoneyMoved events that movements write to transfer.outbox (one active relay
-    # per schema, whatever the number of processes).
-    resources.workers.append(OutboxRelay(resources.settings, resources.pool, SPEC.name))
+    # Publishes the MoneyMoved events that movements write to transfer.outbox, building their bytes
+    # from the committed rows (one active relay per schema, whatever the number of processes).
+    resources.workers.append(OutboxRelay(resources.settings, resources.pool, SPEC.name, events.payloads))
     return [service_name(transfer_pb2, "TransferService"), service_name(ledger_pb2, "LedgerService")]
 
 

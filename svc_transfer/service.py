@@ -3,7 +3,7 @@
 Input that is wrong whatever the ledger holds (request_id, amount, description, currency
 format, same account, ids that are not UUIDs) is refused here, before the database. Everything
 that depends on the ledger's state is decided by the movement function under the accounts'
-locks (see store.py and migrations/0002_ledger_functions.sql) and comes back as a reason code.
+locks (see store.py and migrations/0005_set_based_batch.sql) and comes back as a reason code.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """The only SQL of svc_transfer. Returns plain values.
 
-Every write is one call of a function of migrations/ (movements: move_money_batch, many movements
-of any callers in one transaction; see batching.py), sent in ONE round
-trip together with its statement_timeout: `SET LOCAL statement_timeout = …; SELECT f(…)` as a
-single simple-protocol query in autocommit mode, which Postgres runs as one implicit
-transaction (a statement_timeout set inside the function would not apply to the running
-statement). Reads go the same way, so every statement of this service has an explicit bound.
+Every write is one call of a function of migrations/ (movements: move_money_batch of 0005, many
+movements of any callers in one transaction; see batching.py), sent in ONE round trip as a
+prepared statement on an autocommit connection, which Postgres runs as one implicit
+transaction. Reads go the same way. Every statement is bounded by the pool's statement_timeout
+(common/db.py), every lock wait of a ledger function by its own lock_timeout (1 s).
 
 Business refusals come back as a reason code in the result's `error` field; only operating
 errors (lock wait or statement timed out, pool exhausted, connection lost) raise, as LedgerBusy.
@@ -20,12 +19,10 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import AsyncClientCursor, AsyncConnection
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-# A movement takes about a millisecond of database time; its lock waits are bounded by the
-# functions' own lock_timeout (1 s). This is the outer bound of one whole call.
-STATEMENT_TIMEOUT_MS = 3000
+from common.ids import new_id
 
 
 class LedgerBusy(Exception):
@@ -79,15 +76,12 @@ class VisibleTransfer:
 
 
 async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-    prefixed = f"SET LOCAL statement_timeout = {int(STATEMENT_TIMEOUT_MS)}; {query}"
     try:
         async with pool.connection() as conn:
             conn: AsyncConnection  # type: ignore[no-redef]
             await conn.set_autocommit(True)
-            # A client-side-binding cursor sends both statements as one simple query.
-            cursor = AsyncClientCursor(conn)
-            await cursor.execute(prefixed, params)  # type: ignore[arg-type]  # our own constant SQL
-            assert cursor.nextset(), "the SELECT after SET LOCAL returned no result"
+            # Prepared on its first use on each connection: later calls skip parsing and planning.
+            cursor = await conn.execute(query, params, prepare=True)  # type: ignore[arg-type]  # our own SQL
             return await cursor.fetchall()
     # OperationalError covers the timeouts (LockNotAvailable, QueryCanceled), a lost or
     # terminated connection (the pool replaces it once it is returned) and a deadlock.
@@ -107,7 +101,7 @@ def _account(row: Sequence[Any]) -> LedgerAccount:
 
 @dataclass(frozen=True)
 class MovementRequest:
-    """One movement for move_money (0002): a TRANSFER, a DEPOSIT (no from account) or a WITHDRAWAL (no to account)."""
+    """One movement of move_money_batch: a TRANSFER, a DEPOSIT (no from account) or a WITHDRAWAL (no to account)."""
     initiator: str
     request_id: str
     kind: str
@@ -120,23 +114,23 @@ class MovementRequest:
     event_headers: Mapping[str, str]  # the Kafka headers of its event: request_id, traceparent, ...
 
 
-def _event_headers_param(headers: Mapping[str, str]) -> str:
-    """move_money's p_trace_id: the bare request id, or the headers as a JSON object when there
-    is more to pass (migrations/0004 puts that object in place)."""
-    request_id = headers.get("request_id", "")
-    if headers.keys() <= {"request_id"} and not request_id.startswith("{"):
-        return request_id
+def _event_headers_json(headers: Mapping[str, str]) -> str:
+    """The Kafka headers of a movement's event as the outbox stores them: the non-empty ones."""
     return json.dumps({key: value for key, value in headers.items() if value}, separators=(",", ":"))
 
 
 async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[MovementRequest]) -> list[Movement]:
-    """The movements in one transaction and one round trip (migrations/0003), one result each, in order."""
+    """The movements in one transaction and one round trip (migrations/0005), one result each, in order.
+
+    The ids of the transfer and of its event are made here, outside the lock window; a replayed
+    or refused movement leaves them unused."""
     columns = list(zip(*((r.initiator, r.request_id, r.kind, r.owner_id, r.from_account_id, r.to_account_id,
-                          r.amount, r.currency, r.description, _event_headers_param(r.event_headers)) for r in requests), strict=True))
+                          r.amount, r.currency, r.description, _event_headers_json(r.event_headers),
+                          new_id(), new_id()) for r in requests), strict=True))
     rows = await _fetch(
         pool,
-        "SELECT ordinal, (result).* FROM move_money_batch(%s::text[], %s::text[], %s::text[], %s::uuid[],"
-        " %s::uuid[], %s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::text[])",
+        "SELECT * FROM move_money_batch(%s::text[], %s::text[], %s::text[], %s::uuid[], %s::uuid[], %s::uuid[],"
+        " %s::bigint[], %s::text[], %s::text[], %s::jsonb[], %s::uuid[], %s::uuid[])",
         [list(column) for column in columns],
     )
     assert [row[0] for row in rows] == list(range(1, len(requests) + 1)), "a movement without its result"
@@ -145,6 +139,38 @@ async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[Movemen
         movements.append(Movement(error, False, None) if error is not None
                          else Movement(None, bool(replayed), _transfer(transfer)))
     return movements
+
+
+@dataclass(frozen=True)
+class MovedEvent:
+    """What a MoneyMoved event says, read from the committed rows of its movement."""
+    event_id: str
+    transfer: Transfer
+    from_customer_id: str | None  # None for the cash account
+    to_customer_id: str | None
+    from_balance_after: int
+    to_balance_after: int
+
+
+async def moved_events(conn: AsyncConnection, event_ids: Sequence[str]) -> list[MovedEvent]:
+    """The movements behind these outbox events (the relay's batch, its transaction), any order."""
+    cursor = await conn.execute(
+        "SELECT o.event_id, t.transfer_id, t.kind, t.request_id, t.from_account_id, t.to_account_id, t.amount,"
+        " t.currency, t.description, t.create_time, fa.customer_id, ta.customer_id, fe.balance_after, te.balance_after"
+        " FROM outbox o JOIN transfers t ON t.transfer_id = o.aggregate_id::uuid"
+        " JOIN entries fe ON fe.transfer_id = t.transfer_id AND fe.account_id = t.from_account_id"
+        " JOIN entries te ON te.transfer_id = t.transfer_id AND te.account_id = t.to_account_id"
+        " JOIN ledger_accounts fa ON fa.account_id = t.from_account_id"
+        " JOIN ledger_accounts ta ON ta.account_id = t.to_account_id"
+        " WHERE o.event_id = ANY(%s::uuid[])",
+        (list(event_ids),),
+    )
+    found = []
+    for event_id, *transfer, from_customer, to_customer, from_after, to_after in await cursor.fetchall():
+        found.append(MovedEvent(str(event_id), _transfer(transfer),
+                                None if from_customer is None else str(from_customer),
+                                None if to_customer is None else str(to_customer), from_after, to_after))
+    return found
 
 
 async def open_ledger_account(pool: AsyncConnectionPool, account_id: str, customer_id: str, currency: str) -> AccountChange:

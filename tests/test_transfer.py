@@ -15,9 +15,11 @@ import pytest
 from bank.events.v1 import events_pb2
 from bank.transfer.v1 import ledger_pb2, transfer_pb2
 
+from common import db
 from common.config import Settings
 from common.errors import reason_of
 from devstack.stack import Stack
+from svc_transfer import events as transfer_events
 from tests.support import rest
 from tests.test_transfer_support import Account, Bank, new_request_id, sql
 
@@ -78,9 +80,12 @@ async def test_each_movement_writes_two_entries_summing_to_zero_and_one_money_mo
     events = sql(settings, "SELECT topic, aggregate_id, event_type, payload, headers, event_id::text"
                            " FROM transfer.outbox WHERE aggregate_id = ANY(%s) ORDER BY outbox_id",
                  ([deposit.transfer_id, moved.transfer_id, withdrawal.transfer_id],))
-    assert [(e[0], e[1], e[2]) for e in events] == [
-        ("bank.transfer.v1", t.transfer_id, "bank.events.v1.MoneyMoved") for t in (deposit, moved, withdrawal)]
-    decoded = [events_pb2.MoneyMoved.FromString(e[3]) for e in events]
+    assert [(e[0], e[1], e[2], bytes(e[3])) for e in events] == [
+        ("bank.transfer.v1", t.transfer_id, "bank.events.v1.MoneyMoved", b"") for t in (deposit, moved, withdrawal)]
+    # The bytes the relay publishes, built from the committed rows (svc_transfer/events.py).
+    async with await psycopg.AsyncConnection.connect(db.conninfo(settings, "transfer")) as conn:
+        payloads = await transfer_events.payloads(conn, [e[5] for e in events])
+    decoded = [events_pb2.MoneyMoved.FromString(payloads[e[5]]) for e in events]
     assert all(d.event_id == e[5] for d, e in zip(decoded, events, strict=True))
 
     kinds = events_pb2.MoneyMoved

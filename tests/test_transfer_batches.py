@@ -1,4 +1,4 @@
-"""Group commit (svc_transfer/batching.py, migrations/0003): movements applied many to a
+"""Group commit (svc_transfer/batching.py, migrations/0005): movements applied many to a
 transaction must each get exactly the result they would get alone, in arrival order, and an
 operating error of a batch must write nothing of it."""
 
@@ -117,8 +117,8 @@ async def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answ
 
 
 async def test_each_event_carries_its_own_requests_headers(bank: Bank, pool: AsyncConnectionPool) -> None:
-    """The request id alone stays a plain text to move_money; with a traceparent (or a request id
-    that looks like JSON) the headers go as a JSON object, which migrations/0004 puts in place."""
+    """Each outbox row carries the Kafka headers of its own request (request id, traceparent,
+    tracestate), whatever the others of its batch carry; empty values are left out."""
     a, b = await bank.open_account(), await bank.open_account()
     await bank.deposit(a, 100)
     traceparent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
