@@ -70,7 +70,7 @@ bench-customers: $(READY) tools
 	$(PY) -m perf.bench_customers
 
 bench-transfer: $(READY) tools
-	$(PY) -m perf.bench_transfer --pause-consumers
+	$(PY) -m perf.bench_transfer --whole-stack-first --pause-consumers
 
 # Commit -> statement line and commit -> email in Mailpit, p50/p99, under a background load.
 bench-events: $(READY)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, OperationalError, sql
 from psycopg_pool import AsyncConnectionPool
 
 from common.config import Settings
@@ -53,6 +54,23 @@ _POOLS = PoolCollector()
 REGISTRY.register(_POOLS)
 
 
+async def check_alive(conn: AsyncConnection) -> None:
+    """The pool's check before it hands a connection out: refuse one whose server side is gone.
+
+    A backend that ended (Postgres restarted or shut down, the backend terminated) leaves its
+    FATAL message or the end of the stream waiting on an idle connection's socket, where nothing
+    else arrives between queries (pool connections never LISTEN). So one poll of the socket, no
+    round trip, tells a dead connection from a live one. It is closed here (the pool would take
+    an open one back as it is) and the pool discards it and hands out another, or a new one,
+    instead of letting a request fail on it."""
+    if not conn.closed:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        if not readable:
+            return
+        await conn.close()
+    raise OperationalError("the server ended the connection")
+
+
 async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
     pool = AsyncConnectionPool(
         conninfo(settings, schema),
@@ -61,6 +79,7 @@ async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
         timeout=POOL_WAIT_TIMEOUT_S,
         open=False,
         name=f"svc_{schema}",
+        check=check_alive,
     )
     await pool.open(wait=True, timeout=30.0)
     # The newest pool of a schema is the one reported (a test, a restarted worker may open another).

@@ -8,8 +8,12 @@ hot: 10 accounts, so most movements queue on the same row locks):
   rest-envoy   k6  -> Envoy :8080 (JSON transcoding) -> svc_transfer
   pgbench      pgbench -> Postgres, `SET LOCAL statement_timeout …\\; SELECT transfer.move_money_batch(…)`
                with one movement per transaction: the function svc_transfer calls, without gRPC,
-               auth, Python, the pool or group commit (the database's one-transaction-per-
-               movement ceiling; svc_transfer sends many movements per call when they queue)
+               auth, Python, the pool or group commit (svc_transfer sends many movements per call
+               when they queue)
+  ceiling      pgbench -> Postgres, perf/ceiling/ceiling.sql (a copy of ../shared/perf's): the same
+               transfer written as plain SQL in a scratch schema "ceiling" of the same database,
+               one per transaction. THE yardstick: every other figure is reported as a share of it
+               (the ratio to the ceiling of the same distribution and client count, same run).
 
 Every request is a new movement of 1 JPY (a new request_id) between two different accounts of
 one bench customer, all funded generously: no business refusal is expected, so any error counts.
@@ -52,6 +56,7 @@ import psycopg
 
 from common import config
 from common.auth import test_tokens
+from common.ids import new_id
 from devstack.stack import Stack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +67,7 @@ CURRENCY = "JPY"
 FUNDING = 10**12  # per account: transfers of 1 never run short
 UNIFORM_ACCOUNTS = 10_000
 HOT_ACCOUNTS = 10
+FUNDING_BATCH = 256  # deposits per move_money_batch call, its maximum
 PAIRS = 20_000  # pre-drawn (from, to) pairs the load generators cycle through
 RUN_TIMEOUT_S = 120
 # The services whose Kafka consumers turn every movement into statement lines and emails.
@@ -80,6 +86,7 @@ class Result:
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p95, p99, mean
     error_kinds: dict[str, int] = field(default_factory=dict)
     note: str = ""
+    share_of_ceiling: float | None = None  # rps / the ceiling's rps, same distribution and clients
 
 
 @dataclass(frozen=True)
@@ -118,11 +125,19 @@ def open_accounts(bench: Bench, count: int, offset: int) -> None:
             "SELECT count(*) FILTER (WHERE (transfer.open_ledger_account(a, %s::uuid, %s)).error IS NOT NULL)"
             " FROM unnest(%s::uuid[]) AS a", (bench.owner_id, CURRENCY, ids)).fetchone()
         assert errors == (0,), errors
-        errors = conn.execute(
-            "SELECT count(*) FILTER (WHERE (transfer.move_money('teller:bench', 'fund-' || a, 'DEPOSIT', NULL, NULL,"
-            " a, %s, %s, 'bench funding', '')).error IS NOT NULL) FROM unnest(%s::uuid[]) AS a",
-            (FUNDING, CURRENCY, ids)).fetchone()
-        assert errors == (0,), errors
+        for chunk in range(0, len(ids), FUNDING_BATCH):
+            batch = ids[chunk:chunk + FUNDING_BATCH]
+            errors = conn.execute(
+                "SELECT count(*) FILTER (WHERE error IS NOT NULL) FROM transfer.move_money_batch("
+                " array_fill('teller:bench'::text, ARRAY[%(n)s]), %(request_ids)s::text[],"
+                " array_fill('DEPOSIT'::text, ARRAY[%(n)s]), array_fill(NULL::uuid, ARRAY[%(n)s]),"
+                " array_fill(NULL::uuid, ARRAY[%(n)s]), %(ids)s::uuid[], array_fill(%(amount)s::bigint, ARRAY[%(n)s]),"
+                " array_fill(%(currency)s::text, ARRAY[%(n)s]), array_fill('bench funding'::text, ARRAY[%(n)s]),"
+                " array_fill('{}'::jsonb, ARRAY[%(n)s]), %(transfer_ids)s::uuid[], %(event_ids)s::uuid[])",
+                {"n": len(batch), "request_ids": [f"fund-{a}" for a in batch], "ids": batch, "amount": FUNDING,
+                 "currency": CURRENCY, "transfer_ids": [new_id() for _ in batch],
+                 "event_ids": [new_id() for _ in batch]}).fetchone()
+            assert errors == (0,), errors
 
 
 def write_pairs(bench: Bench, distribution: str, first: int, count: int, rng: random.Random) -> None:
@@ -220,29 +235,33 @@ def run_k6(bench: Bench, result: Result) -> Result:
     return result
 
 
-# The statement svc_transfer's store.py sends (one simple query, one round trip), with a batch
-# of one movement; only the literal values differ. $-placeholders are our own constants.
+# The statement svc_transfer's store.py sends (one round trip), with a batch of one movement; only
+# the literal values differ (ids made by the caller, as svc_transfer makes them in Python).
+# $-placeholders are our own constants.
 PGBENCH_SCRIPT = string.Template("""\\set f random(0, $last)
 \\set o random(1, $last)
-SET LOCAL statement_timeout = 3000 \\;
-SELECT ordinal, (result).* FROM transfer.move_money_batch(ARRAY['customer:$owner'],
+SELECT * FROM transfer.move_money_batch(ARRAY['customer:$owner'],
     ARRAY['bench-' || gen_random_uuid()::text], ARRAY['TRANSFER'], ARRAY['$owner'::uuid],
     ARRAY[format('$prefix-0000-4000-8000-%s', lpad(($first + :f)::text, 12, '0'))::uuid],
     ARRAY[format('$prefix-0000-4000-8000-%s', lpad(($first + (:f + :o) % $count)::text, 12, '0'))::uuid],
-    ARRAY[1::bigint], ARRAY['$currency'], ARRAY[''], ARRAY['']);
+    ARRAY[1::bigint], ARRAY['$currency'], ARRAY[''], ARRAY['{}'::jsonb], ARRAY[transfer.uuid_v7()],
+    ARRAY[transfer.uuid_v7()]);
 """)
 
 
 def run_pgbench(bench: Bench, result: Result, first: int, count: int) -> Result:
-    """The ceiling: the statement svc_transfer sends, straight from pgbench's clients."""
+    """The statement svc_transfer sends, straight from pgbench's clients."""
     script = bench.workdir / "pgbench.sql"
     script.write_text(PGBENCH_SCRIPT.substitute(owner=bench.owner_id, prefix=bench.prefix, first=first,
                                                 last=count - 1, count=count, currency=CURRENCY))
-    log_prefix = bench.workdir / f"pgbench-{result.distribution}-{result.clients}"
+    return _pgbench(bench, result, script, ["-M", "simple"], dict(os.environ, PGPASSWORD=bench.settings.pg_password))
+
+
+def _pgbench(bench: Bench, result: Result, script: Path, options: list[str], env: dict[str, str]) -> Result:
+    log_prefix = bench.workdir / f"pgbench-{result.path}-{result.distribution}-{result.clients}"
     settings = bench.settings
-    env = dict(os.environ, PGPASSWORD=settings.pg_password)
     completed = subprocess.run(
-        ["pgbench", "-h", settings.pg_host, "-p", str(settings.pg_port), "-U", settings.pg_user, "-n", "-M", "simple",
+        ["pgbench", "-h", settings.pg_host, "-p", str(settings.pg_port), "-U", settings.pg_user, "-n", *options,
          "-c", str(result.clients), "-j", "2", "-T", str(int(result.duration_s)), "-f", str(script),
          "--log", f"--log-prefix={log_prefix}", settings.pg_database],
         check=False, timeout=RUN_TIMEOUT_S, env=env, capture_output=True, text=True)
@@ -273,6 +292,30 @@ def run_pgbench(bench: Bench, result: Result, first: int, count: int) -> Result:
     return result
 
 
+CEILING = REPO / "perf" / "ceiling"
+CEILING_SCHEMA = "ceiling"
+
+
+def prepare_ceiling(settings: config.Settings) -> None:
+    """The ceiling's own tables in schema "ceiling", emptied of earlier runs' rows (so that every
+    run starts from the same table sizes), accounts funded again."""
+    with psycopg.connect(settings.pg_conninfo, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '300s'")
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {CEILING_SCHEMA}")
+        conn.execute(f"SET search_path = {CEILING_SCHEMA}")
+        conn.execute((CEILING / "ceiling.sql").read_text())  # type: ignore[arg-type]  # our own file
+        conn.execute("TRUNCATE outbox, idem, entries, transfers")
+        conn.execute("UPDATE accounts SET balance = 1000000000")
+        conn.execute("VACUUM ANALYZE accounts")
+
+
+def run_ceiling(bench: Bench, result: Result, count: int) -> Result:
+    """The yardstick: ceiling.pgbench over `count` accounts, as ../shared/perf/README.md runs it."""
+    settings = bench.settings
+    env = dict(os.environ, PGPASSWORD=settings.pg_password, PGOPTIONS=f"-c search_path={CEILING_SCHEMA}")
+    return _pgbench(bench, result, CEILING / "ceiling.pgbench", ["-D", f"naccts={count}"], env)
+
+
 # --- checks and output -------------------------------------------------------------------------------
 
 def ledger_check(bench: Bench, total_accounts: int) -> dict[str, Any]:
@@ -297,6 +340,18 @@ def ledger_check(bench: Bench, total_accounts: int) -> dict[str, Any]:
     check["ok"] = (check["balance_total"] == check["expected_total"] and not negative and not unbalanced
                    and events == movements)
     return check
+
+
+def shares(results: list[Result]) -> None:
+    """Each figure as a share of the ceiling of the same run (same distribution and client count)."""
+    ceilings = {(r.distribution, r.clients): r.rps for r in results if r.path == "ceiling" and r.rps}
+    print("\nshare of the ceiling (ceiling.sql by pgbench, same run):", flush=True)
+    for r in results:
+        ceiling = ceilings.get((r.distribution, r.clients))
+        if ceiling and r.path != "ceiling":
+            r.share_of_ceiling = round(r.rps / ceiling, 3)
+            print(f"  {r.path:20} {r.distribution:7} {r.clients:3} clients: {r.rps:8.0f}/s = {r.share_of_ceiling:6.1%}"
+                  f" of {ceiling:.0f}/s  (p99 {r.latency_ms.get('p99', 0):.1f} ms)", flush=True)
 
 
 def chart(results: list[Result], path: Path) -> None:
@@ -339,6 +394,8 @@ def run_all(bench: Bench, results: list[Result], layouts: dict[str, tuple[int, i
                     run_k6(bench, result)
                 elif name == "pgbench":
                     run_pgbench(bench, result, first, count)
+                elif name == "ceiling":
+                    run_ceiling(bench, result, count)
                 results.append(result)
                 print(f"  {name:11} {distribution:7} {client_count:3} clients: {result.rps:8.0f}/s"
                       f"  p50 {result.latency_ms.get('p50', 0):6.1f} ms  p99 {result.latency_ms.get('p99', 0):6.1f} ms"
@@ -349,10 +406,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=int, default=10, help="seconds per run (default 10)")
     parser.add_argument("--clients", default="16,64", help="comma-separated client counts (default 16,64)")
-    parser.add_argument("--paths", default="grpc-direct,grpc-envoy,rest-envoy,pgbench")
+    parser.add_argument("--paths", default="ceiling,grpc-direct,grpc-envoy,rest-envoy,pgbench")
     parser.add_argument("--pause-consumers", action="store_true",
                         help="stop svc_account and svc_notify for the runs (the synchronous path alone: their event "
                              "consumers otherwise take about a core of the two), and start them again afterwards")
+    parser.add_argument("--whole-stack-first", action="store_true",
+                        help="before pausing the consumers, one rest-envoy run per client count (uniform) with every "
+                             "consumer running and no backlog: path rest-envoy+consumers")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     paths = args.paths.split(",")
@@ -379,18 +439,26 @@ def main() -> None:
         data_files = {d: ghz_messages(bench, d) for d in layouts}
         grpc_targets = {"grpc-direct": f"127.0.0.1:{settings.transfer_grpc_port}",
                         "grpc-envoy": f"127.0.0.1:{settings.envoy_port}"}
+        if "ceiling" in paths:
+            prepare_ceiling(settings)
+        print("warming up (3 s, not recorded)...", flush=True)
+        run_ghz(bench, Result("warmup", "uniform", 16, 3), grpc_targets["grpc-direct"], data_files["uniform"])
+        results: list[Result] = []
+        if args.whole_stack_first:
+            for client_count in clients:
+                result = run_k6(bench, Result("rest-envoy+consumers", "uniform", client_count, float(args.duration_s)))
+                results.append(result)
+                print(f"  {result.path} uniform {client_count:3} clients: {result.rps:8.0f}/s"
+                      f"  p99 {result.latency_ms.get('p99', 0):6.1f} ms  errors {result.errors}", flush=True)
         if args.pause_consumers:
             # They catch up from their committed offsets when they start again: nothing is lost.
             Stack(settings).down(CONSUMERS)
-        print("warming up (3 s, not recorded)...", flush=True)
-        run_ghz(bench, Result("warmup", "uniform", 16, 3), grpc_targets["grpc-direct"], data_files["uniform"])
-
-        results: list[Result] = []
         try:
             run_all(bench, results, layouts, clients, paths, grpc_targets, data_files)
         finally:
             if args.pause_consumers:
                 asyncio.run(Stack(settings).up(CONSUMERS))
+        shares(results)
         check = ledger_check(bench, UNIFORM_ACCOUNTS + HOT_ACCOUNTS)
         print(f"ledger check after the bench: {check}", flush=True)
 

@@ -141,25 +141,69 @@ async def test_each_event_carries_its_own_requests_headers(bank: Bank, pool: Asy
 
 
 async def test_a_lost_connection_is_ledger_busy_and_the_retry_moves_once(bank: Bank, settings: Settings) -> None:
-    """A pooled connection whose backend is gone (Postgres restarted, a backend terminated) is
-    an operating error like a timeout, LEDGER_BUSY for the batch, not an unclassified error
-    (which the interceptor answers INTERNAL); the pool replaces it and the retry moves once."""
+    """A connection lost while its batch runs (Postgres restarted, the backend terminated) is an
+    operating error like a timeout, LEDGER_BUSY for the batch, not an unclassified error (which
+    the interceptor answers INTERNAL); the pool replaces the connection and the retry moves once."""
     a, b = await bank.open_account(), await bank.open_account()
     await bank.deposit(a, 100)
     pool = AsyncConnectionPool(db.conninfo(settings, "transfer"), min_size=1, max_size=1, open=False)
     await pool.open(wait=True, timeout=30)
+    request = transfer(a, b, 30)
     try:
         async with pool.connection() as conn:
             backend = conn.info.backend_pid
         async with await psycopg.AsyncConnection.connect(settings.pg_conninfo, autocommit=True) as admin:
-            await admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
-        request = transfer(a, b, 30)
-        with pytest.raises(store.LedgerBusy):
-            await store.move_money_batch(pool, [request])
+            # b's row lock held elsewhere keeps the batch waiting inside its statement...
+            async with await psycopg.AsyncConnection.connect(settings.pg_conninfo) as holder:
+                await holder.execute("SELECT 1 FROM transfer.ledger_accounts WHERE account_id = %s FOR UPDATE",
+                                     (b.account_id,))
+                moving = asyncio.create_task(store.move_money_batch(pool, [request]))
+                for _ in range(100):
+                    cursor = await admin.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                                                 (backend,))
+                    if await cursor.fetchone() == ("Lock",):
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError("the batch never waited for b's lock")
+                # ...until its backend is terminated under it.
+                await admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+                with pytest.raises(store.LedgerBusy):
+                    await moving
+                await holder.rollback()
+        assert await bank.balances(a, b) == [100, 0]
         [retried] = await store.move_money_batch(pool, [request])
         [replayed] = await store.move_money_batch(pool, [request])
     finally:
         await pool.close()
     assert retried.error is None and not retried.replayed
     assert replayed.replayed and replayed.transfer == retried.transfer
+    assert await bank.balances(a, b) == [70, 30]
+
+
+async def test_a_pooled_connection_whose_backend_ended_is_replaced_before_use(
+        bank: Bank, settings: Settings) -> None:
+    """The pool checks a connection before handing it out (common/db.py check_alive): one whose
+    backend ended while it sat idle is discarded, and the caller gets a live one, not an error."""
+    a, b = await bank.open_account(), await bank.open_account()
+    await bank.deposit(a, 100)
+    pool = AsyncConnectionPool(db.conninfo(settings, "transfer"), min_size=1, max_size=1, open=False,
+                               check=db.check_alive)
+    await pool.open(wait=True, timeout=30)
+    try:
+        async with pool.connection() as conn:
+            backend = conn.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(settings.pg_conninfo, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            for _ in range(100):  # the backend has gone once it is no longer listed
+                cursor = await admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,))
+                if await cursor.fetchone() is None:
+                    break
+                await asyncio.sleep(0.01)
+        [moved] = await store.move_money_batch(pool, [transfer(a, b, 30)])
+        async with pool.connection() as conn:
+            assert conn.info.backend_pid != backend
+    finally:
+        await pool.close()
+    assert moved.error is None
     assert await bank.balances(a, b) == [70, 30]
