@@ -46,6 +46,9 @@ class Settings:
 
     kafka_bootstrap: str = _setting("BANK_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers")
     kafka_controller_port: int = _setting("BANK_KAFKA_CONTROLLER_PORT", 9093, "Kafka KRaft controller port (local stack)")
+    # 1 on the local stack's one broker; a real cluster wants 3 (with min.insync.replicas 2).
+    kafka_replication_factor: int = _setting("BANK_KAFKA_REPLICATION_FACTOR", 1,
+                                             "replication factor of the bank's Kafka topics (1: one local broker)")
     kafka_version: str = _setting("BANK_KAFKA_VERSION", "4.1.2", "Apache Kafka version fetched from Maven Central")
 
     cassandra_host: str = _setting("BANK_CASSANDRA_HOST", "127.0.0.1", "Cassandra host")
@@ -61,6 +64,8 @@ class Settings:
     smtp_port: int = _setting("BANK_SMTP_PORT", 1025, "SMTP server port")
     smtp_user: str = _setting("BANK_SMTP_USER", "", "SMTP user (empty: no authentication)")
     smtp_password: str = _setting("BANK_SMTP_PASSWORD", "", "SMTP password")
+    smtp_connections: int = _setting("BANK_SMTP_CONNECTIONS", 8, "SMTP connections each svc_notify process keeps open "
+                                     "and sends on at once (persistent, one message at a time each)")
     mailpit_http_port: int = _setting("BANK_MAILPIT_HTTP_PORT", 8025, "Mailpit web UI and HTTP API port")
 
     otel_endpoint: str = _setting("BANK_OTEL_ENDPOINT", "", "OTLP/gRPC collector that traces go to, e.g. "

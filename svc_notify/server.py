@@ -46,9 +46,11 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
 
 def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[str]:
     store = Store(resources.settings, resources.pool)
-    # Started in this order, stopped in reverse: the consumer stops before the store closes.
-    resources.workers.append(store)
-    resources.workers.extend(new_consumers(resources.settings, store, Mailer(resources.settings)))
+    sender = Mailer(resources.settings)
+    # Started in this order, stopped in reverse: the consumers stop before the mailer's kept
+    # connections and the store close.
+    resources.workers.extend([store, sender])
+    resources.workers.extend(new_consumers(resources.settings, store, sender))
     notify_pb2_grpc.add_NotificationServiceServicer_to_server(NotificationService(store), grpc_server)
     return [service_name(notify_pb2, "NotificationService")]
 

@@ -1,16 +1,19 @@
 """svc_notify's use cases: react to customer events, list a customer's notifications.
 
 Delivery is at-least-once from Kafka and exactly-once in effect for the customer: each
-notification has an id derived from its event's id and its kind, and is recorded in Cassandra
-with a lightweight transaction before it is sent:
-  1. INSERT ... IF NOT EXISTS with status PENDING. Not applied and already SENT: a duplicate,
-     nothing is sent.
+notification has an id derived from its event's id and its kind, and its record in Cassandra
+says whether it was sent:
+  1. Read the record. SENT: a duplicate, nothing is sent.
   2. Send, with bounded retries for transient failures.
-  3. Mark SENT, or FAILED when the retries ran out or the server refused for good; the
+  3. Record SENT, or FAILED when the retries ran out or the server refused for good; the
      consumer then moves on to the next event.
+No two handlers ever work on one event at once (common/consumer.py: one member per partition,
+a rebalance waits for the batch in hand, copies of an event in one batch are handled once), and
+the consumer commits an event's offset only after step 3, so a plain read at LOCAL_QUORUM sees
+every earlier handler's record: no lightweight transaction is needed (docs/decisions/0014).
 The one window left is a crash (or storage failure) between the mail server's acceptance and
-step 3: the event comes again, finds PENDING and sends again. That second copy carries the
-same Message-ID, so mail clients can recognise it.
+step 3: the event comes again, finds no SENT record and sends again. That second copy carries
+the same Message-ID, so mail clients can recognise it.
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ STORAGE_BACKOFF = Backoff(tries=5, initial_s=0.2, max_s=5.0)
 # Longest one storage call can take: a Postgres pool wait plus statement timeout, or a
 # Cassandra request timeout, whichever is longer.
 STORAGE_CALL_TIMEOUT_S = max(10.0, cassandra.REQUEST_TIMEOUT_S)
-# projection (or the contacts lookup), claim, log PENDING, status, log status; the two emails
-# of a transfer are delivered side by side, so they take no longer than one.
-STORAGE_CALLS_PER_EVENT_MAX = 5
+# projection (or the contacts lookup), record read, record, list; the two emails of a transfer
+# are delivered side by side, so they take no longer than one.
+STORAGE_CALLS_PER_EVENT_MAX = 4
 # Longest the handling of one event can take when every dependency hangs on every try; the
 # consumer's poll interval is sized from it.
 EVENT_WORST_CASE_S = (STORAGE_CALLS_PER_EVENT_MAX * STORAGE_BACKOFF.worst_case_s(STORAGE_CALL_TIMEOUT_S)
@@ -166,19 +169,19 @@ async def _deliver(store: Store, sender: Mailer, notification: Notification, tex
     tries, the notification is recorded FAILED; with redeliver_on_mail_outage (the consumers)
     the event is then not done either (MailUnavailable): it comes again after the consumer's
     pause and is sent then, so an outage of the mail server loses nothing."""
-    created, stored = await _storage(lambda: store.claim_notification(notification), "notification claim")
+    found = await _storage(lambda: store.get_notification(notification.notification_id), "notification read")
+    stored = found or notification
     context = {"notification_id": str(stored.notification_id), "event_id": stored.event_id,
                "customer_id": str(stored.customer_id), "kind": stored.kind}
-    if not created and stored.status == Status.SENT:
+    if found is not None and found.status == Status.SENT:
         # Sent before. The customer's list may have missed the final write if we crashed
-        # right after it; writing it again is idempotent and cheap.
-        await _storage(lambda: store.put_in_customer_log(stored), "notification log repair")
+        # right after the record's; writing it again is idempotent and cheap.
+        await _storage(lambda: store.put_in_customer_log(found), "notification log repair")
         log.info("duplicate event: notification already sent", extra=fields(**context))
         return Outcome.DUPLICATE
-    if not created:  # PENDING (an earlier try stopped half-way) or FAILED: try again
+    if found is not None:  # FAILED (or PENDING, from before decision 0014): try again, counting on
         log.info("notification recorded before but not sent; sending again",
-                 extra=fields(**context, status=stored.status))
-    await _storage(lambda: store.put_in_customer_log(replace(stored, status=Status.PENDING)), "notification log")
+                 extra=fields(**context, status=found.status))
 
     email = Email(recipient=stored.recipient, subject=stored.subject, text=text,
                   message_id=f"{stored.notification_id}@{mailer.MESSAGE_ID_DOMAIN}")
@@ -199,8 +202,8 @@ async def _deliver(store: Store, sender: Mailer, notification: Notification, tex
         log.error("email not delivered; recorded as FAILED",
                   extra=fields(**context, attempts=attempts, error=str(exc)))
     final = replace(stored, status=status, attempts=attempts)
-    await _storage(lambda: store.set_notification_status(final.notification_id, status, attempts, _now()),
-                   "notification status")
+    # The record first: once it says SENT, a redelivery sends nothing (and repairs the list).
+    await _storage(lambda: store.put_notification(final, _now()), "notification record")
     await _storage(lambda: store.put_in_customer_log(final), "notification log")
     if outage and redeliver_on_mail_outage:
         raise MailUnavailable(f"mail server unavailable after {attempts} attempts")

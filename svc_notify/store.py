@@ -63,8 +63,8 @@ def _notification(row: dict[str, Any]) -> Notification:
 
 @dataclass(frozen=True)
 class _Statements:
-    claim: PreparedStatement
-    set_status: PreparedStatement
+    get: PreparedStatement
+    put: PreparedStatement
     log_put: PreparedStatement
     log_first_page: PreparedStatement
     log_page_after: PreparedStatement
@@ -91,18 +91,20 @@ class Store:
 
     @staticmethod
     async def _prepare(session: Session) -> _Statements:
-        quorum, serial = ConsistencyLevel.LOCAL_QUORUM, ConsistencyLevel.SERIAL
+        quorum = ConsistencyLevel.LOCAL_QUORUM
         return _Statements(
-            # Lightweight transactions: Paxos at SERIAL, then the commit at LOCAL_QUORUM.
-            claim=await cassandra.prepare(
+            # Plain reads and writes at LOCAL_QUORUM: a record written by one handler is seen by the
+            # next one, whichever process it runs in (docs/decisions/0014).
+            get=await cassandra.prepare(
+                session,
+                "SELECT notification_id, event_id, customer_id, kind, channel, recipient, subject, status, attempts,"
+                " create_time FROM bank_notify.notifications WHERE notification_id = ?",
+                consistency_level=quorum),
+            put=await cassandra.prepare(
                 session,
                 "INSERT INTO bank_notify.notifications (notification_id, event_id, customer_id, kind, channel, recipient, subject,"
-                " status, attempts, create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
-                consistency_level=quorum, serial_consistency_level=serial),
-            set_status=await cassandra.prepare(
-                session,
-                "UPDATE bank_notify.notifications SET status = ?, attempts = ?, update_time = ? WHERE notification_id = ? IF EXISTS",
-                consistency_level=quorum, serial_consistency_level=serial),
+                " status, attempts, create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                consistency_level=quorum),
             log_put=await cassandra.prepare(
                 session,
                 "INSERT INTO bank_notify.notifications_by_customer (notification_id, event_id, customer_id, kind, channel, recipient,"
@@ -166,24 +168,19 @@ class Store:
 
     # --- Cassandra: the notification log --------------------------------------------------
 
-    async def claim_notification(self, notification: Notification) -> tuple[bool, Notification]:
-        """Create the notification's record unless it exists: (created, the record as stored)."""
+    async def get_notification(self, notification_id: uuid.UUID) -> Notification | None:
+        """The notification's record, if one was written."""
+        session, statements = self._cql()
+        result = await cassandra.execute(session, statements.get, (notification_id,))
+        return _notification(result.current_rows[0]) if result.current_rows else None
+
+    async def put_notification(self, notification: Notification, update_time: datetime) -> None:
+        """Write (or overwrite) the notification's record; idempotent."""
         session, statements = self._cql()
         n = notification
-        result = await cassandra.execute(session, statements.claim, (
+        await cassandra.execute(session, statements.put, (
             n.notification_id, n.event_id, n.customer_id, n.kind, n.channel, n.recipient, n.subject,
-            n.status, n.attempts, n.create_time, n.create_time))
-        row = result.current_rows[0]
-        if row["[applied]"]:
-            return True, notification
-        return False, _notification(row)
-
-    async def set_notification_status(self, notification_id: uuid.UUID, status: str, attempts: int,
-                                      update_time: datetime) -> None:
-        session, statements = self._cql()
-        result = await cassandra.execute(session, statements.set_status, (status, attempts, update_time, notification_id))
-        if not result.current_rows[0]["[applied]"]:  # claimed before: its row cannot be missing
-            raise AssertionError(f"notification {notification_id} vanished before its status was set")
+            n.status, n.attempts, n.create_time, update_time))
 
     async def put_in_customer_log(self, notification: Notification) -> None:
         """Write (or overwrite) the notification in its customer's list; idempotent."""

@@ -122,6 +122,7 @@ def test_cql_files_must_be_idempotent_and_name_their_keyspace(tmp_path: Path) ->
 async def test_a_goodbye_that_fails_after_the_message_was_accepted_is_still_sent(settings: Settings) -> None:
     """The server took the message (250 after DATA), then answered QUIT with 421: the email is
     delivered, so the mailer must report it sent; as a transient failure it was sent again.
+    The mailer keeps its connection for the next message, so the goodbye comes when it stops.
     A mail server that misbehaves on purpose cannot be had from Mailpit: a minimal SMTP
     dialogue on a local socket stands in for it."""
     accepted: list[bytes] = []
@@ -153,6 +154,7 @@ async def test_a_goodbye_that_fails_after_the_message_was_accepted_is_still_sent
         mailer = Mailer(dataclasses.replace(settings, smtp_host="127.0.0.1", smtp_port=port, smtp_user=""))
         await mailer.send(Email(recipient="grace@example.com", subject="s", text="t",
                                         message_id=f"{uuid.uuid4()}@test"))
+        await mailer.stop()  # the kept connection says goodbye now: the 421 must change nothing
     finally:
         server.close()
         await server.wait_closed()
