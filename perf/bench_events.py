@@ -1,12 +1,21 @@
-"""Benchmark of the asynchronous half: end-to-end lag from a committed transfer to (1) its line in
-the receiver's statement (ListAccountActivity, svc_account's Cassandra projection) and (2) the
-receiver's email in Mailpit (svc_notify), p50/p99, under a steady background load of transfers.
+"""Benchmarks of the asynchronous half, three modes:
+
+  latency (the default, `make bench-events`): end-to-end lag from a committed transfer to (1) its
+      line in the receiver's statement (ListAccountActivity, svc_account's Cassandra projection)
+      and (2) the receiver's email in Mailpit (svc_notify), p50/p99, under a steady background
+      load of transfers.
+  ceiling: Mailpit's own intake, messages/s, from persistent smtplib connections (1, 4 and 16 at
+      once; the best is the ceiling svc_notify is compared with).
+  drain: a backlog of real transfers between real customers, made while svc_notify and
+      svc_account are stopped; then each is started alone and its drain rate measured (emails/s
+      accepted by Mailpit, statement events/s handled), with the CPU each process used.
+      `python -m perf.bench_events drain --transfers 3000`. Stops and starts those two services.
 
 The clock starts when CreateTransfer returns (the ledger has committed by then), so a lag is the
 relay's wake-up + Kafka + the consumer + Cassandra or SMTP + this poller's interval (POLL_S).
 Run against the local stack (`make up` first) with `make bench-events`; loopback only. Bounded:
 a fixed number of samples, each given at most SAMPLE_TIMEOUT_S. Writes JSON to
-perf/results/events-<time>.json and prints it.
+perf/results/events-<time>.json (drain-<time>.json, ceiling-<time>.json) and prints it.
 
 Mailpit's search slows down with the number of messages it holds (measured: 3 ms empty, 270 ms
 at 100,000), and this poller searches it every POLL_S: for comparable numbers empty it first
@@ -16,17 +25,27 @@ at 100,000), and this poller searches it every POLL_S: for comparable numbers em
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import random
+import smtplib
 import statistics
 import sys
 import threading
 import time
+import urllib.request
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from common import config
 from common.config import REPO_ROOT
-from tests.events_support import Holder, deposit, holder, teller_token
+from devstack import proc
+from devstack.stack import Stack
+from tests.events_support import Holder, deposit, holder, mailpit_stats, service_metric, teller_token
 from tests.support import mail_count, rest
 
 RESULTS = REPO_ROOT / "perf" / "results"
@@ -91,14 +110,7 @@ class Background:
         self._thread.join(timeout=30)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--background-rate", type=float, default=50.0, help="background transfers per second")
-    args = parser.parse_args()
-    if not 1 <= args.samples <= 10_000 or not 0 <= args.background_rate <= 1000:
-        parser.error("samples must be 1..10000 and background-rate 0..1000")
-    settings = config.load()
+def latency(settings: config.Settings, args: argparse.Namespace) -> dict[str, Any]:
     teller = teller_token(settings)
     sender, receiver, load_a, load_b = (holder(settings) for _ in range(4))
     for person in (sender, load_a, load_b):
@@ -139,8 +151,202 @@ def main() -> int:
         "missed_within_s": {"timeout_s": SAMPLE_TIMEOUT_S, **missed},
         "poll_interval_ms": POLL_S * 1000,
     }
+    return results
+
+
+
+
+# --- Mailpit, metrics and processes: what the drain and the sustained benchmark read -------------
+
+def empty_mailpit(settings: config.Settings) -> None:
+    """Delete every message of the local sink: its intake and search slow down as it fills."""
+    request = urllib.request.Request(f"http://127.0.0.1:{settings.mailpit_http_port}/api/v1/messages", method="DELETE")
+    with urllib.request.urlopen(request, timeout=60):  # noqa: S310  # an http:// URL of our own
+        pass
+
+
+def group_cpu_s(stack: Stack, names: list[str]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each component's processes (its process group)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    groups: dict[int, str] = {}
+    for name in stack.expand(names):
+        record = proc.read_pidfile(stack.pidfile(name))
+        if record is not None:
+            groups[record.pid] = name.split("-")[0]
+    used = dict.fromkeys({g for g in groups.values()}, 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields_ = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        group = groups.get(int(fields_[2]))  # pgrp
+        if group is not None:
+            used[group] += (int(fields_[11]) + int(fields_[12])) / tick  # utime, stime
+    return used
+
+
+# --- ceiling: Mailpit's own intake ---------------------------------------------------------------
+
+CEILING_TEXT = ("You received 12.34 USD in account 0192f0c4-7f3e-7b1a-9c1e-0a1b2c3d4e5f from account"
+                " 0192f0c4-7f3e-7b1a-9c1e-0a1b2c3d4e60.\nBalance after: 1234.56 USD\n"
+                "Reference: 0192f0c4-7f3e-7b1a-9c1e-0a1b2c3d4e61\n\nSimple Bank\n")
+
+
+def _ceiling_connection(settings: config.Settings, messages: int, tag: str) -> None:
+    """One persistent SMTP connection sending `messages` emails the size of the bank's."""
+    with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=10) as smtp:
+        for n in range(messages):
+            body = (f"From: Simple Bank <no-reply@simplebank.local>\r\nTo: ceiling-{tag}@example.com\r\n"
+                    f"Subject: You received 12.34 USD\r\nMessage-ID: <ceiling-{tag}-{n}@simplebank.local>\r\n"
+                    "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=\"utf-8\"\r\n"
+                    f"Content-Transfer-Encoding: 7bit\r\n\r\n{CEILING_TEXT}").replace("\n", "\r\n").replace("\r\r", "\r")
+            smtp.sendmail("no-reply@simplebank.local", [f"ceiling-{tag}@example.com"], body.encode())
+
+
+def mailpit_ceiling(settings: config.Settings, messages: int = 2000,
+                    connections: tuple[int, ...] = (1, 4, 16)) -> dict[str, Any]:
+    """Messages/s Mailpit accepts from n persistent connections at once, for each n; the best is
+    the ceiling. Mailpit is emptied before each measurement."""
+    rates: dict[str, float] = {}
+    for count in connections:
+        empty_mailpit(settings)
+        per_connection = max(1, messages // count)
+        run = uuid.uuid4().hex[:8]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            for future in [pool.submit(_ceiling_connection, settings, per_connection, f"{run}-{i}") for i in range(count)]:
+                future.result()
+        rates[str(count)] = round(per_connection * count / (time.perf_counter() - started), 1)
+    empty_mailpit(settings)
+    return {"messages_per_s_by_connections": rates, "ceiling_messages_per_s": max(rates.values())}
+
+
+# --- drain: a backlog made while the consumers are stopped ----------------------------------------
+
+DRAIN_TIMEOUT_S = 300.0
+
+
+def people(settings: config.Settings, count: int, funds: int) -> list[Holder]:
+    """count real customers (registered, verified, logged in), each with a funded USD account."""
+    teller = teller_token(settings)
+    with ThreadPoolExecutor(min(8, count)) as pool:
+        found = list(pool.map(lambda _: holder(settings), range(count)))
+        list(pool.map(lambda person: deposit(settings, teller, person.account_id, funds), found))
+    return found
+
+
+def wait_caught_up(settings: config.Settings, timeout_s: float = 120.0) -> None:
+    """Until the relay has published everything and both consumers' groups have no lag."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        backlog = service_metric(settings, "transfer", "outbox_backlog")
+        lag = sum(service_metric(settings, service, "consumer_lag_records") for service in ("account", "notify"))
+        if backlog == 0 and lag == 0:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the consumers did not catch up within {timeout_s}s")
+
+
+def make_transfers(settings: config.Settings, crowd: list[Holder], count: int, concurrency: int = 16) -> int:
+    """count transfers of 1 between random pairs of the crowd, concurrency at a time; the committed ones."""
+    rng = random.Random(11)  # noqa: S311  # load-test data, not secrets
+    pairs = [tuple(rng.sample(crowd, 2)) for _ in range(count)]
+
+    def one(pair: tuple[Holder, ...]) -> bool:
+        try:
+            _transfer(settings, pair[0], pair[1], 1)
+            return True
+        except (RuntimeError, OSError):
+            return False
+    with ThreadPoolExecutor(concurrency) as pool:
+        return sum(pool.map(one, pairs))
+
+
+def _drain_one(stack: Stack, settings: config.Settings, service: str, done: Callable[[], int],
+               expected: int) -> dict[str, Any]:
+    """Start the service and time it through the backlog: from its first unit done to the last."""
+    component = f"svc_{service}"
+    cpu_names = [component, "cassandra", "mailpit", "kafka", "postgres"]
+    asyncio.run(stack.up([component]))
+    cpu_before, wall_before = group_cpu_s(stack, cpu_names), time.perf_counter()
+    first_at: float | None = None
+    last = 0
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        last = done()
+        now = time.perf_counter()
+        if first_at is None and last > 0:
+            first_at = now
+        if last >= expected:
+            break
+        time.sleep(0.05)
+    finished_at = time.perf_counter()
+    cpu_after = group_cpu_s(stack, cpu_names)
+    wall = finished_at - wall_before
+    span = finished_at - (first_at or finished_at)
+    return {"expected": expected, "done": last, "complete": last >= expected,
+            "per_s": round(last / span, 1) if span > 0 else None, "drain_s": round(span, 2),
+            "cpu_cores_used": {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / wall, 2)
+                               for name in cpu_after}}
+
+
+def drain(settings: config.Settings, args: argparse.Namespace) -> dict[str, Any]:
+    stack = Stack(settings)
+    crowd = people(settings, args.people, FUNDS)
+    wait_caught_up(settings)
+    ceiling = mailpit_ceiling(settings, args.ceiling_messages) if args.ceiling_messages else None
+    stack.down(["svc_notify", "svc_account"])
+    try:
+        started = time.perf_counter()
+        committed = make_transfers(settings, crowd, args.transfers)
+        made_s = time.perf_counter() - started
+        print(f"{committed} transfers committed in {made_s:.1f} s with svc_notify and svc_account stopped",
+              file=sys.stderr)
+        empty_mailpit(settings)
+        accepted_before = mailpit_stats(settings)["SMTPAccepted"]
+        emails = _drain_one(stack, settings, "notify", lambda: mailpit_stats(settings)["SMTPAccepted"] - accepted_before,
+                            2 * committed)
+        print(f"emails: {emails}", file=sys.stderr)
+        statements = _drain_one(stack, settings, "account", lambda: int(service_metric(
+            settings, "account", "consumer_events_total", group="svc_account", outcome="applied")), committed)
+        print(f"statement events: {statements}", file=sys.stderr)
+    finally:
+        asyncio.run(stack.up(["svc_notify", "svc_account"]))
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "people": args.people,
+            "transfers_committed": committed, "notify_processes": settings.processes("notify"),
+            "account_processes": settings.processes("account"), "mailpit": ceiling,
+            "emails": emails, "statement_events": statements,
+            "emails_share_of_mailpit_ceiling": (round(emails["per_s"] / ceiling["ceiling_messages_per_s"], 3)
+                                                if ceiling and emails["per_s"] else None)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", default="latency", choices=["latency", "ceiling", "drain"])
+    parser.add_argument("--samples", type=int, default=200, help="latency: probe transfers")
+    parser.add_argument("--background-rate", type=float, default=50.0, help="latency: background transfers per second")
+    parser.add_argument("--transfers", type=int, default=3000, help="drain: transfers in the backlog")
+    parser.add_argument("--people", type=int, default=10, help="drain: customers the transfers are between")
+    parser.add_argument("--ceiling-messages", type=int, default=2000,
+                        help="ceiling, drain: messages per Mailpit measurement (drain: 0 skips it)")
+    args = parser.parse_args()
+    if not 1 <= args.samples <= 10_000 or not 0 <= args.background_rate <= 1000:
+        parser.error("samples must be 1..10000 and background-rate 0..1000")
+    if not 1 <= args.transfers <= 50_000 or not 2 <= args.people <= 1000 or not 0 <= args.ceiling_messages <= 50_000:
+        parser.error("transfers must be 1..50000, people 2..1000, ceiling-messages 0..50000")
+    settings = config.load()
+    if args.mode == "latency":
+        results = latency(settings, args)
+    elif args.mode == "ceiling":
+        results = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "mailpit": mailpit_ceiling(settings, args.ceiling_messages or 2000)}
+    else:
+        results = drain(settings, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"events-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    name = {"latency": "events"}.get(args.mode, args.mode)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print(f"written to {path}", file=sys.stderr)

@@ -5,7 +5,9 @@ MoneyMoved events produced straight to Kafka as svc_transfer's relay does."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -15,16 +17,18 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.config import Settings
 from common.events import TRANSFER_TOPIC
 from common.outbox import ensure_topics
-from tests.support import Customer, login, mailpit_messages, onboard, rest
+from tests.support import Customer, login, mail_count, mailpit_messages, onboard, rest
 
 T = TypeVar("T")
 TELLER_USERNAME = "teller"
 TELLER_PASSWORD = "teller-local-password"  # noqa: S105  # the local stack's documented default
 WAIT_S = 20.0
+CONVERGE_S = 90.0
 
 
 @dataclass
@@ -134,6 +138,88 @@ def mails_with(settings: Settings, email: str, count: int, timeout_s: float = WA
         assert len(found) <= count, f"more emails than expected: {[m['Subject'] for m in found]}"
         return found if len(found) == count else None
     return until(probe, f"{count} emails to {email}", timeout_s, interval_s=0.2)
+
+
+def ledger_movements(settings: Settings, person: Holder) -> list[dict[str, Any]]:
+    """The account's committed movements, from the ledger (strongly consistent)."""
+    movements: list[dict[str, Any]] = []
+    page_token = ""
+    for _ in range(100):
+        query = "?page_size=500" + (f"&page_token={page_token}" if page_token else "")
+        response = rest(settings, "GET", f"/v1/accounts/{person.account_id}/transfers{query}", token=person.token)
+        assert response.status == 200, response.body
+        movements += response.body.get("transfers", [])
+        page_token = response.body.get("next_page_token", "")
+        if not page_token:
+            return movements
+    raise AssertionError("more than 100 pages of transfers")
+
+
+def balance(settings: Settings, person: Holder) -> int:
+    response = rest(settings, "GET", f"/v1/accounts/{person.account_id}", token=person.token)
+    assert response.status == 200, response.body
+    return int(response.body["balance"])
+
+
+def check_converged(settings: Settings, people: list[Holder], total: int, timeout_s: float = CONVERGE_S) -> None:
+    """Every committed movement of the people (their accounts funded by one deposit each, then
+    moving money only among themselves, `total` in all) once in each statement it touches and
+    once in each inbox: nothing lost, nothing twice, and the balances add up."""
+    for person in people:
+        movements = ledger_movements(settings, person)
+        ledger_ids = sorted(m["transfer_id"] for m in movements)
+
+        def statement_done(person: Holder = person, ledger_ids: list[str] = ledger_ids) -> list[dict[str, Any]] | None:
+            lines = statement(settings, person.token, person.account_id, unavailable_ok=True)
+            if lines is None:
+                return None  # Cassandra is back, the service's session not yet: ask again
+            ids = sorted(line["transfer_id"] for line in lines)
+            assert len(ids) == len(set(ids)), "a movement has two statement lines"
+            assert set(ids) <= set(ledger_ids), "a statement line without a committed movement"
+            return lines if ids == ledger_ids else None
+
+        lines = until(statement_done, f"statement of {person.account_id} complete", timeout_s, interval_s=0.5)
+        now = balance(settings, person)
+        assert sum(int(line["amount"]) for line in lines) == now
+        assert int(lines[0]["balance_after"]) == now
+
+        expected_mails = 1 + len(movements)  # the verification email, then one per movement
+
+        def mails_done(person: Holder = person, expected: int = expected_mails) -> int | None:
+            count = mail_count(settings, person.email)
+            assert count <= expected, f"{person.email}: {count} emails for {expected} expected: a duplicate"
+            return count if count == expected else None
+
+        until(mails_done, f"{expected_mails} emails to {person.email}", timeout_s, interval_s=0.5)
+    assert sum(balance(settings, p) for p in people) == total, "transfers between the people changed their total"
+
+
+def mailpit_stats(settings: Settings) -> dict[str, int]:
+    """Mailpit's counters since it started: SMTPAccepted, and SMTPIgnored (a message whose
+    Message-ID it already holds: a second copy, dropped)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{settings.mailpit_http_port}/api/v1/info", timeout=5) as resp:
+        return {key: int(value) for key, value in json.load(resp)["RuntimeStats"].items()}
+
+
+def metric_samples(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """(sample name, labels, value) of every sample a process's /metrics serves; [] if it is down."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return []
+    return [(sample.name, sample.labels, sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def service_metric(settings: Settings, service: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples with these labels over every process of the service."""
+    total = 0.0
+    for index in range(settings.processes(service)):
+        for sample, sample_labels, value in metric_samples(settings.metrics_port(service, index)):
+            if sample == name and all(sample_labels.get(k) == v for k, v in labels.items()):
+                total += value
+    return total
 
 
 async def produce_money_moved(settings: Settings, *events: events_pb2.MoneyMoved) -> None:

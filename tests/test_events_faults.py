@@ -12,20 +12,19 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 
 from common.config import Settings
 from devstack.stack import Stack
-from tests.events_support import Holder, deposit, holder, statement, teller_token, until
-from tests.support import kill9, mail_count, rest
+from tests.events_support import Holder, check_converged, deposit, holder, teller_token
+from tests.support import kill9, rest
 
 PEOPLE = 4
 STREAM_BEFORE_S = 3.0  # transfers before the fault
 STREAM_AFTER_S = 3.0  # and after the component is back
 TRANSFER_PAUSE_S = 0.05
-CONVERGE_S = 90.0
+FUNDS = 1_000_000
 
 
 class Stream:
@@ -69,61 +68,8 @@ def people(stack: Stack, settings: Settings) -> list[Holder]:
     teller = teller_token(settings)
     found = [holder(settings) for _ in range(PEOPLE)]
     for person in found:
-        deposit(settings, teller, person.account_id, 1_000_000)
+        deposit(settings, teller, person.account_id, FUNDS)
     return found
-
-
-def _ledger(settings: Settings, person: Holder) -> list[dict[str, Any]]:
-    """The account's committed movements, from the ledger (strongly consistent)."""
-    movements: list[dict[str, Any]] = []
-    page_token = ""
-    for _ in range(100):
-        query = "?page_size=500" + (f"&page_token={page_token}" if page_token else "")
-        response = rest(settings, "GET", f"/v1/accounts/{person.account_id}/transfers{query}", token=person.token)
-        assert response.status == 200, response.body
-        movements += response.body.get("transfers", [])
-        page_token = response.body.get("next_page_token", "")
-        if not page_token:
-            return movements
-    raise AssertionError("more than 100 pages of transfers")
-
-
-def _balance(settings: Settings, person: Holder) -> int:
-    response = rest(settings, "GET", f"/v1/accounts/{person.account_id}", token=person.token)
-    assert response.status == 200, response.body
-    return int(response.body["balance"])
-
-
-def _check_converged(settings: Settings, people: list[Holder]) -> None:
-    """Every committed movement once in each statement it touches and once in each inbox."""
-    for person in people:
-        movements = _ledger(settings, person)
-        ledger_ids = sorted(m["transfer_id"] for m in movements)
-
-        def statement_done(person: Holder = person, ledger_ids: list[str] = ledger_ids) -> list[dict[str, Any]] | None:
-            lines = statement(settings, person.token, person.account_id, unavailable_ok=True)
-            if lines is None:
-                return None  # Cassandra is back, the service's session not yet: ask again
-            ids = sorted(line["transfer_id"] for line in lines)
-            assert len(ids) == len(set(ids)), "a movement has two statement lines"
-            assert set(ids) <= set(ledger_ids), "a statement line without a committed movement"
-            return lines if ids == ledger_ids else None
-
-        lines = until(statement_done, f"statement of {person.account_id} complete", CONVERGE_S, interval_s=0.5)
-        balance = _balance(settings, person)
-        assert sum(int(line["amount"]) for line in lines) == balance
-        assert int(lines[0]["balance_after"]) == balance
-
-        expected_mails = 1 + len(movements)  # the verification email, then one per movement
-
-        def mails_done(person: Holder = person, expected: int = expected_mails) -> int | None:
-            count = mail_count(settings, person.email)
-            assert count <= expected, f"{person.email}: {count} emails for {expected} expected: a duplicate"
-            return count if count == expected else None
-
-        until(mails_done, f"{expected_mails} emails to {person.email}", CONVERGE_S, interval_s=0.5)
-    total = sum(_balance(settings, p) for p in people)
-    assert total == PEOPLE * 1_000_000, "transfers between the people changed their total"
 
 
 async def _scenario(stack: Stack, settings: Settings, people: list[Holder],
@@ -136,7 +82,7 @@ async def _scenario(stack: Stack, settings: Settings, people: list[Holder],
         assert stream.committed > 0
     finally:
         await stack.up(out=sys.stderr)  # whatever happened, the whole stack is back for the next tests
-    await asyncio.to_thread(_check_converged, settings, people)
+    await asyncio.to_thread(check_converged, settings, people, PEOPLE * FUNDS)
 
 
 async def _kill_and_restart(stack: Stack, name: str, down_s: float = 0.0) -> None:
