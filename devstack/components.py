@@ -295,7 +295,8 @@ def _kafka(s: Settings, p: Paths) -> list[str]:
     host = s.kafka_bootstrap.split(",")[0].rsplit(":", 1)[0]
     port = s.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]
     props = render(TEMPLATES / "kafka-server.properties", p.conf / "kafka.properties",
-                   host=host, port=port, controller_port=s.kafka_controller_port, data_dir=data)
+                   host=host, port=port, controller_port=s.kafka_controller_port, data_dir=data,
+                   replication_factor=s.kafka_replication_factor)
     log4j = render(TEMPLATES / "kafka-log4j2.yaml", p.conf / "kafka-log4j2.yaml")
     classpath = f"{lib}/*"
     if not (data / "meta.properties").exists():

@@ -243,7 +243,8 @@ async def scratch_topic(settings: Settings, name: str, partitions: int = 1) -> A
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions,
+                                            replication_factor=settings.kafka_replication_factor)])
         yield topic
     finally:
         await admin.delete_topics([topic])

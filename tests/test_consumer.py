@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections import Counter
+from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
 
+from common import config
 from common.config import Settings
 from common.consumer import EventConsumer, EventMeta, Route
+from common.events import TOPICS
+from devstack.components import TEMPLATES, render
 from devstack.stack import Stack
 from tests.events_support import publish, scratch_topic
 
@@ -100,3 +105,25 @@ async def test_copies_of_one_event_in_a_batch_are_worked_on_once(stack: Stack, s
             await admin.close()
             await consumer.stop()
         assert sorted(calls) == ["copy-1", "copy-2"], calls
+
+
+async def test_the_bank_topics_have_the_configured_replication_factor(stack: Stack, settings: Settings) -> None:
+    """BANK_KAFKA_REPLICATION_FACTOR (1 on the local stack's one broker) is what the topics were
+    created with, and what the local broker gives a topic created without one."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(TOPICS))
+    finally:
+        await admin.close()
+    assert {topic["topic"]: {len(p["replicas"]) for p in topic["partitions"]} for topic in described} \
+        == {topic: {settings.kafka_replication_factor} for topic in TOPICS}
+
+
+def test_the_local_broker_config_takes_the_replication_factor_setting(tmp_path: Path) -> None:
+    settings = dataclasses.replace(config.load({}), kafka_replication_factor=3)
+    props = render(TEMPLATES / "kafka-server.properties", tmp_path / "kafka.properties", host="127.0.0.1",
+                   port=9092, controller_port=9093, data_dir=tmp_path, replication_factor=settings.kafka_replication_factor)
+    assert "default.replication.factor=3" in props.read_text().splitlines()
+    assert config.load({"BANK_KAFKA_REPLICATION_FACTOR": "3"}).kafka_replication_factor == 3
+    assert config.load({}).kafka_replication_factor == 1
