@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: help venv gen check lint test test-faults up down run status logs tools bench bench-customers bench-transfer bench-events bench-rpcs
+.PHONY: help venv gen check lint test test-faults up down run status logs tools bench bench-customers bench-transfer bench-events bench-rpcs bench-sustained
 
 help:
 	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
@@ -15,6 +15,7 @@ help:
 	@echo "make status   what runs;  make logs C=<component>"
 	@echo "make tools    build grpcurl, ghz and k6 into .stack/bin"
 	@echo "make bench    benchmarks against the running stack (bench-rpcs, bench-customers, bench-transfer, bench-events)"
+	@echo "make bench-sustained  transfers at stepped open-model rates, every consumer running: lags, backlog, headline"
 	@echo "make gen      regenerate gen/ from proto/;  make check  buf lint + buf breaking + gen freshness"
 
 # The virtual environment inside the repo (git-ignored); gen/ and the repo root go on its path.
@@ -75,6 +76,11 @@ bench-transfer: $(READY) tools
 # Commit -> statement line and commit -> email in Mailpit, p50/p99, under a background load.
 bench-events: $(READY)
 	$(PY) -m perf.bench_events
+
+# Open-model transfers at rising rates (k6), every consumer running: commit -> statement line and
+# commit -> email p50/p99 and backlog growth per step, the highest rate kept up with (about 7 min).
+bench-sustained: $(READY) tools
+	$(PY) -m perf.bench_sustained
 
 tools: $(READY)
 	$(PY) -m devstack tools
