@@ -11,6 +11,8 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
+import orjson
+
 from common import tracing
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
@@ -42,7 +44,11 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        try:
+            # orjson: the line of every RPC is written on the request path; ~5x cheaper than json.
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:  # what orjson refuses (an int past 64 bits, say), json writes
+            return json.dumps(entry, default=str)
 
 
 def setup(service: str, level: str) -> None:

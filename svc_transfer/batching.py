@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 BATCH_SIZE_MAX = 64
 # Batches of one process in Postgres at once. Two keep one batch being applied while the next
 # one travels; more only queue on the same hot rows and on Postgres' two cores.
-BATCHES_IN_FLIGHT_MAX = 2
+BATCHES_IN_FLIGHT_MAX = 1
 # Movements waiting beyond this are refused at once (LEDGER_BUSY) instead of queueing without bound.
 QUEUE_LENGTH_MAX = 4096
 

@@ -315,3 +315,36 @@ def test_sessions_of_someone_else_are_not_found(stack: Stack, settings: Settings
         answer = _sessions(settings, customer, token)
         assert answer.status == 404 and answer.reason == "CUSTOMER_NOT_FOUND", answer.body
     assert _sessions(settings, customer, "").status == 401
+
+
+async def test_concurrent_revocation_checks_share_round_trips_and_see_every_revocation(
+        stack: Stack, settings: Settings) -> None:
+    """The interceptor's revocation check (common/auth.Revocations) against the real Redis: checks
+    made together share MGETs, each still gets its own session's answer, and a revocation that
+    completed before a check started is seen by it, even while other checks are under way."""
+    client = auth.redis_client(settings)
+    revocations = auth.Revocations(client, settings.access_token_ttl_s)
+    try:
+        sessions = [f"test-{uuid.uuid4()}" for _ in range(100)]
+        for session_id in sessions[::3]:
+            await revocations.revoke(session_id)
+
+        async def lookups() -> int:
+            """Commands that can read a revocation, sent to Redis so far."""
+            stats = await client.info("commandstats")
+            return sum(int(stats.get(f"cmdstat_{command}", {}).get("calls", 0)) for command in ("mget", "exists", "get"))
+
+        before = await lookups()
+        answers = await asyncio.gather(*(revocations.is_revoked(s) for s in sessions + sessions))
+        assert answers == [i % 3 == 0 for i in range(100)] * 2
+        assert await lookups() - before - 1 < len(answers) / 4  # (-1: the INFO of lookups() is none of them)
+
+        # A stream of checks of one session: once revoke() has returned, every check begun after it says revoked.
+        target = f"test-{uuid.uuid4()}"
+        early = [asyncio.create_task(revocations.is_revoked(target)) for _ in range(20)]
+        await revocations.revoke(target)
+        started_after_revocation = [asyncio.create_task(revocations.is_revoked(target)) for _ in range(20)]
+        await asyncio.gather(*early)
+        assert await asyncio.gather(*started_after_revocation) == [True] * 20
+    finally:
+        await client.aclose()

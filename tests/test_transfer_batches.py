@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 import psycopg
 import pytest
+from bank.transfer.v1 import ledger_pb2
 from psycopg_pool import AsyncConnectionPool
 
 from common import db
@@ -22,7 +23,7 @@ from common.errors import reason_of
 from devstack.stack import Stack
 from svc_transfer import store
 from svc_transfer.store import MovementRequest
-from tests.test_transfer_support import Account, Bank, new_request_id
+from tests.test_transfer_support import Account, Bank, new_request_id, sql
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,58 @@ async def test_a_batch_applies_each_movement_in_order_with_its_own_result(bank: 
     assert [r.replayed for r in results] == [False, False, False, True, False, False, False]
     assert results[0].transfer is not None and results[3].transfer == results[0].transfer
     assert await bank.balances(a, b, c) == [50, 50, 5]
+
+
+async def test_a_batch_gives_each_refusal_in_order_and_writes_only_what_it_accepted(
+        bank: Bank, pool: AsyncConnectionPool, settings: Settings) -> None:
+    """migrations/0005 decides a whole batch at once on arrays: every refusal reason comes back
+    at its own position, a refused movement changes nothing for the later ones (not even its
+    idempotency key, which a later movement may then use), and exactly the accepted movements
+    are written: one transfer, two entries summing to zero, one idempotency record and one
+    outbox row each, stamped in arrival order."""
+    a, b, frozen = [await bank.open_account() for _ in range(3)]
+    euros = await bank.open_account("EUR", customer_id=a.customer_id)
+    await bank.deposit(a, 100)
+    await bank.deposit(frozen, 10)
+    await bank.set_status(frozen, ledger_pb2.LedgerAccount.FROZEN)
+    retried_key = new_request_id()
+    stranger = dataclasses.replace(transfer(a, b, 1), owner_id=str(uuid.uuid4()))  # not a's owner
+    batch = [
+        transfer(a, b, 30),                                         # 70 left
+        dataclasses.replace(transfer(a, b, 1), amount=0),           # INVALID_AMOUNT
+        transfer(a, a, 1),                                          # SAME_ACCOUNT
+        stranger,                                                   # ACCOUNT_NOT_FOUND
+        transfer(frozen, b, 1),                                     # ACCOUNT_INACTIVE
+        dataclasses.replace(transfer(a, euros, 1), currency="USD"),  # CURRENCY_MISMATCH (euros is EUR)
+        transfer(a, b, 71, request_id=retried_key),                 # INSUFFICIENT_FUNDS: writes nothing...
+        transfer(a, b, 70, request_id=retried_key),                 # ...so its key is free: 0 left
+        deposit(a, 5),                                              # the cash account pays: 5 left
+        transfer(a, b, 5),                                          # sees the deposit: 0 left
+    ]
+    results = await store.move_money_batch(pool, batch)
+    assert [r.error for r in results] == [
+        None, "INVALID_AMOUNT", "SAME_ACCOUNT", "ACCOUNT_NOT_FOUND", "ACCOUNT_INACTIVE", "CURRENCY_MISMATCH",
+        "INSUFFICIENT_FUNDS", None, None, None]
+    # (The overflow refusal, INVALID_AMOUNT too, needs a balance near int64's top: test_transfer.py.)
+    assert await bank.balances(a, b, frozen, euros) == [0, 105, 10, 0]
+    accepted = [r.transfer for r in results if r.transfer is not None]
+    assert [t.amount for t in accepted] == [30, 70, 5, 5] and not any(r.replayed for r in results)
+    ids = [t.transfer_id for t in accepted]
+    written = sql(settings, "SELECT (SELECT count(*) FROM transfer.transfers WHERE transfer_id = ANY(%(ids)s::uuid[])),"
+                            " (SELECT count(*) FROM transfer.entries WHERE transfer_id = ANY(%(ids)s::uuid[])),"
+                            " (SELECT sum(amount) FROM transfer.entries WHERE transfer_id = ANY(%(ids)s::uuid[])),"
+                            " (SELECT count(*) FROM transfer.idempotency_keys WHERE transfer_id = ANY(%(ids)s::uuid[])),"
+                            " (SELECT count(*) FROM transfer.outbox WHERE aggregate_id = ANY(%(texts)s))",
+                  {"ids": ids, "texts": ids})
+    assert written == [(4, 8, 0, 4, 4)]
+    refused_keys = [m.request_id for m, r in zip(batch, results, strict=True) if r.error is not None]
+    assert sql(settings, "SELECT count(*) FROM transfer.idempotency_keys WHERE request_id = ANY(%s)",
+               (refused_keys,)) == [(1,)]  # only retried_key's, by the accepted retry
+    # a's entries, newest first, are the batch's movements in reverse arrival order.
+    history = sql(settings, "SELECT transfer_id::text, balance_after FROM transfer.entries WHERE account_id = %s"
+                            " ORDER BY create_time DESC, transfer_id DESC", (a.account_id,))
+    assert history[:4] == [(ids[3], 0), (ids[2], 5), (ids[1], 0), (ids[0], 70)]
+    assert len({t.create_time for t in accepted}) == 4
 
 
 async def test_an_operating_error_fails_the_whole_batch_and_writes_nothing(
