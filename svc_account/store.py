@@ -3,7 +3,6 @@ Cassandra keyspace bank_account). Returns plain values; retries are the caller's
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,11 +113,6 @@ def _activity(row: dict[str, Any]) -> Activity:
                     counterparty_account_id=row["counterparty_account_id"] or "", description=row["description"] or "")
 
 
-def _row_bytes(row: tuple[Any, ...]) -> int:
-    """About what a line row weighs in a batch: fixed-size columns, then the texts."""
-    return 120 + sum(len(value.encode()) for value in row if isinstance(value, str))
-
-
 @dataclass(frozen=True)
 class _Statements:
     put_month: PreparedStatement
@@ -139,9 +133,7 @@ class ActivityStore:
         self._session: Session | None = None
         self._statements: _Statements | None = None
         self._months_written: set[tuple[UUID, int]] = set()
-        # put_activities calls of this turn of the loop, and the writes under way.
-        self._queued: list[tuple[list[Activity], asyncio.Future[None]]] = []
-        self._writing: set[asyncio.Task[None]] = set()
+        self._writes = cassandra.WriteCoalescer(lambda: self._cql()[0])
 
     async def start(self) -> None:
         self._cluster, self._session, self._statements = await cassandra.open_keyspace(
@@ -191,54 +183,17 @@ class ActivityStore:
     async def put_activities(self, lines: list[Activity]) -> None:
         """Write the lines, each month first (a line is never in a month the reader cannot find);
         idempotent: the same lines again change nothing. Months already written by this process
-        are skipped (a bounded memo).
-
-        The lines of every call made in the same turn of the event loop (the events of one
-        consumer batch, handled side by side) are written together, in unlogged batches of rows
-        of neighbouring partitions: one request per BATCH_ROWS_MAX lines instead of one per
-        line, most of the projection's cost. A call returns when all of them are written, or
-        raises the first error (then every caller of that turn retries its own lines)."""
-        self._cql()  # not connected: NotReady at once, nothing queued
-        loop = asyncio.get_running_loop()
-        written: asyncio.Future[None] = loop.create_future()
-        self._queued.append((lines, written))
-        if len(self._queued) == 1:
-            loop.call_soon(self._flush)
-        await written
-
-    def _flush(self) -> None:
-        queued, self._queued = self._queued, []
-        task = asyncio.get_running_loop().create_task(self._write_queued(queued))
-        self._writing.add(task)  # a strong reference until it is done
-        task.add_done_callback(self._writing.discard)
-
-    async def _write_queued(self, queued: list[tuple[list[Activity], asyncio.Future[None]]]) -> None:
-        error: BaseException | None = None
-        try:
-            await self._write([line for lines, _ in queued for line in lines])
-        except Exception as exc:  # handed to every caller, whose retry decides
-            error = exc
-        for _, written in queued:
-            if written.done():  # its caller was cancelled
-                continue
-            if error is None:
-                written.set_result(None)
-            else:
-                written.set_exception(error)
-
-    async def _write(self, lines: list[Activity]) -> None:
-        session, statements = self._cql()
+        are skipped (a bounded memo). The lines of the events handled side by side (a consumer
+        batch) are written together, in unlogged batches (cassandra.WriteCoalescer)."""
+        _, statements = self._cql()
         months = sorted({(a.account_id, a.month) for a in lines} - self._months_written)
-        await asyncio.gather(*(cassandra.execute(session, batch) for batch in
-                               cassandra.unlogged_batches(statements.put_month, months, lambda _: 64)))
+        await self._writes.write([(statements.put_month, key) for key in months])
         if len(self._months_written) + len(months) > MONTHS_MEMO_MAX:
             self._months_written.clear()
         self._months_written.update(months)
-        rows = sorted(((a.account_id, a.month, a.create_time, a.activity_id, a.transfer_id, a.kind, a.amount,
-                        a.currency, a.balance_after, a.counterparty_account_id, a.description) for a in lines),
-                      key=lambda row: (row[0], row[1]))  # neighbouring partitions share a batch
-        await asyncio.gather(*(cassandra.execute(session, batch) for batch in
-                               cassandra.unlogged_batches(statements.put_activity, rows, _row_bytes)))
+        await self._writes.write([(statements.put_activity, (
+            a.account_id, a.month, a.create_time, a.activity_id, a.transfer_id, a.kind, a.amount, a.currency,
+            a.balance_after, a.counterparty_account_id, a.description)) for a in lines])
 
     async def months(self, account_id: UUID, up_to: int | None, limit: int) -> list[int]:
         """The account's months with activity, newest first, not after up_to."""

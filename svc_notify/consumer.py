@@ -43,5 +43,5 @@ def new_consumers(settings: Settings, store: Store, sender: Mailer) -> list[Even
         # Each transfer is its own key (one event per transfer id), so there is no order to keep:
         # the records of a batch are worked on together (at most BATCH_MAX_RECORDS emails at once).
         EventConsumer(settings, group_id=TRANSFER_GROUP_ID, topics=[TRANSFER_TOPIC], routes=transfer_routes,
-                      event_worst_case_s=service.EVENT_WORST_CASE_S, ordered=False),
+                      event_worst_case_s=service.EVENT_WORST_CASE_S, ordered=False, batch_max_records=200),
     ]

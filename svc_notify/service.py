@@ -55,8 +55,8 @@ STORAGE_BACKOFF = Backoff(tries=5, initial_s=0.2, max_s=5.0)
 # Longest one storage call can take: a Postgres pool wait plus statement timeout, or a
 # Cassandra request timeout, whichever is longer.
 STORAGE_CALL_TIMEOUT_S = max(10.0, cassandra.REQUEST_TIMEOUT_S)
-# projection (or the contacts lookup), record read, record, list; the two emails of a transfer
-# are delivered side by side, so they take no longer than one.
+# projection (or the contacts lookup), the records' read (one for the event), record, list; the
+# two emails of a transfer are delivered side by side, so they take no longer than one.
 STORAGE_CALLS_PER_EVENT_MAX = 4
 # Longest the handling of one event can take when every dependency hangs on every try; the
 # consumer's poll interval is sized from it.
@@ -152,7 +152,9 @@ async def customer_registered(store: Store, sender: Mailer, event: events_pb2.Cu
             f"Verification code: {event.verification_code}\n\n"
             "If you did not register with Simple Bank, you can ignore this email.\n\n"
             "Simple Bank\n")
-    return await _deliver(store, sender, notification, text, redeliver_on_mail_outage)
+    found = await _records(store, [notification.notification_id])
+    return await _deliver(store, sender, notification, found.get(notification.notification_id), text,
+                          redeliver_on_mail_outage)
 
 
 async def email_verified(store: Store, event: events_pb2.EmailVerified, meta: EventMeta) -> Outcome:
@@ -163,13 +165,18 @@ async def email_verified(store: Store, event: events_pb2.EmailVerified, meta: Ev
     return Outcome.APPLIED if applied else Outcome.STALE
 
 
-async def _deliver(store: Store, sender: Mailer, notification: Notification, text: str,
+async def _records(store: Store, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:
+    """The records of an event's notifications, read in one request."""
+    return await _storage(lambda: store.get_notifications(notification_ids), "notification read")
+
+
+async def _deliver(store: Store, sender: Mailer, notification: Notification, found: Notification | None, text: str,
                    redeliver_on_mail_outage: bool = False) -> Outcome:
-    """Send the notification once. When the mail server stays unreachable through the bounded
-    tries, the notification is recorded FAILED; with redeliver_on_mail_outage (the consumers)
-    the event is then not done either (MailUnavailable): it comes again after the consumer's
-    pause and is sent then, so an outage of the mail server loses nothing."""
-    found = await _storage(lambda: store.get_notification(notification.notification_id), "notification read")
+    """Send the notification once (found: its record, read just before, if there is one). When
+    the mail server stays unreachable through the bounded tries, the notification is recorded
+    FAILED; with redeliver_on_mail_outage (the consumers) the event is then not done either
+    (MailUnavailable): it comes again after the consumer's pause and is sent then, so an outage
+    of the mail server loses nothing."""
     stored = found or notification
     context = {"notification_id": str(stored.notification_id), "event_id": stored.event_id,
                "customer_id": str(stored.customer_id), "kind": stored.kind}
@@ -284,6 +291,8 @@ async def money_moved(store: Store, sender: Mailer, event: events_pb2.MoneyMoved
     projection. A customer it has never heard of (no registration event) gets nothing."""
     parties = _parties(event)
     contacts = await _storage(lambda: store.get_contacts([p.customer_id for p in parties]), "customer_contacts read")
+    ids = {party.kind: notification_id(meta.event_id, party.kind) for party in parties}
+    found = await _records(store, [ids[p.kind] for p in parties if p.customer_id in contacts]) if contacts else {}
 
     async def tell(party: _Party) -> Outcome:
         contact = contacts.get(party.customer_id)
@@ -292,11 +301,12 @@ async def money_moved(store: Store, sender: Mailer, event: events_pb2.MoneyMoved
                 event_id=meta.event_id, customer_id=str(party.customer_id), kind=party.kind))
             return Outcome.NO_CONTACT
         notification = Notification(
-            notification_id=notification_id(meta.event_id, party.kind), event_id=meta.event_id,
+            notification_id=ids[party.kind], event_id=meta.event_id,
             customer_id=party.customer_id, kind=party.kind, channel=Channel.EMAIL, recipient=contact,
             subject=party.subject, status=Status.PENDING, attempts=0, create_time=_now(),
         )
-        return await _deliver(store, sender, notification, party.text, redeliver_on_mail_outage)
+        return await _deliver(store, sender, notification, found.get(notification.notification_id), party.text,
+                              redeliver_on_mail_outage)
 
     # Side by side, and each allowed to finish: cancelling a send half-way could deliver it
     # without recording it, and the redelivery would send it again.

@@ -79,6 +79,7 @@ class Store:
         self._cluster: Cluster | None = None
         self._session: Session | None = None
         self._statements: _Statements | None = None
+        self._writes = cassandra.WriteCoalescer(lambda: self._cql()[0])
 
     async def start(self) -> None:
         self._cluster, self._session, self._statements = await cassandra.open_keyspace(
@@ -98,7 +99,7 @@ class Store:
             get=await cassandra.prepare(
                 session,
                 "SELECT notification_id, event_id, customer_id, kind, channel, recipient, subject, status, attempts,"
-                " create_time FROM bank_notify.notifications WHERE notification_id = ?",
+                " create_time FROM bank_notify.notifications WHERE notification_id IN ?",
                 consistency_level=quorum),
             put=await cassandra.prepare(
                 session,
@@ -168,27 +169,28 @@ class Store:
 
     # --- Cassandra: the notification log --------------------------------------------------
 
-    async def get_notification(self, notification_id: uuid.UUID) -> Notification | None:
-        """The notification's record, if one was written."""
+    async def get_notifications(self, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:
+        """The records written of these notifications (one event's: one request), by id."""
         session, statements = self._cql()
-        result = await cassandra.execute(session, statements.get, (notification_id,))
-        return _notification(result.current_rows[0]) if result.current_rows else None
+        result = await cassandra.execute(session, statements.get, (notification_ids,))
+        return {row["notification_id"]: _notification(row) for row in result.current_rows}
 
     async def put_notification(self, notification: Notification, update_time: datetime) -> None:
-        """Write (or overwrite) the notification's record; idempotent."""
-        session, statements = self._cql()
+        """Write (or overwrite) the notification's record; idempotent. Written together with the
+        records of the notifications finishing at the same moment (cassandra.WriteCoalescer)."""
+        _, statements = self._cql()
         n = notification
-        await cassandra.execute(session, statements.put, (
+        await self._writes.write([(statements.put, (
             n.notification_id, n.event_id, n.customer_id, n.kind, n.channel, n.recipient, n.subject,
-            n.status, n.attempts, n.create_time, update_time))
+            n.status, n.attempts, n.create_time, update_time))])
 
     async def put_in_customer_log(self, notification: Notification) -> None:
-        """Write (or overwrite) the notification in its customer's list; idempotent."""
-        session, statements = self._cql()
+        """Write (or overwrite) the notification in its customer's list; idempotent (coalesced too)."""
+        _, statements = self._cql()
         n = notification
-        await cassandra.execute(session, statements.log_put, (
+        await self._writes.write([(statements.log_put, (
             n.notification_id, n.event_id, n.customer_id, n.kind, n.channel, n.recipient, n.subject,
-            n.status, n.attempts, n.create_time))
+            n.status, n.attempts, n.create_time))])
 
     async def list_customer_notifications(self, customer_id: uuid.UUID, limit: int,
                                           after: tuple[datetime, uuid.UUID] | None) -> list[Notification]:
