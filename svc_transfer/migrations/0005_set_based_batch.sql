@@ -74,6 +74,9 @@ SET search_path FROM CURRENT
 -- A batch holds its locks for a few milliseconds at most; a second of waiting means overload,
 -- and every caller gets LEDGER_BUSY (nothing moved, safe to retry with the same request_id).
 SET lock_timeout = '1s'
+-- One plan per statement, made once per session: custom plans re-planned every statement of
+-- every call (statistics lookups, join estimates), most of a small batch's database time.
+SET plan_cache_mode = 'force_generic_plan'
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -132,7 +135,12 @@ DECLARE
     last_time       timestamptz;
     changed         int;
     written         int;
+    transfers_written int;
+    entries_written int;
+    keys_written    int;
+    events_written  int;
     entries_sum     numeric;
+    well_formed     boolean;
 BEGIN
     ASSERT size BETWEEN 1 AND batch_size_max, format('move_money_batch: %s movements', size);
     ASSERT cardinality(p_initiators) = size AND cardinality(p_kinds) = size AND cardinality(p_owner_ids) = size
@@ -141,27 +149,27 @@ BEGIN
        AND cardinality(p_descriptions) = size AND cardinality(p_event_headers) = size
        AND cardinality(p_transfer_ids) = size AND cardinality(p_event_ids) = size,
        'move_money_batch: arrays of different lengths';
-    -- Programmer errors of the caller, for every movement at once: crash loudly.
-    ASSERT (SELECT bool_and(u.k IN ('TRANSFER', 'DEPOSIT', 'WITHDRAWAL')
-                            AND (u.k = 'DEPOSIT') = (u.f IS NULL) AND (u.k = 'WITHDRAWAL') = (u.t IS NULL)
-                            AND (u.k = 'TRANSFER' OR u.w IS NULL)
-                            AND char_length(u.i) BETWEEN 1 AND 200 AND char_length(u.r) BETWEEN 1 AND 64
-                            AND char_length(u.d) <= 200 AND u.id IS NOT NULL AND u.e IS NOT NULL)
-              FROM unnest(p_kinds, p_from_account_ids, p_to_account_ids, p_owner_ids, p_initiators, p_request_ids,
-                          p_descriptions, p_transfer_ids, p_event_ids) AS u(k, f, t, w, i, r, d, id, e)),
-           'move_money_batch: a movement breaks the calling rules (kind, accounts, owner, lengths, ids)';
-
-    -- Before any lock: keys, hashes, and which movement repeats an earlier one's key.
-    SELECT array_agg(m.key ORDER BY m.o), array_agg(m.hash ORDER BY m.o), array_agg(m.previous ORDER BY m.o)
-      INTO keys, hashes, previous_same_key
+    -- Before any lock: keys, hashes, which movement repeats an earlier one's key, and whether
+    -- every movement keeps the calling rules (programmer errors of the caller: crash loudly).
+    SELECT array_agg(m.key ORDER BY m.o), array_agg(m.hash ORDER BY m.o), array_agg(m.previous ORDER BY m.o),
+           bool_and(m.well_formed)
+      INTO keys, hashes, previous_same_key, well_formed
       FROM (SELECT u.o, u.i || E'\x1f' || u.r AS key,
                    sha256(convert_to(concat_ws(E'\x1f', u.k, coalesce(u.f::text, '-'), coalesce(u.t::text, '-'),
                                                u.a::text, u.c, u.d), 'UTF8')) AS hash,
-                   lag(u.o) OVER (PARTITION BY u.i, u.r ORDER BY u.o) AS previous
+                   lag(u.o) OVER (PARTITION BY u.i, u.r ORDER BY u.o) AS previous,
+                   u.k IN ('TRANSFER', 'DEPOSIT', 'WITHDRAWAL')
+                   AND (u.k = 'DEPOSIT') = (u.f IS NULL) AND (u.k = 'WITHDRAWAL') = (u.t IS NULL)
+                   AND (u.k = 'TRANSFER' OR u.w IS NULL)
+                   AND char_length(u.i) BETWEEN 1 AND 200 AND char_length(u.r) BETWEEN 1 AND 64
+                   AND char_length(u.d) <= 200 AND u.id IS NOT NULL AND u.e IS NOT NULL AS well_formed
               FROM unnest(p_initiators, p_request_ids, p_kinds, p_from_account_ids, p_to_account_ids, p_amounts,
-                          p_currencies, p_descriptions) WITH ORDINALITY AS u(i, r, k, f, t, a, c, d, o)) AS m;
+                          p_currencies, p_descriptions, p_owner_ids, p_transfer_ids, p_event_ids)
+                   WITH ORDINALITY AS u(i, r, k, f, t, a, c, d, w, id, e, o)) AS m;
+    ASSERT well_formed, 'move_money_batch: a movement breaks the calling rules (kind, accounts, owner, lengths, ids)';
 
     -- Growing phase, 1: idempotency keys, ascending (hash collisions just re-enter one lock).
+    -- A statement of its own: the next one's snapshot must be taken once these locks are held.
     PERFORM pg_advisory_xact_lock(idempotency_lock_class, s.lock_key)
        FROM (SELECT DISTINCT hashtext(k) AS lock_key FROM unnest(keys) AS k ORDER BY 1) AS s;
 
@@ -180,32 +188,38 @@ BEGIN
              ON s.initiator = u.i AND s.request_id = u.r;
 
     -- Growing phase, 2: every account row any movement names, the cash accounts of deposits
-    -- and withdrawals included, ascending. The lock is taken as rows leave the sort.
-    SELECT array_agg(a.account_id), array_agg(a.kind), array_agg(a.customer_id), array_agg(a.currency),
-           array_agg(a.status), array_agg(a.balance)
-      INTO acc_id, acc_kind, acc_owner, acc_currency, acc_status, acc_balance
-      FROM (SELECT l.account_id, l.kind, l.customer_id, l.currency, l.status, l.balance
-              FROM ledger_accounts l
-             WHERE l.account_id IN (
-                    SELECT unnest(p_from_account_ids || p_to_account_ids)
-                    UNION
-                    SELECT c.account_id FROM ledger_accounts c
-                     WHERE c.kind = 'CASH'
-                       AND c.currency IN (SELECT m.c FROM unnest(p_kinds, p_currencies) AS m(k, c)
-                                           WHERE m.k <> 'TRANSFER'))
-             ORDER BY l.account_id
-               FOR UPDATE) AS a;
+    -- and withdrawals included, locked in ascending id order as rows leave the sort; read into
+    -- arrays, with the position of each movement's accounts among them (NULL: not there).
+    WITH locked AS (
+        SELECT l.account_id, l.kind, l.customer_id, l.currency, l.status, l.balance
+          FROM ledger_accounts l
+         WHERE l.account_id IN (
+                SELECT unnest(p_from_account_ids || p_to_account_ids)
+                UNION
+                SELECT c.account_id FROM ledger_accounts c
+                 WHERE c.kind = 'CASH'
+                   AND c.currency IN (SELECT m.c FROM unnest(p_kinds, p_currencies) AS m(k, c) WHERE m.k <> 'TRANSFER'))
+         ORDER BY l.account_id
+           FOR UPDATE),
+    numbered AS (
+        SELECT row_number() OVER (ORDER BY k.account_id)::int AS pos, k.* FROM locked k),
+    positions AS (
+        SELECT u.o, fa.pos AS from_pos, ta.pos AS to_pos, ca.pos AS cash_pos
+          FROM unnest(p_from_account_ids, p_to_account_ids, p_kinds, p_currencies) WITH ORDINALITY AS u(f, t, k, c, o)
+          LEFT JOIN numbered fa ON fa.account_id = u.f
+          LEFT JOIN numbered ta ON ta.account_id = u.t
+          LEFT JOIN numbered ca ON u.k <> 'TRANSFER' AND ca.kind = 'CASH' AND ca.currency = u.c)
+    SELECT a.ids, a.kinds, a.owners, a.currencies, a.statuses, a.balances, p.froms, p.tos, p.cashes
+      INTO acc_id, acc_kind, acc_owner, acc_currency, acc_status, acc_balance, from_at, to_at, cash_at
+      FROM (SELECT array_agg(n.account_id ORDER BY n.pos) AS ids, array_agg(n.kind ORDER BY n.pos) AS kinds,
+                   array_agg(n.customer_id ORDER BY n.pos) AS owners, array_agg(n.currency ORDER BY n.pos) AS currencies,
+                   array_agg(n.status ORDER BY n.pos) AS statuses, array_agg(n.balance ORDER BY n.pos) AS balances
+              FROM numbered n) AS a,
+           (SELECT array_agg(x.from_pos ORDER BY x.o) AS froms, array_agg(x.to_pos ORDER BY x.o) AS tos,
+                   array_agg(x.cash_pos ORDER BY x.o) AS cashes
+              FROM positions x) AS p;
     acc_id := coalesce(acc_id, '{}');
     acc_balance_before := acc_balance;
-
-    -- Where each movement's accounts are among the locked rows (NULL: not there).
-    SELECT array_agg(fa.o ORDER BY u.o), array_agg(ta.o ORDER BY u.o), array_agg(ca.o ORDER BY u.o)
-      INTO from_at, to_at, cash_at
-      FROM unnest(p_from_account_ids, p_to_account_ids, p_kinds, p_currencies) WITH ORDINALITY AS u(f, t, k, c, o)
-      LEFT JOIN unnest(acc_id) WITH ORDINALITY AS fa(id, o) ON fa.id = u.f
-      LEFT JOIN unnest(acc_id) WITH ORDINALITY AS ta(id, o) ON ta.id = u.t
-      LEFT JOIN unnest(acc_id, acc_kind, acc_currency) WITH ORDINALITY AS ca(id, kind, currency, o)
-             ON u.k <> 'TRANSFER' AND ca.kind = 'CASH' AND ca.currency = u.c;
 
     -- Taken after the locks, the timestamps order one account's movements as they commit: the
     -- n-th new movement of the batch gets batch_time + n µs, and the next batch on any of these
@@ -298,46 +312,55 @@ BEGIN
     END LOOP;
 
     IF new_count > 0 THEN
-        -- Every changed balance in one UPDATE, which also checks that each row still held the
-        -- balance read under its lock.
-        SELECT count(*) INTO changed FROM unnest(acc_balance, acc_balance_before) AS b(after, before)
-         WHERE b.after <> b.before;
-        UPDATE ledger_accounts a SET balance = b.after
-          FROM unnest(acc_id, acc_balance, acc_balance_before) AS b(id, after, before)
-         WHERE a.account_id = b.id AND b.after <> b.before AND a.balance = b.before;
-        GET DIAGNOSTICS written = ROW_COUNT;
-        ASSERT written = changed, format('move_money_batch: %s balances written of %s', written, changed);
-
-        INSERT INTO transfers (transfer_id, kind, request_id, from_account_id, to_account_id, amount, currency,
-                               description, create_time)
-        SELECT u.id, u.k, u.r, u.f, u.t, u.a, u.c, u.d, u.time
-          FROM unnest(is_new, p_transfer_ids, p_kinds, p_request_ids, res_from, res_to, p_amounts, p_currencies,
-                      p_descriptions, res_time) AS u(n, id, k, r, f, t, a, c, d, time)
-         WHERE u.n;
-
-        -- Two entries per movement, the debit and the credit; read back, they sum to zero.
-        WITH written_entries AS (
+        -- Every write in one statement. The UPDATE changes only the balances that moved, and only
+        -- where the row still holds the balance read under its lock (the count is asserted);
+        -- entries are read back: two per movement, summing to zero. Foreign keys are checked at
+        -- the end of the statement, when the transfers they name are in place.
+        WITH moved AS (
+            SELECT b.id, b.after, b.before FROM unnest(acc_id, acc_balance, acc_balance_before) AS b(id, after, before)
+             WHERE b.after <> b.before),
+        balances AS (
+            UPDATE ledger_accounts a SET balance = m.after FROM moved m
+             WHERE a.account_id = m.id AND a.balance = m.before
+            RETURNING 1),
+        new_movements AS (
+            SELECT u.* FROM unnest(is_new, p_transfer_ids, p_kinds, p_request_ids, res_from, res_to, p_amounts,
+                                   p_currencies, p_descriptions, res_time, from_after, to_after, p_initiators,
+                                   hashes, p_event_ids, p_event_headers)
+                   AS u(n, id, k, r, f, t, a, c, d, time, fa, ta, i, h, e, headers)
+             WHERE u.n),
+        new_transfers AS (
+            INSERT INTO transfers (transfer_id, kind, request_id, from_account_id, to_account_id, amount, currency,
+                                   description, create_time)
+            SELECT m.id, m.k, m.r, m.f, m.t, m.a, m.c, m.d, m.time FROM new_movements m
+            RETURNING 1),
+        new_entries AS (
             INSERT INTO entries (transfer_id, account_id, amount, balance_after, create_time)
-            SELECT u.id, side.account_id, side.amount, side.balance_after, u.time
-              FROM unnest(is_new, p_transfer_ids, res_from, res_to, p_amounts, from_after, to_after, res_time)
-                   AS u(n, id, f, t, a, fa, ta, time)
-             CROSS JOIN LATERAL (VALUES (u.f, -u.a, u.fa), (u.t, u.a, u.ta)) AS side(account_id, amount, balance_after)
-             WHERE u.n
-            RETURNING entries.amount)
-        SELECT count(*), sum(w.amount) INTO written, entries_sum FROM written_entries w;
-        ASSERT written = 2 * new_count AND entries_sum = 0,
-               format('move_money_batch: %s entries summing to %s for %s movements', written, entries_sum, new_count);
-
-        INSERT INTO idempotency_keys (initiator, request_id, params_hash, transfer_id, create_time)
-        SELECT u.i, u.r, u.h, u.id, u.time
-          FROM unnest(is_new, p_initiators, p_request_ids, hashes, p_transfer_ids, res_time) AS u(n, i, r, h, id, time)
-         WHERE u.n;
-
+            SELECT m.id, side.account_id, side.amount, side.balance_after, m.time
+              FROM new_movements m
+             CROSS JOIN LATERAL (VALUES (m.f, -m.a, m.fa), (m.t, m.a, m.ta)) AS side(account_id, amount, balance_after)
+            RETURNING entries.amount),
+        new_keys AS (
+            INSERT INTO idempotency_keys (initiator, request_id, params_hash, transfer_id, create_time)
+            SELECT m.i, m.r, m.h, m.id, m.time FROM new_movements m
+            RETURNING 1),
         -- bank.events.v1.MoneyMoved: the relay builds its bytes from the rows above.
-        INSERT INTO outbox (event_id, topic, aggregate_id, event_type, payload, headers)
-        SELECT u.e, 'bank.transfer.v1', u.id::text, 'bank.events.v1.MoneyMoved', ''::bytea, u.h
-          FROM unnest(is_new, p_event_ids, p_transfer_ids, p_event_headers) AS u(n, e, id, h)
-         WHERE u.n;
+        new_events AS (
+            INSERT INTO outbox (event_id, topic, aggregate_id, event_type, payload, headers)
+            SELECT m.e, 'bank.transfer.v1', m.id::text, 'bank.events.v1.MoneyMoved', ''::bytea, m.headers
+              FROM new_movements m
+            RETURNING 1)
+        SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM balances), (SELECT count(*) FROM new_transfers),
+               (SELECT count(*) FROM new_entries), (SELECT sum(e.amount) FROM new_entries e),
+               (SELECT count(*) FROM new_keys), (SELECT count(*) FROM new_events)
+          INTO changed, written, transfers_written, entries_written, entries_sum, keys_written, events_written;
+        ASSERT written = changed, format('move_money_batch: %s balances written of %s', written, changed);
+        ASSERT transfers_written = new_count AND keys_written = new_count AND events_written = new_count,
+               format('move_money_batch: %s movements, %s transfers, %s keys, %s events written', new_count,
+                      transfers_written, keys_written, events_written);
+        ASSERT entries_written = 2 * new_count AND entries_sum = 0,
+               format('move_money_batch: %s entries summing to %s for %s movements', entries_written, entries_sum,
+                      new_count);
 
         -- The commit must come after the last timestamp handed out, so that the next batch on
         -- these accounts gets later ones. The writes above take far longer than new_count µs;
