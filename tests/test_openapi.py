@@ -19,6 +19,19 @@ from tests.support import rest
 
 API_MD = REPO_ROOT.parent / "shared" / "API.md"
 GENERATED = REPO_ROOT / "gen" / "bank.swagger.json"
+# API.md runs ahead of the code: its "v1 additions" are open issues. Exactly the routes not built
+# yet, with their issue; this list shrinks to empty as they land, and nothing else is skipped.
+NOT_BUILT_YET = {
+    ("PATCH", "/v1/customers/{customer.customer_id}"): "#13 account recovery and profile",
+    ("POST", "/v1/credentials:changePassword"): "#13 account recovery and profile",
+    ("POST", "/v1/credentials:requestPasswordReset"): "#13 account recovery and profile",
+    ("POST", "/v1/credentials:resetPassword"): "#13 account recovery and profile",
+    ("POST", "/v1/customers/{customer_id}:changeEmail"): "#13 account recovery and profile",
+    ("POST", "/v1/customers/{customer_id}:confirmEmailChange"): "#13 account recovery and profile",
+    ("POST", "/v1/customers:resendVerificationCode"): "#13 account recovery and profile",
+    ("POST", "/v1/transfers/{transfer_id}:post"): "#18 holds",
+    ("POST", "/v1/transfers/{transfer_id}:void"): "#18 holds",
+}
 # A table row of API.md: | Service.Rpc[ / OtherRpc] | METHOD /path[, :verb] `{body}` | notes |
 ROW = re.compile(r"^\| (\w+)\.(\w+)(?: / (\w+))? \| (GET|POST|DELETE|PUT|PATCH) (/\S+?)(?:, :(\w+))?(?: `.*?`)? \|",
                  re.MULTILINE)
@@ -57,6 +70,10 @@ def test_the_document_lists_every_public_route_of_api_md(stack: Stack, settings:
         for method, operation in methods.items()
     }
     expected = api_md_routes()
+    assert NOT_BUILT_YET.keys() <= expected.keys(), "a route of NOT_BUILT_YET is no longer in API.md"
+    served_already = NOT_BUILT_YET.keys() & operations.keys()
+    assert not served_already, f"built now: take them off NOT_BUILT_YET: {sorted(served_already)}"
+    expected = {route: operation for route, operation in expected.items() if route not in NOT_BUILT_YET}
     assert sorted(expected.keys() - operations.keys()) == []
     for route, operation_id in expected.items():
         assert operations[route]["operationId"] == operation_id, route
