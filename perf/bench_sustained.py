@@ -282,6 +282,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
+    empty_mailpit(settings)  # its search (the verification codes below) slows down as it fills
     print(f"{args.people} customers, registered, verified and funded...", file=sys.stderr)
     crowd: list[Holder] = people(settings, args.people, FUNDS)
     wait_caught_up(settings)

@@ -55,8 +55,8 @@ STORAGE_BACKOFF = Backoff(tries=5, initial_s=0.2, max_s=5.0)
 # Longest one storage call can take: a Postgres pool wait plus statement timeout, or a
 # Cassandra request timeout, whichever is longer.
 STORAGE_CALL_TIMEOUT_S = max(10.0, cassandra.REQUEST_TIMEOUT_S)
-# projection (or the contacts lookup), the records' read (one for the event), record, list; the
-# two emails of a transfer are delivered side by side, so they take no longer than one.
+# projection or contacts lookup, records' read (both side by side for a movement), record and
+# list row (one call); the two emails of a transfer go side by side, so take no longer than one.
 STORAGE_CALLS_PER_EVENT_MAX = 4
 # Longest the handling of one event can take when every dependency hangs on every try; the
 # consumer's poll interval is sized from it.
@@ -209,9 +209,11 @@ async def _deliver(store: Store, sender: Mailer, notification: Notification, fou
         log.error("email not delivered; recorded as FAILED",
                   extra=fields(**context, attempts=attempts, error=str(exc)))
     final = replace(stored, status=status, attempts=attempts)
-    # The record first: once it says SENT, a redelivery sends nothing (and repairs the list).
-    await _storage(lambda: store.put_notification(final, _now()), "notification record")
-    await _storage(lambda: store.put_in_customer_log(final), "notification log")
+    # The record and the list row together, one round trip. Once the record says SENT, a
+    # redelivery sends nothing (and writes the list row again); a list row written without its
+    # record (a failure half-way) is rewritten when the event comes again and is sent again,
+    # as after a crash before the record.
+    await _storage(lambda: store.put_notification(final, _now()), "notification record and log")
     if outage and redeliver_on_mail_outage:
         raise MailUnavailable(f"mail server unavailable after {attempts} attempts")
     if status is Status.SENT:
@@ -290,9 +292,11 @@ async def money_moved(store: Store, sender: Mailer, event: events_pb2.MoneyMoved
     """Email each party of a movement, once each, at the address of svc_notify's own contacts
     projection. A customer it has never heard of (no registration event) gets nothing."""
     parties = _parties(event)
-    contacts = await _storage(lambda: store.get_contacts([p.customer_id for p in parties]), "customer_contacts read")
     ids = {party.kind: notification_id(meta.event_id, party.kind) for party in parties}
-    found = await _records(store, [ids[p.kind] for p in parties if p.customer_id in contacts]) if contacts else {}
+    # Side by side: the addresses (Postgres) and the records (Cassandra).
+    contacts, found = await asyncio.gather(
+        _storage(lambda: store.get_contacts([p.customer_id for p in parties]), "customer_contacts read"),
+        _records(store, list(ids.values())))
 
     async def tell(party: _Party) -> Outcome:
         contact = contacts.get(party.customer_id)

@@ -4,6 +4,7 @@ the caller's (service.py), with TRANSIENT_ERRORS."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,6 +81,9 @@ class Store:
         self._session: Session | None = None
         self._statements: _Statements | None = None
         self._writes = cassandra.WriteCoalescer(lambda: self._cql()[0])
+        # get_contacts calls of this turn of the loop, and the queries under way.
+        self._contact_lookups: list[tuple[list[uuid.UUID], asyncio.Future[dict[uuid.UUID, str]]]] = []
+        self._lookups_running: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._cluster, self._session, self._statements = await cassandra.open_keyspace(
@@ -161,11 +165,38 @@ class Store:
             return cursor.rowcount == 1
 
     async def get_contacts(self, customer_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-        """The email address of each customer the projection knows, by customer id."""
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute("SELECT customer_id, email FROM customer_contacts WHERE customer_id = ANY(%s)",
-                                        (customer_ids,))
-            return {row[0]: row[1] for row in await cursor.fetchall()}
+        """The email address of each customer the projection knows, by customer id. The lookups
+        asked for in one turn of the event loop (the events of a consumer batch, side by side)
+        are one query: one pool connection and round trip instead of one per event."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[dict[uuid.UUID, str]] = loop.create_future()
+        self._contact_lookups.append((customer_ids, answer))
+        if len(self._contact_lookups) == 1:
+            loop.call_soon(self._look_up_contacts)
+        found = await answer
+        return {customer_id: found[customer_id] for customer_id in customer_ids if customer_id in found}
+
+    def _look_up_contacts(self) -> None:
+        lookups, self._contact_lookups = self._contact_lookups, []
+        task = asyncio.get_running_loop().create_task(self._contacts_query(lookups))
+        self._lookups_running.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._lookups_running.discard)
+
+    async def _contacts_query(self, lookups: list[tuple[list[uuid.UUID], asyncio.Future[dict[uuid.UUID, str]]]]) -> None:
+        wanted = sorted({customer_id for ids, _ in lookups for customer_id in ids})
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(
+                    "SELECT customer_id, email FROM customer_contacts WHERE customer_id = ANY(%s)", (wanted,))
+                found: dict[uuid.UUID, str] = {row[0]: row[1] for row in await cursor.fetchall()}
+        except Exception as exc:  # handed to every caller, whose retry decides
+            for _, answer in lookups:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for _, answer in lookups:
+            if not answer.done():  # its caller was cancelled
+                answer.set_result(found)
 
     # --- Cassandra: the notification log --------------------------------------------------
 
@@ -176,13 +207,16 @@ class Store:
         return {row["notification_id"]: _notification(row) for row in result.current_rows}
 
     async def put_notification(self, notification: Notification, update_time: datetime) -> None:
-        """Write (or overwrite) the notification's record; idempotent. Written together with the
-        records of the notifications finishing at the same moment (cassandra.WriteCoalescer)."""
+        """Write (or overwrite) the notification's record and its row in the customer's list;
+        idempotent. Written together with those of the notifications finishing at the same moment
+        (cassandra.WriteCoalescer): not atomically, either may be written without the other."""
         _, statements = self._cql()
         n = notification
-        await self._writes.write([(statements.put, (
-            n.notification_id, n.event_id, n.customer_id, n.kind, n.channel, n.recipient, n.subject,
-            n.status, n.attempts, n.create_time, update_time))])
+        await self._writes.write([
+            (statements.put, (n.notification_id, n.event_id, n.customer_id, n.kind, n.channel, n.recipient,
+                              n.subject, n.status, n.attempts, n.create_time, update_time)),
+            (statements.log_put, (n.notification_id, n.event_id, n.customer_id, n.kind, n.channel, n.recipient,
+                                  n.subject, n.status, n.attempts, n.create_time))])
 
     async def put_in_customer_log(self, notification: Notification) -> None:
         """Write (or overwrite) the notification in its customer's list; idempotent (coalesced too)."""
