@@ -91,21 +91,34 @@ def _request_headers(context: grpc.aio.ServicerContext) -> tuple[str, str | None
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: auth.Authenticator) -> None:
         self._authenticator = authenticator
+        # The wrapped handler of each method, made on its first call: gRPC asks for a handler on
+        # every call, and building one (closures, a method handler) each time is wasted work.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        full_method = handler_call_details.method  # "/package.Service/Method"
+        wrapped = self._wrapped.get(full_method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
         # Only unary-unary RPCs are part of the bank's API; reflection (streaming) passes through.
         if handler is None or handler.unary_unary is None:
             return handler
-        full_method = handler_call_details.method  # "/package.Service/Method"
+        wrapped = self._wrap(full_method, handler)
+        self._wrapped[full_method] = wrapped  # bounded: one entry per method the server has
+        return wrapped
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, method = full_method.lstrip("/").rpartition("/")
         inner = handler.unary_unary
         quiet = service in QUIET_SERVICES
         authenticator = self._authenticator
+        started_total = metrics.RPC_STARTED.labels(service, method)
+        latency = metrics.RPC_LATENCY.labels(service, method)
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             request_id, traceparent = _request_headers(context)
@@ -116,7 +129,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             reason = ""
             caller: auth.Caller | None = None
-            metrics.RPC_STARTED.labels(service, method).inc()
+            started_total.inc()
             try:
                 caller = await authenticator.authenticate(full_method, context.invocation_metadata() or ())
                 auth.set_current(caller)
@@ -147,7 +160,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 elapsed = time.perf_counter() - started
                 metrics.RPC_HANDLED.labels(service, method, code.name).inc()
-                metrics.RPC_LATENCY.labels(service, method).observe(elapsed)
+                latency.observe(elapsed)
                 if not quiet or code != grpc.StatusCode.OK:
                     log.info(
                         "rpc",

@@ -87,6 +87,8 @@ class Result:
     error_kinds: dict[str, int] = field(default_factory=dict)
     note: str = ""
     share_of_ceiling: float | None = None  # rps / the ceiling's rps, same distribution and clients
+    # Where the CPU went during the run: ms of CPU per request, by process group (cpu_groups).
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,10 @@ def shares(results: list[Result]) -> None:
             r.share_of_ceiling = round(r.rps / ceiling, 3)
             print(f"  {r.path:20} {r.distribution:7} {r.clients:3} clients: {r.rps:8.0f}/s = {r.share_of_ceiling:6.1%}"
                   f" of {ceiling:.0f}/s  (p99 {r.latency_ms.get('p99', 0):.1f} ms)", flush=True)
+    print("\nCPU per request, ms, by process group (middle of each run):", flush=True)
+    for r in results:
+        print(f"  {r.path:20} {r.distribution:7} {r.clients:3} clients: "
+              + ", ".join(f"{group} {ms:.2f}" for group, ms in r.cpu_ms_per_request.items()), flush=True)
 
 
 def chart(results: list[Result], path: Path) -> None:
@@ -381,6 +387,62 @@ def chart(results: list[Result], path: Path) -> None:
     plt.close(figure)
 
 
+# --- where the CPU goes ---------------------------------------------------------------------------
+
+CLOCK_TICKS_S = os.sysconf("SC_CLK_TCK")
+LOAD_GENERATORS = ("ghz", "k6", "pgbench")
+
+
+def cpu_groups() -> dict[str, float]:
+    """CPU seconds used so far by each group of processes on this machine (from /proc)."""
+    used: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, fields = stat.read_text().rsplit(")", 1)
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        comm = name.partition("(")[2]
+        values = fields.split()
+        seconds = (int(values[11]) + int(values[12])) / CLOCK_TICKS_S
+        if "-m svc_" in cmdline:
+            group = cmdline.split("-m ", 1)[1].split()[0]
+        elif comm in ("postgres", "envoy") or comm in LOAD_GENERATORS:
+            group = "load generator" if comm in LOAD_GENERATORS else comm
+        elif comm == "java":
+            group = "kafka" if "kafka" in cmdline else "cassandra" if "cassandra" in cmdline else "java"
+        else:
+            group = "everything else"
+        used[group] = used.get(group, 0.0) + seconds
+    return used
+
+
+class CpuWindow:
+    """Samples cpu_groups() 2 s into a run and 1 s before its end, in a thread: the middle of the
+    run, where the load generator and the backends it opened are all alive."""
+
+    def __init__(self, duration_s: float) -> None:
+        import threading
+        self._samples: list[tuple[float, dict[str, float]]] = []
+        self._thread = threading.Thread(target=self._sample, args=(duration_s,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, duration_s: float) -> None:
+        time.sleep(2.0)
+        self._samples.append((time.monotonic(), cpu_groups()))
+        time.sleep(max(1.0, duration_s - 3.0))
+        self._samples.append((time.monotonic(), cpu_groups()))
+
+    def per_request(self, rps: float) -> dict[str, float]:
+        """ms of CPU per request of each group: its cores over the window / requests per second."""
+        self._thread.join()
+        if len(self._samples) < 2 or not rps:
+            return {}
+        (t0, before), (t1, after) = self._samples
+        cores = {group: (after.get(group, 0.0) - before.get(group, 0.0)) / (t1 - t0) for group in after}
+        return {group: round(c * 1000 / rps, 3) for group, c in sorted(cores.items(), key=lambda kv: -kv[1]) if c > 0.005}
+
+
 def run_all(bench: Bench, results: list[Result], layouts: dict[str, tuple[int, int]], clients: list[int],
             paths: list[str], grpc_targets: dict[str, str], data_files: dict[str, Path]) -> None:
     """Every path at every client count over both distributions, appending to results as it goes."""
@@ -388,6 +450,7 @@ def run_all(bench: Bench, results: list[Result], layouts: dict[str, tuple[int, i
         for client_count in clients:
             for name in paths:
                 result = Result(name, distribution, client_count, float(bench.duration_s))
+                window = CpuWindow(bench.duration_s)
                 if name in grpc_targets:
                     run_ghz(bench, result, grpc_targets[name], data_files[distribution])
                 elif name == "rest-envoy":
@@ -396,6 +459,7 @@ def run_all(bench: Bench, results: list[Result], layouts: dict[str, tuple[int, i
                     run_pgbench(bench, result, first, count)
                 elif name == "ceiling":
                     run_ceiling(bench, result, count)
+                result.cpu_ms_per_request = window.per_request(result.rps)
                 results.append(result)
                 print(f"  {name:11} {distribution:7} {client_count:3} clients: {result.rps:8.0f}/s"
                       f"  p50 {result.latency_ms.get('p50', 0):6.1f} ms  p99 {result.latency_ms.get('p99', 0):6.1f} ms"
@@ -446,7 +510,9 @@ def main() -> None:
         results: list[Result] = []
         if args.whole_stack_first:
             for client_count in clients:
+                window = CpuWindow(bench.duration_s)
                 result = run_k6(bench, Result("rest-envoy+consumers", "uniform", client_count, float(args.duration_s)))
+                result.cpu_ms_per_request = window.per_request(result.rps)
                 results.append(result)
                 print(f"  {result.path} uniform {client_count:3} clients: {result.rps:8.0f}/s"
                       f"  p99 {result.latency_ms.get('p99', 0):6.1f} ms  errors {result.errors}", flush=True)

@@ -8,7 +8,7 @@ enforced by the interceptor before a handler runs.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -24,6 +24,7 @@ from svc_transfer import events, service
 from svc_transfer.batching import MovementBatcher
 from svc_transfer.store import LedgerAccount, Transfer
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TRANSFER_SERVICE = "/bank.transfer.v1.TransferService/"
 _LEDGER_SERVICE = "/bank.transfer.v1.LedgerService/"
 ACCESS = {
@@ -34,9 +35,9 @@ ACCESS = {
 
 
 def _timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    # By hand: Timestamp.FromDatetime goes through a time tuple, several times slower, per response.
+    micros = (value - EPOCH) // timedelta(microseconds=1)
+    return Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
 
 
 def transfer_message(transfer: Transfer) -> transfer_pb2.Transfer:
