@@ -294,6 +294,7 @@ def _drain_one(stack: Stack, settings: config.Settings, service: str, done: Call
 
 def drain(settings: config.Settings, args: argparse.Namespace) -> dict[str, Any]:
     stack = Stack(settings)
+    empty_mailpit(settings)  # its search (the verification codes) slows down as it fills
     crowd = people(settings, args.people, FUNDS)
     wait_caught_up(settings)
     ceiling = mailpit_ceiling(settings, args.ceiling_messages) if args.ceiling_messages else None
