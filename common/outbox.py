@@ -59,7 +59,8 @@ async def ensure_topics(settings: Settings) -> None:
     try:
         for topic, partitions in TOPICS.items():
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+                await admin.create_topics([NewTopic(topic, num_partitions=partitions,
+                                                     replication_factor=settings.kafka_replication_factor)])
     finally:
         await admin.close()
 
