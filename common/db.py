@@ -4,6 +4,7 @@ SQL migrations of that service applied at start (each file once, in order, recor
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import select
@@ -72,6 +73,23 @@ async def check_alive(conn: AsyncConnection) -> None:
 
 
 async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
+    sweeps: set[asyncio.Task[None]] = set()
+
+    async def check(conn: AsyncConnection) -> None:
+        try:
+            await check_alive(conn)
+        except OperationalError:
+            # One dead connection means a restart or a failover ended them all. The pool pauses
+            # about a second after a failed check, and doubles the pause at each further one
+            # (psycopg_pool's backoff): met one by one, a pool full of dead connections outlasts
+            # the caller's wait. So the other idle ones are swept now, and the caller's next
+            # try finds live ones.
+            if not sweeps:
+                sweep = asyncio.create_task(pool.check(), name=f"pool-sweep-{schema}")
+                sweeps.add(sweep)
+                sweep.add_done_callback(sweeps.discard)
+            raise
+
     pool = AsyncConnectionPool(
         conninfo(settings, schema),
         min_size=settings.pg_pool_min,
@@ -79,7 +97,7 @@ async def open_pool(settings: Settings, schema: str) -> AsyncConnectionPool:
         timeout=POOL_WAIT_TIMEOUT_S,
         open=False,
         name=f"svc_{schema}",
-        check=check_alive,
+        check=check,
     )
     await pool.open(wait=True, timeout=30.0)
     # The newest pool of a schema is the one reported (a test, a restarted worker may open another).
