@@ -27,6 +27,7 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import redis.asyncio as redis
@@ -80,6 +81,63 @@ return waits
 """
 
 
+# Reservations (SlidingWindow.reserve): one attempt in progress holds a place in each window it
+# counts against until it is settled, so attempts sent together cannot all pass one check.
+# KEYS: the windows; ARGV[1]: "reserve" or "settle"; ARGV[2]: the attempt's id; ARGV[3]: for
+# settle, "1" when the attempt failed (it stays counted) else "0"; then per key its max_events
+# and window in ms. The places in progress of a window live in a second sorted set, "<key>:p",
+# and lapse after RESERVATION_TTL_MS (a process that died mid-attempt frees its place). reserve
+# returns, per key, 0 (reserved, in every key, or in none), -1 (full of attempts in progress:
+# try again in a moment) or the ms until the window admits again (full of failures).
+RESERVATION_TTL_MS = 30_000
+_RESERVE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mode = ARGV[1]
+local id = ARGV[2]
+local ttl_ms = tonumber(ARGV[4])
+local waits = {}
+local admit = true
+for i, key in ipairs(KEYS) do
+  local max_events = tonumber(ARGV[3 + 2 * i])
+  local window_ms = tonumber(ARGV[4 + 2 * i])
+  local pending = key .. ':p'
+  if mode == 'settle' then
+    redis.call('ZREM', pending, id)
+    if ARGV[3] == '1' then
+      redis.call('ZADD', key, now, now .. ':' .. id)
+      redis.call('PEXPIRE', key, window_ms)
+    end
+    waits[i] = 0
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window_ms)
+    redis.call('ZREMRANGEBYSCORE', pending, '-inf', now - ttl_ms)
+    local failures = redis.call('ZCARD', key)
+    local wait_ms = 0
+    if failures >= max_events then
+      local oldest = redis.call('ZRANGE', key, failures - max_events, failures - max_events, 'WITHSCORES')
+      wait_ms = math.max(1, tonumber(oldest[2]) + window_ms - now)
+    elseif failures + redis.call('ZCARD', pending) >= max_events then
+      wait_ms = -1
+    end
+    if wait_ms ~= 0 then admit = false end
+    waits[i] = wait_ms
+  end
+end
+if mode == 'reserve' and admit then
+  for i, key in ipairs(KEYS) do
+    redis.call('ZADD', key .. ':p', now, id)
+    redis.call('PEXPIRE', key .. ':p', ttl_ms)
+  end
+end
+return waits
+"""
+# How often, and for how long at most, an attempt waits for a place held by attempts in progress
+# (each takes about one argon2id verification, tens of ms).
+RESERVE_POLL_S = 0.02
+RESERVE_WAIT_MAX_S = 5.0
+
+
 @dataclass(frozen=True)
 class Limit:
     name: str  # the metric label and part of the key, e.g. "login_failures_by_username"
@@ -108,6 +166,7 @@ class SlidingWindow:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._script = client.register_script(_SCRIPT)
+        self._reserve_script = client.register_script(_RESERVE_SCRIPT)
         self._last_error_log = 0.0
 
     async def retry_after_s(self, counts: Sequence[Count]) -> float:
@@ -126,17 +185,49 @@ class SlidingWindow:
         """Forgets the events of each (a login that succeeded clears its username's failures)."""
         await self._run("clear", counts)
 
-    async def _run(self, mode: str, counts: Sequence[Count]) -> list[int]:
+    async def reserve(self, counts: Sequence[Count]) -> tuple[str, float]:
+        """Check and count in one step: holds a place for one attempt in every window, or in none.
+        Returns (the attempt's id, 0) once reserved, or ("", seconds until the windows admit
+        again) when a window is full of failures. While a window is full only because of
+        attempts in progress, waits for them to settle (at most RESERVE_WAIT_MAX_S, then the
+        answer is "retry in a second"). Settle every reservation with settle()."""
+        counts = [c for c in counts if c.limit.enabled]
+        attempt = secrets.token_hex(8)
+        deadline = time.monotonic() + RESERVE_WAIT_MAX_S
+        while True:
+            waits = await self._run("reserve", counts, script=self._reserve_script, attempt=attempt)
+            limited = max(waits, default=0)
+            for count, wait_ms in zip(counts, waits, strict=False):
+                CHECKS.labels(count.limit.name, "limited" if wait_ms > 0 else "admitted").inc()
+            if limited > 0:
+                return "", limited / 1000
+            if min(waits, default=0) == 0:
+                return attempt, 0.0
+            if time.monotonic() >= deadline:
+                return "", 1.0
+            await asyncio.sleep(RESERVE_POLL_S)
+
+    async def settle(self, counts: Sequence[Count], attempt: str, *, failed: bool) -> None:
+        """Ends a reservation: a failed attempt stays counted in every window, a successful one
+        leaves none."""
+        counts = [c for c in counts if c.limit.enabled]
+        if attempt:
+            await self._run("settle", counts, script=self._reserve_script, attempt=attempt, failed=failed)
+
+    async def _run(self, mode: str, counts: Sequence[Count], script: Any = None, attempt: str = "",
+                   failed: bool = False) -> list[int]:
         counts = [c for c in counts if c.limit.enabled]
         if not counts:
             return []
         args: list[str | int] = [mode, secrets.token_hex(8)]
+        if script is not None:
+            args = [mode, attempt, "1" if failed else "0", RESERVATION_TTL_MS]
         for count in counts:
             args += [count.limit.max_events, max(1, round(count.limit.window_s * 1000))]
         try:
             # Bounded: the client's own retries would hold a login for seconds while Redis is down.
             async with asyncio.timeout(CALL_TIMEOUT_S):
-                waits = await self._script(keys=[c.key for c in counts], args=args)
+                waits = await (script or self._script)(keys=[c.key for c in counts], args=args)
         except (redis.RedisError, OSError) as exc:  # OSError includes TimeoutError
             # Fail open, loudly: see the module docstring.
             for count in counts:

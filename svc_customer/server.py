@@ -4,6 +4,9 @@ results to messages."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from pathlib import Path
 
 import grpc
@@ -15,7 +18,9 @@ from common import auth, ratelimit, server
 from common.grpcutil import service_name
 from common.outbox import OutboxRelay
 from svc_customer import store
-from svc_customer.service import CustomerUseCases, IssuedSession, Throttle
+from svc_customer.service import SWEEP_EVERY_S, CustomerUseCases, IssuedSession, Throttle
+
+log = logging.getLogger("customer")
 
 ACCESS = {
     "/bank.customer.v1.CustomerService/RegisterCustomer": auth.Access.PUBLIC,
@@ -23,6 +28,9 @@ ACCESS = {
     "/bank.auth.v1.AuthService/CreateCredential": auth.Access.PUBLIC,
     "/bank.auth.v1.AuthService/Login": auth.Access.PUBLIC,
     "/bank.auth.v1.AuthService/RefreshSession": auth.Access.PUBLIC,
+    "/bank.customer.v1.CustomerService/ResendVerificationCode": auth.Access.PUBLIC,
+    "/bank.auth.v1.AuthService/RequestPasswordReset": auth.Access.PUBLIC,
+    "/bank.auth.v1.AuthService/ResetPassword": auth.Access.PUBLIC,
     "/bank.customer.v1.CustomerInternalService/": auth.Access.INTERNAL,
 }
 
@@ -74,6 +82,26 @@ class CustomerService(customer_pb2_grpc.CustomerServiceServicer):
                           context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
         return _customer(await self._uc.get_customer(auth.current(), request.customer_id))
 
+    async def ResendVerificationCode(self, request: customer_pb2.ResendVerificationCodeRequest,
+                                     context: grpc.aio.ServicerContext) -> customer_pb2.ResendVerificationCodeResponse:
+        await self._uc.resend_verification_code(request.email, _client_address(context))
+        return customer_pb2.ResendVerificationCodeResponse()
+
+    async def UpdateCustomer(self, request: customer_pb2.UpdateCustomerRequest,
+                             context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
+        return _customer(await self._uc.update_customer(
+            auth.current(), request.customer.customer_id, list(request.update_mask.paths), request.customer.full_name,
+            request.customer.phone_number))
+
+    async def ChangeEmail(self, request: customer_pb2.ChangeEmailRequest,
+                          context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
+        return _customer(await self._uc.change_email(auth.current(), request.customer_id, request.new_email))
+
+    async def ConfirmEmailChange(self, request: customer_pb2.ConfirmEmailChangeRequest,
+                                 context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
+        return _customer(await self._uc.confirm_email_change(auth.current(), request.customer_id, request.code,
+                                                             _client_address(context)))
+
 
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
     def __init__(self, use_cases: CustomerUseCases) -> None:
@@ -103,6 +131,22 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.ListSessionsResponse(sessions=[_session_info(row, caller) for row in rows],
                                              next_page_token=token)
 
+    async def RequestPasswordReset(self, request: auth_pb2.RequestPasswordResetRequest,
+                                   context: grpc.aio.ServicerContext) -> auth_pb2.RequestPasswordResetResponse:
+        await self._uc.request_password_reset(request.email, _client_address(context))
+        return auth_pb2.RequestPasswordResetResponse()
+
+    async def ResetPassword(self, request: auth_pb2.ResetPasswordRequest,
+                            context: grpc.aio.ServicerContext) -> auth_pb2.ResetPasswordResponse:
+        await self._uc.reset_password(request.email, request.code, request.new_password, _client_address(context))
+        return auth_pb2.ResetPasswordResponse()
+
+    async def ChangePassword(self, request: auth_pb2.ChangePasswordRequest,
+                             context: grpc.aio.ServicerContext) -> auth_pb2.ChangePasswordResponse:
+        await self._uc.change_password(auth.current(), request.current_password, request.new_password,
+                                       _client_address(context))
+        return auth_pb2.ChangePasswordResponse()
+
 
 class CustomerInternalService(customer_internal_pb2_grpc.CustomerInternalServiceServicer):
     def __init__(self, use_cases: CustomerUseCases) -> None:
@@ -128,6 +172,35 @@ class TellerBootstrap:
         pass
 
 
+class Sweeper:
+    """Removes stale unverified registrations and password reset rows, at start and every
+    SWEEP_EVERY_S; a failed sweep is logged and tried again next time."""
+
+    def __init__(self, use_cases: CustomerUseCases) -> None:
+        self._uc = use_cases
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                registrations, resets = await self._uc.sweep()
+                if registrations or resets:
+                    log.info("swept stale rows", extra={"fields": {"unverified_registrations": registrations,
+                                                                   "password_resets": resets}})
+            except Exception:
+                log.exception("sweep failed; trying again later")
+            await asyncio.sleep(SWEEP_EVERY_S)
+
+
 def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[str]:
     s = resources.settings
     throttle = Throttle.from_settings(ratelimit.SlidingWindow(resources.redis), s)
@@ -139,6 +212,7 @@ def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[
                                                                             grpc_server)
     resources.workers.append(TellerBootstrap(use_cases, s.teller_username, s.teller_password))
     resources.workers.append(OutboxRelay(s, resources.pool, "customer"))
+    resources.workers.append(Sweeper(use_cases))
     return [
         service_name(customer_pb2, "CustomerService"),
         service_name(auth_pb2, "AuthService"),

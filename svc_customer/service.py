@@ -20,6 +20,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import grpc
@@ -51,6 +52,25 @@ LOGINS_IN_FLIGHT_MAX = 8
 # Code checks at once per process: the per-address limit is checked before a wrong code is
 # counted, so at most this many guesses sent in parallel can pass one check together.
 VERIFICATIONS_IN_FLIGHT_MAX = 8
+# Codes asked for by email (ResendVerificationCode, RequestPasswordReset; ChangeEmail per
+# customer): API.md's limits.
+CODE_REQUESTS_PER_EMAIL_MAX = 3
+CODE_REQUESTS_PER_EMAIL_WINDOW_S = 3600
+CODE_REQUESTS_PER_ADDRESS_MAX = 20
+CODE_REQUESTS_PER_ADDRESS_WINDOW_S = 900
+# Failed logins of one username from anywhere (docs/decisions/0016): slower than the limit per
+# username and address, so that many addresses together cannot guess fast either; a password
+# reset lifts it.
+USERNAME_FAILURES_MAX = 100
+USERNAME_FAILURES_WINDOW_S = 3600
+# Unverified registrations are removed after this long (API.md), by a sweep every SWEEP_EVERY_S,
+# in batches of SWEEP_BATCH_MAX rows; password reset rows go a day after their last request.
+UNVERIFIED_TTL = timedelta(days=7)
+PASSWORD_RESET_ROW_TTL = timedelta(days=1)
+SWEEP_EVERY_S = 3600.0
+SWEEP_BATCH_MAX = 1000
+# What UpdateCustomer may change (AIP-134 update_mask paths); the rest is immutable.
+MUTABLE_FIELDS = frozenset({"full_name", "phone_number"})
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{2,31}$")
 EMAIL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]+@[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$")
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -78,27 +98,73 @@ def _timestamp(value: datetime) -> Timestamp:
     return ts
 
 
+def _new_code() -> str:
+    return f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
+
+
+def _normal_email(email: str) -> str:
+    email = email.strip().lower()
+    if len(email) > EMAIL_MAX_LENGTH or not EMAIL.match(email):
+        raise _invalid("email", "must be a valid email address")
+    return email
+
+
+def _too_many_attempts(remedy: str) -> DomainError:
+    """The code is void for good (no RetryInfo: waiting does not help); the message says what does."""
+    return DomainError(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ATTEMPTS",
+                       f"too many wrong codes; this code no longer works: {remedy}")
+
+
+def _bad_credentials() -> DomainError:
+    return DomainError(grpc.StatusCode.UNAUTHENTICATED, "BAD_CREDENTIALS", "wrong username or password")
+
+
+def _email_taken() -> DomainError:
+    return DomainError(grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN", "a customer with this email already exists")
+
+
+def _not_found() -> DomainError:
+    return DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+
+
 def _sha256(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
 @dataclass(frozen=True)
 class Throttle:
-    """Failed attempts, counted in Redis per username and per client address (docs/decisions/0010).
-    Only failures count, so a customer's own logins never run into a limit."""
+    """Attempts counted in Redis (docs/decisions/0010, 0016). Failed logins count per username
+    and client address, per username from anywhere (a slower limit) and per client address; only
+    failures count, so a customer's own logins never run into a limit. Requests for codes by
+    email count per email and per client address, whatever the answer."""
 
     limiter: ratelimit.SlidingWindow
+    login_by_username_and_address: ratelimit.Limit
     login_by_username: ratelimit.Limit
     login_by_address: ratelimit.Limit
     verify_by_address: ratelimit.Limit
+    resend_by_email: ratelimit.Limit = ratelimit.Limit("resend_by_email", CODE_REQUESTS_PER_EMAIL_MAX,
+                                                       CODE_REQUESTS_PER_EMAIL_WINDOW_S)
+    resend_by_address: ratelimit.Limit = ratelimit.Limit("resend_by_address", CODE_REQUESTS_PER_ADDRESS_MAX,
+                                                         CODE_REQUESTS_PER_ADDRESS_WINDOW_S)
+    reset_by_email: ratelimit.Limit = ratelimit.Limit("password_reset_by_email", CODE_REQUESTS_PER_EMAIL_MAX,
+                                                      CODE_REQUESTS_PER_EMAIL_WINDOW_S)
+    reset_by_address: ratelimit.Limit = ratelimit.Limit("password_reset_by_address", CODE_REQUESTS_PER_ADDRESS_MAX,
+                                                        CODE_REQUESTS_PER_ADDRESS_WINDOW_S)
+    email_change_by_customer: ratelimit.Limit = ratelimit.Limit("email_change_by_customer",
+                                                                CODE_REQUESTS_PER_EMAIL_MAX,
+                                                                CODE_REQUESTS_PER_EMAIL_WINDOW_S)
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
     def from_settings(cls, limiter: ratelimit.SlidingWindow, s: Settings) -> Throttle:
         return cls(
             limiter,
-            login_by_username=ratelimit.Limit("login_failures_by_username", s.login_failures_per_username_max,
-                                              s.login_failures_per_username_window_s),
+            login_by_username_and_address=ratelimit.Limit(
+                "login_failures_by_username_and_address", s.login_failures_per_username_max,
+                s.login_failures_per_username_window_s),
+            login_by_username=ratelimit.Limit("login_failures_by_username", USERNAME_FAILURES_MAX,
+                                              USERNAME_FAILURES_WINDOW_S),
             login_by_address=ratelimit.Limit("login_failures_by_address", s.login_failures_per_address_max,
                                              s.login_failures_per_address_window_s),
             verify_by_address=ratelimit.Limit("verify_failures_by_address", s.verify_failures_per_address_max,
@@ -111,10 +177,30 @@ class Throttle:
             return []
         return [ratelimit.Count(limit, ratelimit.address_subject(client_address))]
 
+    def login_counts(self, username: str, client_address: str) -> list[ratelimit.Count]:
+        """What one password guess for username counts against (unknown usernames too: a limit
+        only known ones hit would tell which exist)."""
+        return [ratelimit.Count(self.login_by_username_and_address,
+                                f"{username}\n{ratelimit.address_subject(client_address)}"),
+                ratelimit.Count(self.login_by_username, username),
+                *self.by_address(self.login_by_address, client_address)]
+
     async def check(self, counts: list[ratelimit.Count]) -> None:
         retry_after_s = await self.limiter.retry_after_s(counts)
         if retry_after_s > 0:
             raise ratelimit.rate_limited(retry_after_s)
+
+    async def reserve(self, counts: list[ratelimit.Count]) -> str:
+        """Checks and counts one attempt in one step (its place is held until settled)."""
+        attempt, retry_after_s = await self.limiter.reserve(counts)
+        if retry_after_s > 0:
+            raise ratelimit.rate_limited(retry_after_s)
+        return attempt
+
+    async def count_request(self, counts: list[ratelimit.Count]) -> None:
+        """A request that counts whatever its outcome (codes asked for by email)."""
+        attempt = await self.reserve(counts)
+        await self.limiter.settle(counts, attempt, failed=True)
 
 
 @dataclass(frozen=True)
@@ -147,9 +233,7 @@ class CustomerUseCases:
     # --- registration and verification ----------------------------------------------------
 
     async def register_customer(self, email: str, full_name: str, phone_number: str) -> store.Customer:
-        email = email.strip().lower()
-        if len(email) > EMAIL_MAX_LENGTH or not EMAIL.match(email):
-            raise _invalid("email", "must be a valid email address")
+        email = _normal_email(email)
         full_name = " ".join(full_name.split())
         if not 1 <= len(full_name) <= FULL_NAME_MAX_LENGTH:
             raise _invalid("full_name", f"must be 1 to {FULL_NAME_MAX_LENGTH} characters")
@@ -158,12 +242,21 @@ class CustomerUseCases:
             raise _invalid("phone_number", "must be in E.164 form, e.g. +14155550123")
 
         customer_id = uuid7()
-        code = f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
+        code = _new_code()
         now = datetime.now(UTC)
         async with self._pool.connection() as conn, conn.transaction():
+            # Registrations of one address take turns (the email's lock), so racing ones never
+            # meet the unique index: each discards the one before it, unless it was verified.
+            holder = await store.lock_registration(conn, email)
+            if holder is not None and holder.email_verified:
+                raise DomainError(grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN",
+                                  "a customer with this email already exists")
+            if holder is not None:
+                # Never verified: not taken. Only the address's owner can verify the new one.
+                await store.delete_unverified_customer(conn, holder.customer_id)
             try:
                 customer = await store.insert_customer(conn, customer_id, email, full_name, phone)
-            except store.Conflict as exc:
+            except store.Conflict as exc:  # an email change confirmed to this address meanwhile
                 raise DomainError(grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN",
                                   "a customer with this email already exists") from exc
             await store.set_verification_code(conn, customer_id, self._code_hash(customer_id, code), now + CODE_TTL)
@@ -198,8 +291,8 @@ class CustomerUseCases:
             if row.used_time is not None:
                 raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_VERIFIED", "the email is already verified")
             if row.failed_attempts >= MAX_CODE_ATTEMPTS:
-                raise DomainError(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ATTEMPTS",
-                                  "too many wrong codes; this registration can no longer be verified")
+                raise _too_many_attempts("ask for a new code (POST /v1/customers:resendVerificationCode) or "
+                                         "register again")
             if row.expire_time <= datetime.now(UTC):
                 raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "CODE_EXPIRED", "the code has expired")
             if not hmac.compare_digest(row.code_hash, self._code_hash(cid, code)):
@@ -231,13 +324,15 @@ class CustomerUseCases:
 
     # --- credentials ----------------------------------------------------------------------
 
-    def check_password(self, username: str, password: str) -> None:
+    def check_password(self, username: str | None, password: str, field: str = "password") -> None:
+        """WEAK_PASSWORD unless the password is strong enough; username None: every rule but
+        "does not contain the username" (for a caller not yet proven to own one)."""
         if not PASSWORD_MIN_LENGTH <= len(password) <= PASSWORD_MAX_LENGTH:
-            raise _invalid("password", f"must be {PASSWORD_MIN_LENGTH} to {PASSWORD_MAX_LENGTH} characters",
+            raise _invalid(field, f"must be {PASSWORD_MIN_LENGTH} to {PASSWORD_MAX_LENGTH} characters",
                            "WEAK_PASSWORD")
         lowered = password.lower()
-        if lowered in self._common_passwords or len(set(lowered)) <= 2 or username in lowered:
-            raise _invalid("password", "is too easy to guess (common, repetitive, or contains the username)",
+        if lowered in self._common_passwords or len(set(lowered)) <= 2 or (username and username in lowered):
+            raise _invalid(field, "is too easy to guess (common, repetitive, or contains the username)",
                            "WEAK_PASSWORD")
 
     async def create_credential(self, enrollment_token: str, username: str, password: str) -> tuple[str, str]:
@@ -295,28 +390,13 @@ class CustomerUseCases:
 
     async def login(self, username: str, password: str, client_address: str) -> IssuedSession:
         username = username.strip().lower()
-        bad = DomainError(grpc.StatusCode.UNAUTHENTICATED, "BAD_CREDENTIALS", "wrong username or password")
-        # Unknown usernames count too: a limit that only known ones hit would tell which exist.
-        by_username = [ratelimit.Count(self._throttle.login_by_username, username)]
-        failures = by_username + self._throttle.by_address(self._throttle.login_by_address, client_address)
-        async with self._login_slots:
-            # Checked once a slot is free: guesses sent in parallel cannot all pass one check
-            # before the first failure is counted; at most LOGINS_IN_FLIGHT_MAX can.
-            await self._throttle.check(failures)
-            credential: store.Credential | None = None
-            if len(username) > 64 or len(password) > PASSWORD_MAX_LENGTH:
-                ok = await asyncio.to_thread(_verifies, _DUMMY_HASH, password[:PASSWORD_MAX_LENGTH])
-            else:
-                async with self._pool.connection() as conn:
-                    credential = await store.get_credential(conn, username)
-                # The same work whether or not the user exists, so timing tells nothing.
-                ok = await asyncio.to_thread(_verifies, credential.password_hash if credential else _DUMMY_HASH,
-                                             password)
-            if credential is None or not ok:
-                await self._throttle.limiter.record(failures)
-                raise bad
-        # The right password ends a run of the username's failures (an address's stay counted).
-        await self._throttle.limiter.clear(by_username)
+        counts = self._throttle.login_counts(username, client_address)
+        credential, ok = await self._check_password_of(username, password, counts)
+        if credential is None or not ok:
+            raise _bad_credentials()
+        # The right password ends a run of the username's failures from this address (the
+        # address's own, and the username's from anywhere, stay counted).
+        await self._throttle.limiter.clear(counts[:1])
         if HASHER.check_needs_rehash(credential.password_hash):
             new_hash = await asyncio.to_thread(HASHER.hash, password)
             async with self._pool.connection() as conn:
@@ -332,6 +412,31 @@ class CustomerUseCases:
         access = self._issuer.issue(subject, role, str(session_id))
         return IssuedSession(str(session_id), subject if role is auth.Role.CUSTOMER else "", access, refresh_token,
                              refresh_expire)
+
+    async def _check_password_of(self, username: str, password: str,
+                                 counts: list[ratelimit.Count]) -> tuple[store.Credential | None, bool]:
+        """One password guess for username, counted atomically against the failed-login limits:
+        its place in each window is taken before the check (RATE_LIMITED when there is none) and
+        kept only if the guess was wrong, so guesses sent together cannot pass one check."""
+        attempt = await self._throttle.reserve(counts)
+        credential: store.Credential | None = None
+        ok = False
+        decided = False
+        try:
+            async with self._login_slots:
+                if len(username) > 64 or len(password) > PASSWORD_MAX_LENGTH:
+                    ok = await asyncio.to_thread(_verifies, _DUMMY_HASH, password[:PASSWORD_MAX_LENGTH])
+                else:
+                    async with self._pool.connection() as conn:
+                        credential = await store.get_credential(conn, username)
+                    # The same work whether or not the user exists, so timing tells nothing.
+                    ok = await asyncio.to_thread(_verifies, credential.password_hash if credential else _DUMMY_HASH,
+                                                 password)
+            decided = True
+        finally:
+            # An attempt that failed for another reason (storage down) is not a wrong guess.
+            await self._throttle.limiter.settle(counts, attempt, failed=decided and (credential is None or not ok))
+        return credential, ok
 
     async def refresh_session(self, refresh_token: str) -> IssuedSession:
         invalid = DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_REFRESH_TOKEN", "the refresh token is not valid")
@@ -397,6 +502,250 @@ class CustomerUseCases:
         token = pagination.encode_token([page[-1].create_time.isoformat(), str(page[-1].session_id)]) \
             if len(rows) > size else ""
         return page, token
+
+    # --- recovery and profile (API.md, "v1 additions") ------------------------------------
+    # The requests without a token that name an email answer the same way for every address,
+    # known or not, and do about the same work (docs/decisions/0015).
+
+    def _reset_code_hash(self, email: str, code: str) -> bytes:
+        return hmac.new(self._code_key, f"password-reset:{email}:{code}".encode(), hashlib.sha256).digest()
+
+    def _email_change_code_hash(self, customer_id: UUID, code: str) -> bytes:
+        return hmac.new(self._code_key, f"email-change:{customer_id}:{code}".encode(), hashlib.sha256).digest()
+
+    async def resend_verification_code(self, email: str, client_address: str) -> None:
+        email = _normal_email(email)
+        await self._throttle.count_request([ratelimit.Count(self._throttle.resend_by_email, email),
+                                            *self._throttle.by_address(self._throttle.resend_by_address,
+                                                                       client_address)])
+        code = _new_code()
+        async with self._pool.connection() as conn, conn.transaction():
+            holder = await store.lock_registration(conn, email)
+            if holder is None or holder.email_verified:
+                return  # nothing to send, and nothing said about it
+            # One code per customer: the new one replaces the old, whose wrong tries go with it.
+            await store.set_verification_code(conn, holder.customer_id, self._code_hash(holder.customer_id, code),
+                                              datetime.now(UTC) + CODE_TTL)
+            event = events_pb2.VerificationCodeResent(
+                event_id=new_id(), customer_id=str(holder.customer_id), email=holder.email,
+                full_name=holder.full_name, verification_code=code, create_time=_timestamp(datetime.now(UTC)))
+            await events.append(conn, events.OutboxEvent(events.CUSTOMER_TOPIC, str(holder.customer_id), event))
+
+    async def request_password_reset(self, email: str, client_address: str) -> None:
+        email = _normal_email(email)
+        await self._throttle.count_request([ratelimit.Count(self._throttle.reset_by_email, email),
+                                            *self._throttle.by_address(self._throttle.reset_by_address,
+                                                                       client_address)])
+        code = _new_code()
+        async with self._pool.connection() as conn, conn.transaction():
+            target = await store.reset_target(conn, email)
+            # The same row for an unknown address, with a code nobody is sent: the same work, and
+            # ResetPassword answers both alike (wrong tries counted, TOO_MANY_ATTEMPTS after 5).
+            stored_code = code if target is not None else secrets.token_hex(16)
+            await store.set_password_reset(conn, email, target[0] if target else None,
+                                           self._reset_code_hash(email, stored_code), datetime.now(UTC) + CODE_TTL)
+            if target is not None:
+                event = events_pb2.PasswordResetRequested(event_id=new_id(), customer_id=str(target[0]), email=email,
+                                                          reset_code=code, create_time=_timestamp(datetime.now(UTC)))
+                await events.append(conn, events.OutboxEvent(events.CUSTOMER_TOPIC, str(target[0]), event))
+
+    async def reset_password(self, email: str, code: str, new_password: str, client_address: str) -> None:
+        email = _normal_email(email)
+        if not code.isdigit() or len(code) != CODE_DIGITS:
+            raise _invalid("code", f"must be the {CODE_DIGITS}-digit code from the email", "INVALID_CODE")
+        # Every rule but the username's: that one only once the code proved who is asking.
+        self.check_password(None, new_password, "new_password")
+        code_hash = self._reset_code_hash(email, code)
+        by_address = self._throttle.by_address(self._throttle.verify_by_address, client_address)
+        async with self._verify_slots:
+            attempt = await self._throttle.reserve(by_address)
+            wrong = False
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    row = await store.lock_password_reset(conn, email)
+                    target = await store.reset_target(conn, email)
+                    if row is not None and row.failed_attempts >= MAX_CODE_ATTEMPTS:
+                        raise _too_many_attempts("ask for a new one (POST /v1/credentials:requestPasswordReset)")
+                    wrong = row is None or not hmac.compare_digest(row.code_hash, code_hash)
+                    if row is not None and wrong:
+                        await store.count_failed_reset(conn, email)  # committed: raised after the block
+            finally:
+                await self._throttle.limiter.settle(by_address, attempt, failed=wrong)
+        if wrong:
+            raise _invalid("code", "is not the code we sent", "INVALID_CODE")
+        assert row is not None
+        # Only the holder of the right code learns that it expired.
+        if row.expire_time <= datetime.now(UTC):
+            raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "CODE_EXPIRED", "the code has expired")
+        if target is None or row.customer_id != target[0]:
+            # The address changed hands since the code was sent: the code is of no use.
+            raise _invalid("code", "is not the code we sent", "INVALID_CODE")
+        customer_id, username = target
+        self.check_password(username, new_password, "new_password")
+        async with self._login_slots:
+            password_hash = await asyncio.to_thread(HASHER.hash, new_password)
+        async with self._pool.connection() as conn, conn.transaction():
+            # Spent here, in one transaction with its effect: two racing resets cannot both win.
+            again = await store.lock_password_reset(conn, email)
+            if again is None or again.code_hash != code_hash:
+                raise _invalid("code", "is not the code we sent", "INVALID_CODE")
+            await store.use_password_reset(conn, email)
+            await store.set_password(conn, customer_id, password_hash)
+            revoked = await store.revoke_customer_sessions(conn, customer_id, "password reset")
+            await self._password_changed(conn, customer_id, email, events_pb2.PasswordChanged.RESET)
+        await self._revoke_now(revoked)
+        # The reset lifts the username's failed-login limits (from anywhere, and from here): the
+        # lever of locking an owner out by guessing wrong is gone (docs/decisions/0016).
+        await self._throttle.limiter.clear(self._throttle.login_counts(username, client_address)[:2])
+
+    async def change_password(self, caller: auth.Caller, current_password: str, new_password: str,
+                              client_address: str) -> None:
+        if caller.role is not auth.Role.CUSTOMER or caller.customer_id is None:
+            raise DomainError(grpc.StatusCode.PERMISSION_DENIED, "CUSTOMER_ONLY", "only customers change passwords here")
+        customer_id = UUID(caller.customer_id)
+        async with self._pool.connection() as conn:
+            credential = await store.get_customer_credential(conn, customer_id)
+        if credential is None:
+            raise _bad_credentials()
+        self.check_password(credential.username, new_password, "new_password")
+        counts = self._throttle.login_counts(credential.username, client_address)
+        _, ok = await self._check_password_of(credential.username, current_password, counts)
+        if not ok:
+            raise _bad_credentials()
+        async with self._login_slots:
+            password_hash = await asyncio.to_thread(HASHER.hash, new_password)
+        keep = parse_uuid(caller.session_id or "")
+        async with self._pool.connection() as conn, conn.transaction():
+            customer = await store.get_customer(conn, customer_id)
+            assert customer is not None
+            await store.set_password(conn, customer_id, password_hash)
+            revoked = await store.revoke_customer_sessions(conn, customer_id, "password change", keep=keep)
+            await self._password_changed(conn, customer_id, customer.email, events_pb2.PasswordChanged.CHANGE)
+        await self._revoke_now(revoked)
+
+    async def _password_changed(self, conn: Any, customer_id: UUID, email: str,
+                                method: events_pb2.PasswordChanged.Method.ValueType) -> None:
+        event = events_pb2.PasswordChanged(event_id=new_id(), customer_id=str(customer_id), email=email, method=method,
+                                           create_time=_timestamp(datetime.now(UTC)))
+        await events.append(conn, events.OutboxEvent(events.CUSTOMER_TOPIC, str(customer_id), event))
+
+    async def _revoke_now(self, session_ids: list[UUID]) -> None:
+        """After commit: every token of these sessions is refused by every service from here on."""
+        for start in range(0, len(session_ids), 100):  # bounded fan-out to Redis
+            await asyncio.gather(*(self._revocations.revoke(str(sid)) for sid in session_ids[start:start + 100]))
+
+    def _own(self, caller: auth.Caller, customer_id: str) -> UUID:
+        """The caller's own customer id, named in the request; anyone else's (a teller's too: they
+        never act for a customer) is not found."""
+        cid = parse_uuid(customer_id)
+        if cid is None or caller.customer_id != str(cid):
+            raise _not_found()
+        return cid
+
+    async def update_customer(self, caller: auth.Caller, customer_id: str, paths: list[str], full_name: str,
+                              phone_number: str) -> store.Customer:
+        cid = self._own(caller, customer_id)
+        if not paths:
+            raise _invalid("update_mask", f"must name the fields to change: {', '.join(sorted(MUTABLE_FIELDS))}")
+        refused = sorted(set(paths) - MUTABLE_FIELDS)
+        if refused:
+            raise _invalid("update_mask", f"cannot change {', '.join(refused)}; only "
+                                          f"{', '.join(sorted(MUTABLE_FIELDS))}")
+        changes: dict[str, str | None] = {}
+        if "full_name" in paths:
+            name = " ".join(full_name.split())
+            if not 1 <= len(name) <= FULL_NAME_MAX_LENGTH:
+                raise _invalid("customer.full_name", f"must be 1 to {FULL_NAME_MAX_LENGTH} characters")
+            changes["full_name"] = name
+        if "phone_number" in paths:
+            phone = phone_number.strip() or None
+            if phone is not None and not E164.match(phone):
+                raise _invalid("customer.phone_number", "must be in E.164 form, e.g. +14155550123")
+            changes["phone_number"] = phone
+        async with self._pool.connection() as conn, conn.transaction():
+            customer = await store.update_profile(conn, cid, changes)
+        if customer is None:
+            raise _not_found()
+        return customer
+
+    async def change_email(self, caller: auth.Caller, customer_id: str, new_email: str) -> store.Customer:
+        cid = self._own(caller, customer_id)
+        new_email = _normal_email(new_email)
+        async with self._pool.connection() as conn:
+            customer = await store.get_customer(conn, cid)
+        if customer is None:
+            raise _not_found()
+        if new_email == customer.email:
+            raise _invalid("new_email", "is already the customer's email")
+        await self._throttle.count_request([ratelimit.Count(self._throttle.email_change_by_customer, str(cid))])
+        code = _new_code()
+        async with self._pool.connection() as conn, conn.transaction():
+            holder = await store.get_customer_by_email(conn, new_email)
+            if holder is not None and holder.email_verified:
+                raise _email_taken()
+            await store.set_email_change(conn, cid, new_email, self._email_change_code_hash(cid, code),
+                                         datetime.now(UTC) + CODE_TTL)
+            event = events_pb2.EmailChangeRequested(event_id=new_id(), customer_id=str(cid), new_email=new_email,
+                                                    verification_code=code, create_time=_timestamp(datetime.now(UTC)))
+            await events.append(conn, events.OutboxEvent(events.CUSTOMER_TOPIC, str(cid), event))
+        return customer
+
+    async def confirm_email_change(self, caller: auth.Caller, customer_id: str, code: str,
+                                   client_address: str) -> store.Customer:
+        cid = self._own(caller, customer_id)
+        if not code.isdigit() or len(code) != CODE_DIGITS:
+            raise _invalid("code", f"must be the {CODE_DIGITS}-digit code from the email", "INVALID_CODE")
+        by_address = self._throttle.by_address(self._throttle.verify_by_address, client_address)
+        async with self._verify_slots:
+            attempt = await self._throttle.reserve(by_address)
+            wrong = False
+            try:
+                customer = await self._confirm_email_change(cid, code)
+            except DomainError as exc:
+                wrong = exc.reason == "INVALID_CODE"
+                raise
+            finally:
+                await self._throttle.limiter.settle(by_address, attempt, failed=wrong)
+        return customer
+
+    async def _confirm_email_change(self, cid: UUID, code: str) -> store.Customer:
+        failure: DomainError | None = None
+        async with self._pool.connection() as conn, conn.transaction():
+            pending = await store.lock_email_change(conn, cid)
+            if pending is None:
+                raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "NO_EMAIL_CHANGE",
+                                  "no change of email is pending; ask for one first")
+            if pending.failed_attempts >= MAX_CODE_ATTEMPTS:
+                raise _too_many_attempts("ask for a new one (POST /v1/customers/{customer_id}:changeEmail)")
+            if pending.expire_time <= datetime.now(UTC):
+                raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "CODE_EXPIRED", "the code has expired")
+            if not hmac.compare_digest(pending.code_hash, self._email_change_code_hash(cid, code)):
+                await store.count_failed_email_change(conn, cid)  # committed: raised after the block
+                failure = _invalid("code", "is not the code we sent", "INVALID_CODE")
+            else:
+                old = await store.get_customer(conn, cid)
+                assert old is not None
+                holder = await store.lock_registration(conn, pending.new_email)
+                if holder is not None and holder.email_verified:
+                    raise _email_taken()
+                if holder is not None:  # an unverified registration of the address: not taken
+                    await store.delete_unverified_customer(conn, holder.customer_id)
+                customer = await store.apply_email_change(conn, cid, pending.new_email)
+                event = events_pb2.EmailChanged(event_id=new_id(), customer_id=str(cid), old_email=old.email,
+                                                new_email=customer.email, create_time=_timestamp(datetime.now(UTC)))
+                await events.append(conn, events.OutboxEvent(events.CUSTOMER_TOPIC, str(cid), event))
+        if failure is not None:
+            raise failure
+        return customer
+
+    async def sweep(self) -> tuple[int, int]:
+        """Removes unverified registrations older than UNVERIFIED_TTL and stale password reset
+        rows, a bounded batch of each; how many of each went."""
+        now = datetime.now(UTC)
+        async with self._pool.connection() as conn, conn.transaction():
+            registrations = await store.delete_stale_registrations(conn, now - UNVERIFIED_TTL, SWEEP_BATCH_MAX)
+            resets = await store.delete_stale_password_resets(conn, now - PASSWORD_RESET_ROW_TTL, SWEEP_BATCH_MAX)
+        return registrations, resets
 
     async def customer_profile(self, customer_id: str) -> store.Customer:
         cid = parse_uuid(customer_id)

@@ -26,6 +26,7 @@ class Customer:
     full_name: str
     email_verified: bool
     create_time: datetime
+    phone_number: str | None
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ async def insert_customer(conn: AsyncConnection, customer_id: UUID, email: str, 
         cursor = conn.cursor(row_factory=class_row(Customer))
         await cursor.execute(
             "INSERT INTO customers (customer_id, email, full_name, phone_number) VALUES (%s, %s, %s, %s)"
-            " RETURNING customer_id, email, full_name, email_verified, create_time",
+            " RETURNING customer_id, email, full_name, email_verified, create_time, phone_number",
             (customer_id, email, full_name, phone_number),
         )
     except errors.UniqueViolation as exc:
@@ -91,7 +92,7 @@ async def insert_customer(conn: AsyncConnection, customer_id: UUID, email: str, 
 async def get_customer(conn: AsyncConnection, customer_id: UUID) -> Customer | None:
     cursor = conn.cursor(row_factory=class_row(Customer))
     await cursor.execute(
-        "SELECT customer_id, email, full_name, email_verified, create_time FROM customers WHERE customer_id = %s",
+        "SELECT customer_id, email, full_name, email_verified, create_time, phone_number FROM customers WHERE customer_id = %s",
         (customer_id,),
     )
     return await cursor.fetchone()
@@ -128,7 +129,7 @@ async def mark_email_verified(conn: AsyncConnection, customer_id: UUID) -> Custo
     cursor = conn.cursor(row_factory=class_row(Customer))
     await cursor.execute(
         "UPDATE customers SET email_verified = true WHERE customer_id = %s"
-        " RETURNING customer_id, email, full_name, email_verified, create_time",
+        " RETURNING customer_id, email, full_name, email_verified, create_time, phone_number",
         (customer_id,),
     )
     row = await cursor.fetchone()
@@ -257,3 +258,182 @@ async def list_active_sessions(conn: AsyncConnection, customer_id: UUID, after: 
          "after_id": after[1] if after else None, "limit": limit},
     )
     return await cursor.fetchall()
+
+
+# --- recovery and profile -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PendingCode:
+    """A password reset (keyed by email) or an email change (keyed by customer) in progress."""
+
+    customer_id: UUID | None  # None: a reset asked for an address no customer with a login has
+    code_hash: bytes
+    expire_time: datetime
+    failed_attempts: int
+    new_email: str = ""  # an email change's target
+
+
+async def lock_registration(conn: AsyncConnection, email: str) -> Customer | None:
+    """The customer holding this email, if any, after taking the email's lock: registrations
+    (and confirmed email changes) of one address run one after the other until commit."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('customer-email:' || %s, 0))", (email,))
+    cursor = conn.cursor(row_factory=class_row(Customer))
+    await cursor.execute(
+        "SELECT customer_id, email, full_name, email_verified, create_time, phone_number FROM customers"
+        " WHERE email = %s FOR UPDATE", (email,))
+    return await cursor.fetchone()
+
+
+async def delete_unverified_customer(conn: AsyncConnection, customer_id: UUID) -> bool:
+    """Discards a registration that was never verified (its code goes with it)."""
+    cursor = await conn.execute(
+        "DELETE FROM customers WHERE customer_id = %s AND NOT email_verified", (customer_id,))
+    return cursor.rowcount == 1
+
+
+async def delete_stale_registrations(conn: AsyncConnection, older_than: datetime, limit: int) -> int:
+    """Removes up to limit unverified registrations made before older_than; how many went."""
+    cursor = await conn.execute(
+        "DELETE FROM customers WHERE customer_id IN (SELECT customer_id FROM customers"
+        " WHERE NOT email_verified AND create_time < %s ORDER BY create_time LIMIT %s"
+        " FOR UPDATE SKIP LOCKED)",
+        (older_than, limit),
+    )
+    return cursor.rowcount
+
+
+async def delete_stale_password_resets(conn: AsyncConnection, older_than: datetime, limit: int) -> int:
+    cursor = await conn.execute(
+        "DELETE FROM password_resets WHERE email IN (SELECT email FROM password_resets"
+        " WHERE create_time < %s ORDER BY create_time LIMIT %s FOR UPDATE SKIP LOCKED)",
+        (older_than, limit),
+    )
+    return cursor.rowcount
+
+
+async def get_customer_by_email(conn: AsyncConnection, email: str) -> Customer | None:
+    cursor = conn.cursor(row_factory=class_row(Customer))
+    await cursor.execute(
+        "SELECT customer_id, email, full_name, email_verified, create_time, phone_number FROM customers WHERE email = %s", (email,))
+    return await cursor.fetchone()
+
+
+async def get_customer_credential(conn: AsyncConnection, customer_id: UUID) -> Credential | None:
+    cursor = conn.cursor(row_factory=class_row(Credential))
+    await cursor.execute(
+        "SELECT credential_id, username, customer_id, role, password_hash FROM credentials WHERE customer_id = %s",
+        (customer_id,),
+    )
+    return await cursor.fetchone()
+
+
+async def reset_target(conn: AsyncConnection, email: str) -> tuple[UUID, str] | None:
+    """The verified customer with credentials who has this email: (customer id, username)."""
+    cursor = await conn.execute(
+        "SELECT c.customer_id, k.username FROM customers c JOIN credentials k USING (customer_id)"
+        " WHERE c.email = %s AND c.email_verified",
+        (email,),
+    )
+    row = await cursor.fetchone()
+    return (row[0], row[1]) if row else None
+
+
+async def set_password_reset(conn: AsyncConnection, email: str, customer_id: UUID | None, code_hash: bytes,
+                             expire_time: datetime) -> None:
+    """A new code for the address; the older one (and its wrong tries) is void."""
+    await conn.execute(
+        "INSERT INTO password_resets (email, customer_id, code_hash, expire_time) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (email) DO UPDATE SET customer_id = excluded.customer_id, code_hash = excluded.code_hash,"
+        " expire_time = excluded.expire_time, failed_attempts = 0, used_time = NULL, create_time = now()",
+        (email, customer_id, code_hash, expire_time),
+    )
+
+
+async def lock_password_reset(conn: AsyncConnection, email: str) -> PendingCode | None:
+    """The address's live (unused) reset, locked until commit so concurrent tries count one by one."""
+    cursor = conn.cursor(row_factory=class_row(PendingCode))
+    await cursor.execute(
+        "SELECT customer_id, code_hash, expire_time, failed_attempts FROM password_resets"
+        " WHERE email = %s AND used_time IS NULL FOR UPDATE",
+        (email,),
+    )
+    return await cursor.fetchone()
+
+
+async def count_failed_reset(conn: AsyncConnection, email: str) -> None:
+    await conn.execute("UPDATE password_resets SET failed_attempts = failed_attempts + 1 WHERE email = %s", (email,))
+
+
+async def use_password_reset(conn: AsyncConnection, email: str) -> None:
+    await conn.execute("UPDATE password_resets SET used_time = now() WHERE email = %s", (email,))
+
+
+async def set_password(conn: AsyncConnection, customer_id: UUID, password_hash: str) -> None:
+    await conn.execute("UPDATE credentials SET password_hash = %s WHERE customer_id = %s", (password_hash, customer_id))
+
+
+async def revoke_customer_sessions(conn: AsyncConnection, customer_id: UUID, reason: str,
+                                   keep: UUID | None = None) -> list[UUID]:
+    """Revokes every live session of the customer but keep; the ids of those revoked."""
+    cursor = await conn.execute(
+        "UPDATE sessions s SET revoked_time = now(), revoke_reason = %s FROM credentials c"
+        " WHERE c.credential_id = s.credential_id AND c.customer_id = %s AND s.revoked_time IS NULL"
+        " AND s.refresh_expire_time > now() AND s.session_id IS DISTINCT FROM %s RETURNING s.session_id",
+        (reason, customer_id, keep),
+    )
+    return [row[0] for row in await cursor.fetchall()]
+
+
+async def update_profile(conn: AsyncConnection, customer_id: UUID, changes: dict[str, str | None]) -> Customer | None:
+    """Sets the columns named in changes (full_name, phone_number) of the customer's row."""
+    assert changes and set(changes) <= {"full_name", "phone_number"}, changes
+    cursor = conn.cursor(row_factory=class_row(Customer))
+    await cursor.execute(
+        "UPDATE customers SET"
+        " full_name = CASE WHEN %(set_full_name)s THEN %(full_name)s ELSE full_name END,"
+        " phone_number = CASE WHEN %(set_phone_number)s THEN %(phone_number)s ELSE phone_number END"
+        " WHERE customer_id = %(customer_id)s RETURNING customer_id, email, full_name, email_verified, create_time, phone_number",
+        {"set_full_name": "full_name" in changes, "full_name": changes.get("full_name"),
+         "set_phone_number": "phone_number" in changes, "phone_number": changes.get("phone_number"),
+         "customer_id": customer_id},
+    )
+    return await cursor.fetchone()
+
+
+async def set_email_change(conn: AsyncConnection, customer_id: UUID, new_email: str, code_hash: bytes,
+                           expire_time: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO email_changes (customer_id, new_email, code_hash, expire_time) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (customer_id) DO UPDATE SET new_email = excluded.new_email, code_hash = excluded.code_hash,"
+        " expire_time = excluded.expire_time, failed_attempts = 0, create_time = now()",
+        (customer_id, new_email, code_hash, expire_time),
+    )
+
+
+async def lock_email_change(conn: AsyncConnection, customer_id: UUID) -> PendingCode | None:
+    cursor = conn.cursor(row_factory=class_row(PendingCode))
+    await cursor.execute(
+        "SELECT customer_id, code_hash, expire_time, failed_attempts, new_email FROM email_changes"
+        " WHERE customer_id = %s FOR UPDATE",
+        (customer_id,),
+    )
+    return await cursor.fetchone()
+
+
+async def count_failed_email_change(conn: AsyncConnection, customer_id: UUID) -> None:
+    await conn.execute("UPDATE email_changes SET failed_attempts = failed_attempts + 1 WHERE customer_id = %s",
+                       (customer_id,))
+
+
+async def apply_email_change(conn: AsyncConnection, customer_id: UUID, new_email: str) -> Customer:
+    """The new (proven) address becomes the customer's email; the pending change is done."""
+    await conn.execute("DELETE FROM email_changes WHERE customer_id = %s", (customer_id,))
+    cursor = conn.cursor(row_factory=class_row(Customer))
+    await cursor.execute(
+        "UPDATE customers SET email = %s WHERE customer_id = %s"
+        " RETURNING customer_id, email, full_name, email_verified, create_time, phone_number",
+        (new_email, customer_id),
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    return row

@@ -1,5 +1,6 @@
 """svc_notify's Kafka consumers: customer events (group "svc_notify") feed the contacts
-projection and verification emails; transfer events (group "svc_notify.transfer") become the
+projection and the emails about the customer's own record (verification codes, password
+resets and changes, email changes); transfer events (group "svc_notify.transfer") become the
 emails after each movement. Two groups, so a burst of transfers never delays a verification
 code. The consuming itself (commits, batches, pauses, dead letters) is common/consumer.py."""
 
@@ -28,6 +29,26 @@ def new_consumers(settings: Settings, store: Store, sender: Mailer) -> list[Even
         assert isinstance(message, events_pb2.EmailVerified)
         return await service.email_verified(store, message, meta)
 
+    async def verification_code_resent(message: Message, meta: EventMeta) -> str:
+        assert isinstance(message, events_pb2.VerificationCodeResent)
+        return await service.verification_code_resent(store, sender, message, meta, redeliver_on_mail_outage=True)
+
+    async def password_reset_requested(message: Message, meta: EventMeta) -> str:
+        assert isinstance(message, events_pb2.PasswordResetRequested)
+        return await service.password_reset_requested(store, sender, message, meta, redeliver_on_mail_outage=True)
+
+    async def password_changed(message: Message, meta: EventMeta) -> str:
+        assert isinstance(message, events_pb2.PasswordChanged)
+        return await service.password_changed(store, sender, message, meta, redeliver_on_mail_outage=True)
+
+    async def email_change_requested(message: Message, meta: EventMeta) -> str:
+        assert isinstance(message, events_pb2.EmailChangeRequested)
+        return await service.email_change_requested(store, sender, message, meta, redeliver_on_mail_outage=True)
+
+    async def email_changed(message: Message, meta: EventMeta) -> str:
+        assert isinstance(message, events_pb2.EmailChanged)
+        return await service.email_changed(store, sender, message, meta, redeliver_on_mail_outage=True)
+
     async def money_moved(message: Message, meta: EventMeta) -> str:
         assert isinstance(message, events_pb2.MoneyMoved)
         return await service.money_moved(store, sender, message, meta, redeliver_on_mail_outage=True)
@@ -35,6 +56,14 @@ def new_consumers(settings: Settings, store: Store, sender: Mailer) -> list[Even
     customer_routes = {
         events_pb2.CustomerRegistered.DESCRIPTOR.full_name: Route(events_pb2.CustomerRegistered, customer_registered),
         events_pb2.EmailVerified.DESCRIPTOR.full_name: Route(events_pb2.EmailVerified, email_verified),
+        events_pb2.VerificationCodeResent.DESCRIPTOR.full_name: Route(events_pb2.VerificationCodeResent,
+                                                                      verification_code_resent),
+        events_pb2.PasswordResetRequested.DESCRIPTOR.full_name: Route(events_pb2.PasswordResetRequested,
+                                                                      password_reset_requested),
+        events_pb2.PasswordChanged.DESCRIPTOR.full_name: Route(events_pb2.PasswordChanged, password_changed),
+        events_pb2.EmailChangeRequested.DESCRIPTOR.full_name: Route(events_pb2.EmailChangeRequested,
+                                                                    email_change_requested),
+        events_pb2.EmailChanged.DESCRIPTOR.full_name: Route(events_pb2.EmailChanged, email_changed),
     }
     transfer_routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: Route(events_pb2.MoneyMoved, money_moved)}
     return [

@@ -46,6 +46,9 @@ T = TypeVar("T")
 # Derives notification ids from event ids; never change it, or redelivered events get new ids.
 NOTIFICATION_ID_NAMESPACE = uuid.UUID("5b0c2f2e-8d4a-4a53-9a43-3f6f0c1f6e10")
 VERIFICATION_SUBJECT = "Verify your email"
+PASSWORD_RESET_SUBJECT = "Reset your password"
+PASSWORD_CHANGED_SUBJECT = "Your password was changed"
+EMAIL_CHANGED_SUBJECT = "Your email address was changed"
 MAX_EMAIL_LENGTH = 320
 MAX_NAME_LENGTH = 200
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -70,6 +73,9 @@ class Kind(StrEnum):  # bank.notify.v1.Notification.Kind names
     TRANSFER_RECEIVED = "TRANSFER_RECEIVED"
     DEPOSIT = "DEPOSIT"
     WITHDRAWAL = "WITHDRAWAL"
+    PASSWORD_RESET = "PASSWORD_RESET"
+    PASSWORD_CHANGED = "PASSWORD_CHANGED"
+    EMAIL_CHANGED = "EMAIL_CHANGED"
 
 
 class Channel(StrEnum):
@@ -125,7 +131,8 @@ def _email_address(value: str) -> str:
     return value
 
 
-def _event_time(event: events_pb2.CustomerRegistered | events_pb2.EmailVerified, meta: EventMeta) -> datetime:
+def _event_time(event: events_pb2.CustomerRegistered | events_pb2.EmailVerified | events_pb2.EmailChanged,
+                meta: EventMeta) -> datetime:
     return event.create_time.ToDatetime(tzinfo=UTC) if event.HasField("create_time") else meta.fallback_time
 
 
@@ -163,6 +170,85 @@ async def email_verified(store: Store, event: events_pb2.EmailVerified, meta: Ev
     applied = await _storage(lambda: store.mark_contact_verified(customer_id, email, _event_time(event, meta)),
                              "customer_contacts verify")
     return Outcome.APPLIED if applied else Outcome.STALE
+
+
+# --- account recovery and profile (API.md, "v1 additions") --------------------------------
+# Each of these events names its recipient itself (the address at that moment in svc_customer):
+# a code goes to the address it proves, and the old address is told when it stops being used.
+
+async def _send_once(store: Store, sender: Mailer, meta: EventMeta, customer_id: uuid.UUID, kind: Kind,
+                     recipient: str, subject: str, text: str, redeliver_on_mail_outage: bool) -> Outcome:
+    notification = Notification(
+        notification_id=notification_id(meta.event_id, kind), event_id=meta.event_id, customer_id=customer_id,
+        kind=kind, channel=Channel.EMAIL, recipient=recipient, subject=subject, status=Status.PENDING, attempts=0,
+        create_time=_now(),
+    )
+    found = await _records(store, [notification.notification_id])
+    return await _deliver(store, sender, notification, found.get(notification.notification_id), text,
+                          redeliver_on_mail_outage)
+
+
+def _verification_text(full_name: str, code: str, why: str) -> str:
+    greeting = f"Hello {full_name}," if full_name.strip() else "Hello,"
+    return (f"{greeting}\n\n{why} Enter this code to verify your email address:\n\n"
+            f"Verification code: {code}\n\n"
+            "If you did not ask for this, you can ignore this email.\n\nSimple Bank\n")
+
+
+def _code(value: str, what: str) -> str:
+    if not value.isdigit():
+        raise BadEvent(f"{what} is not a code")
+    return value
+
+
+async def verification_code_resent(store: Store, sender: Mailer, event: events_pb2.VerificationCodeResent,
+                                   meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
+    text = _verification_text(event.full_name[:MAX_NAME_LENGTH], _code(event.verification_code, "verification_code"),
+                              "Here is a new code for Simple Bank; the earlier ones no longer work.")
+    return await _send_once(store, sender, meta, _customer_id(event.customer_id), Kind.EMAIL_VERIFICATION,
+                            _email_address(event.email), VERIFICATION_SUBJECT, text, redeliver_on_mail_outage)
+
+
+async def email_change_requested(store: Store, sender: Mailer, event: events_pb2.EmailChangeRequested,
+                                 meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
+    text = _verification_text("", _code(event.verification_code, "verification_code"),
+                              "A Simple Bank customer asked to use this address from now on.")
+    return await _send_once(store, sender, meta, _customer_id(event.customer_id), Kind.EMAIL_VERIFICATION,
+                            _email_address(event.new_email), VERIFICATION_SUBJECT, text, redeliver_on_mail_outage)
+
+
+async def password_reset_requested(store: Store, sender: Mailer, event: events_pb2.PasswordResetRequested,
+                                   meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
+    text = ("Hello,\n\nSomeone asked to reset the password of your Simple Bank login. To choose a new "
+            "password, enter this code (valid 15 minutes, once):\n\n"
+            f"Password reset code: {_code(event.reset_code, 'reset_code')}\n\n"
+            "If it was not you, ignore this email: your password stays as it is.\n\nSimple Bank\n")
+    return await _send_once(store, sender, meta, _customer_id(event.customer_id), Kind.PASSWORD_RESET,
+                            _email_address(event.email), PASSWORD_RESET_SUBJECT, text, redeliver_on_mail_outage)
+
+
+async def password_changed(store: Store, sender: Mailer, event: events_pb2.PasswordChanged, meta: EventMeta, *,
+                           redeliver_on_mail_outage: bool = False) -> Outcome:
+    how = ("with a reset code; every session was logged out" if event.method == events_pb2.PasswordChanged.RESET
+           else "while logged in; every other session was logged out")
+    text = (f"Hello,\n\nThe password of your Simple Bank login was changed {how}.\n\n"
+            "If it was not you, reset your password now and contact us.\n\nSimple Bank\n")
+    return await _send_once(store, sender, meta, _customer_id(event.customer_id), Kind.PASSWORD_CHANGED,
+                            _email_address(event.email), PASSWORD_CHANGED_SUBJECT, text, redeliver_on_mail_outage)
+
+
+async def email_changed(store: Store, sender: Mailer, event: events_pb2.EmailChanged, meta: EventMeta, *,
+                        redeliver_on_mail_outage: bool = False) -> Outcome:
+    """Every later email goes to the new address (the contacts projection); the old one is told."""
+    customer_id = _customer_id(event.customer_id)
+    old_email, new_email = _email_address(event.old_email), _email_address(event.new_email)
+    await _storage(lambda: store.change_contact_email(customer_id, new_email, _event_time(event, meta)),
+                   "customer_contacts email change")
+    text = ("Hello,\n\nThe email address of your Simple Bank customer record was changed from this address to "
+            f"{new_email}. Emails from the bank go there from now on.\n\n"
+            "If it was not you, contact us at once.\n\nSimple Bank\n")
+    return await _send_once(store, sender, meta, customer_id, Kind.EMAIL_CHANGED, old_email, EMAIL_CHANGED_SUBJECT,
+                            text, redeliver_on_mail_outage)
 
 
 async def _records(store: Store, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:

@@ -214,6 +214,30 @@ CASES: dict[str, Case] = {
     "/bank.auth.v1.AuthService/ListSessions": Case(
         Kind.OWN, lambda w: {"customer_id": w.alice.customer_id},
         other=Expect(404, "CUSTOMER_NOT_FOUND"), teller=Expect(404, "CUSTOMER_NOT_FOUND"), owner=OK),
+    # Account recovery and profile (API.md v1 additions). The requests naming an email answer
+    # everyone alike; a fresh address each time keeps clear of the per-email limits.
+    "/bank.customer.v1.CustomerService/ResendVerificationCode": Case(
+        Kind.PUBLIC, lambda w: {"email": f"authz-{uuid.uuid4().hex[:12]}@example.com"}, other=OK, teller=OK, owner=OK),
+    "/bank.auth.v1.AuthService/RequestPasswordReset": Case(
+        Kind.PUBLIC, lambda w: {"email": f"authz-{uuid.uuid4().hex[:12]}@example.com"}, other=OK, teller=OK, owner=OK),
+    "/bank.auth.v1.AuthService/ResetPassword": Case(
+        Kind.PUBLIC, lambda w: {"email": w.alice.email, "code": "000000", "new_password": "a long enough passphrase"},
+        other=Expect(400, "INVALID_CODE"), teller=Expect(400, "INVALID_CODE"), owner=Expect(400, "INVALID_CODE")),
+    # A wrong current password: the right one would log alice's other sessions out (spare_session).
+    "/bank.auth.v1.AuthService/ChangePassword": Case(
+        Kind.CALLER, lambda w: {"current_password": f"not-{w.alice.password}", "new_password": "a long enough passphrase"},
+        other=Expect(401, "BAD_CREDENTIALS"), teller=Expect(403, "CUSTOMER_ONLY"), owner=Expect(401, "BAD_CREDENTIALS")),
+    "/bank.customer.v1.CustomerService/UpdateCustomer": Case(
+        Kind.OWN, lambda w: {"customer.customer_id": w.alice.customer_id, "customer": {"full_name": "Alice Authz"},
+                             "update_mask": "full_name"},
+        other=Expect(404, "CUSTOMER_NOT_FOUND"), teller=Expect(404, "CUSTOMER_NOT_FOUND"), owner=OK),
+    "/bank.customer.v1.CustomerService/ChangeEmail": Case(
+        Kind.OWN, lambda w: {"customer_id": w.alice.customer_id, "new_email": f"authz-{uuid.uuid4().hex[:12]}@example.com"},
+        other=Expect(404, "CUSTOMER_NOT_FOUND"), teller=Expect(404, "CUSTOMER_NOT_FOUND"), owner=OK),
+    # Runs after ChangeEmail (the cases run in name order), so a change is pending: a wrong code.
+    "/bank.customer.v1.CustomerService/ConfirmEmailChange": Case(
+        Kind.OWN, lambda w: {"customer_id": w.alice.customer_id, "code": "000000"},
+        other=Expect(404, "CUSTOMER_NOT_FOUND"), teller=Expect(404, "CUSTOMER_NOT_FOUND"), owner=Expect(400)),
     # Accounts
     "/bank.account.v1.AccountService/CreateAccount": Case(
         Kind.CALLER, lambda w: {"currency": "JPY"},

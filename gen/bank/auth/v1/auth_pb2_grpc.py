@@ -61,6 +61,21 @@ class AuthServiceStub:
                 request_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.RequestPasswordReset = channel.unary_unary(
+                '/bank.auth.v1.AuthService/RequestPasswordReset',
+                request_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.RequestPasswordResetRequest.SerializeToString,
+                response_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.RequestPasswordResetResponse.FromString,
+                _registered_method=True)
+        self.ResetPassword = channel.unary_unary(
+                '/bank.auth.v1.AuthService/ResetPassword',
+                request_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.ResetPasswordRequest.SerializeToString,
+                response_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.ResetPasswordResponse.FromString,
+                _registered_method=True)
+        self.ChangePassword = channel.unary_unary(
+                '/bank.auth.v1.AuthService/ChangePassword',
+                request_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
+                response_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -119,6 +134,42 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestPasswordReset(self, request, context):
+        """Emails a password reset code (line "Password reset code: <code>", single use, valid 15
+        min) if a verified customer with credentials has this email; a new request voids the older
+        code. No auth. Always answers 200 `{}`, the same way and in about the same time whether or
+        not the email is registered.
+        Errors: 429 RESOURCE_EXHAUSTED RATE_LIMITED with RetryInfo past 3 per email per hour or 20
+        per client address per 15 min; 400 INVALID_ARGUMENT for a malformed email.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetPassword(self, request, context):
+        """Sets a new password with the emailed reset code, revokes every session of the customer
+        (their tokens stop working at once), lifts the failed-login limits of the username and
+        emails the customer that the password changed. No auth: the code is the proof.
+        Errors: 400 INVALID_ARGUMENT INVALID_CODE (wrong code, or no reset for this email); 400
+        FAILED_PRECONDITION CODE_EXPIRED (the right code, too late); 429 RESOURCE_EXHAUSTED
+        TOO_MANY_ATTEMPTS after 5 wrong codes (the code is void; request a new one); 400
+        INVALID_ARGUMENT WEAK_PASSWORD.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangePassword(self, request, context):
+        """Changes the caller's password. Auth (customers only). Revokes every other session of the
+        customer; the calling session stays. Emails the customer.
+        Errors: 401 UNAUTHENTICATED BAD_CREDENTIALS for a wrong current password (counted by the
+        failed-login limits, 429 RATE_LIMITED past them); 400 INVALID_ARGUMENT WEAK_PASSWORD;
+        403 PERMISSION_DENIED CUSTOMER_ONLY for a teller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +197,21 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsRequest.FromString,
                     response_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'RequestPasswordReset': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestPasswordReset,
+                    request_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.RequestPasswordResetRequest.FromString,
+                    response_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.RequestPasswordResetResponse.SerializeToString,
+            ),
+            'ResetPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPassword,
+                    request_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.ResetPasswordRequest.FromString,
+                    response_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.ResetPasswordResponse.SerializeToString,
+            ),
+            'ChangePassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePassword,
+                    request_deserializer=bank_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordRequest.FromString,
+                    response_serializer=bank_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -285,6 +351,87 @@ class AuthService:
             '/bank.auth.v1.AuthService/ListSessions',
             bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsRequest.SerializeToString,
             bank_dot_auth_dot_v1_dot_auth__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestPasswordReset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.auth.v1.AuthService/RequestPasswordReset',
+            bank_dot_auth_dot_v1_dot_auth__pb2.RequestPasswordResetRequest.SerializeToString,
+            bank_dot_auth_dot_v1_dot_auth__pb2.RequestPasswordResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.auth.v1.AuthService/ResetPassword',
+            bank_dot_auth_dot_v1_dot_auth__pb2.ResetPasswordRequest.SerializeToString,
+            bank_dot_auth_dot_v1_dot_auth__pb2.ResetPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.auth.v1.AuthService/ChangePassword',
+            bank_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordRequest.SerializeToString,
+            bank_dot_auth_dot_v1_dot_auth__pb2.ChangePasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,30 @@ class AuthServiceStub:
     Errors: 401 UNAUTHENTICATED; 404 NOT_FOUND CUSTOMER_NOT_FOUND for any customer_id other
     than the caller's; 400 INVALID_ARGUMENT for a negative page_size or a bad page_token.
     """
+    RequestPasswordReset: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RequestPasswordResetRequest, _auth_pb2.RequestPasswordResetResponse]
+    """Emails a password reset code (line "Password reset code: <code>", single use, valid 15
+    min) if a verified customer with credentials has this email; a new request voids the older
+    code. No auth. Always answers 200 `{}`, the same way and in about the same time whether or
+    not the email is registered.
+    Errors: 429 RESOURCE_EXHAUSTED RATE_LIMITED with RetryInfo past 3 per email per hour or 20
+    per client address per 15 min; 400 INVALID_ARGUMENT for a malformed email.
+    """
+    ResetPassword: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ResetPasswordRequest, _auth_pb2.ResetPasswordResponse]
+    """Sets a new password with the emailed reset code, revokes every session of the customer
+    (their tokens stop working at once), lifts the failed-login limits of the username and
+    emails the customer that the password changed. No auth: the code is the proof.
+    Errors: 400 INVALID_ARGUMENT INVALID_CODE (wrong code, or no reset for this email); 400
+    FAILED_PRECONDITION CODE_EXPIRED (the right code, too late); 429 RESOURCE_EXHAUSTED
+    TOO_MANY_ATTEMPTS after 5 wrong codes (the code is void; request a new one); 400
+    INVALID_ARGUMENT WEAK_PASSWORD.
+    """
+    ChangePassword: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]
+    """Changes the caller's password. Auth (customers only). Revokes every other session of the
+    customer; the calling session stays. Emails the customer.
+    Errors: 401 UNAUTHENTICATED BAD_CREDENTIALS for a wrong current password (counted by the
+    failed-login limits, 429 RATE_LIMITED past them); 400 INVALID_ARGUMENT WEAK_PASSWORD;
+    403 PERMISSION_DENIED CUSTOMER_ONLY for a teller.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -107,6 +131,30 @@ class AuthServiceAsyncStub(AuthServiceStub):
     to end a session on a lost device. Auth; a customer lists only their own sessions.
     Errors: 401 UNAUTHENTICATED; 404 NOT_FOUND CUSTOMER_NOT_FOUND for any customer_id other
     than the caller's; 400 INVALID_ARGUMENT for a negative page_size or a bad page_token.
+    """
+    RequestPasswordReset: _aio.UnaryUnaryMultiCallable[_auth_pb2.RequestPasswordResetRequest, _auth_pb2.RequestPasswordResetResponse]  # type: ignore[assignment]
+    """Emails a password reset code (line "Password reset code: <code>", single use, valid 15
+    min) if a verified customer with credentials has this email; a new request voids the older
+    code. No auth. Always answers 200 `{}`, the same way and in about the same time whether or
+    not the email is registered.
+    Errors: 429 RESOURCE_EXHAUSTED RATE_LIMITED with RetryInfo past 3 per email per hour or 20
+    per client address per 15 min; 400 INVALID_ARGUMENT for a malformed email.
+    """
+    ResetPassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.ResetPasswordRequest, _auth_pb2.ResetPasswordResponse]  # type: ignore[assignment]
+    """Sets a new password with the emailed reset code, revokes every session of the customer
+    (their tokens stop working at once), lifts the failed-login limits of the username and
+    emails the customer that the password changed. No auth: the code is the proof.
+    Errors: 400 INVALID_ARGUMENT INVALID_CODE (wrong code, or no reset for this email); 400
+    FAILED_PRECONDITION CODE_EXPIRED (the right code, too late); 429 RESOURCE_EXHAUSTED
+    TOO_MANY_ATTEMPTS after 5 wrong codes (the code is void; request a new one); 400
+    INVALID_ARGUMENT WEAK_PASSWORD.
+    """
+    ChangePassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.ChangePasswordRequest, _auth_pb2.ChangePasswordResponse]  # type: ignore[assignment]
+    """Changes the caller's password. Auth (customers only). Revokes every other session of the
+    customer; the calling session stays. Emails the customer.
+    Errors: 401 UNAUTHENTICATED BAD_CREDENTIALS for a wrong current password (counted by the
+    failed-login limits, 429 RATE_LIMITED past them); 400 INVALID_ARGUMENT WEAK_PASSWORD;
+    403 PERMISSION_DENIED CUSTOMER_ONLY for a teller.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +221,48 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         to end a session on a lost device. Auth; a customer lists only their own sessions.
         Errors: 401 UNAUTHENTICATED; 404 NOT_FOUND CUSTOMER_NOT_FOUND for any customer_id other
         than the caller's; 400 INVALID_ARGUMENT for a negative page_size or a bad page_token.
+        """
+
+    @_abc_1.abstractmethod
+    def RequestPasswordReset(
+        self,
+        request: _auth_pb2.RequestPasswordResetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RequestPasswordResetResponse, _abc.Awaitable[_auth_pb2.RequestPasswordResetResponse]]:
+        """Emails a password reset code (line "Password reset code: <code>", single use, valid 15
+        min) if a verified customer with credentials has this email; a new request voids the older
+        code. No auth. Always answers 200 `{}`, the same way and in about the same time whether or
+        not the email is registered.
+        Errors: 429 RESOURCE_EXHAUSTED RATE_LIMITED with RetryInfo past 3 per email per hour or 20
+        per client address per 15 min; 400 INVALID_ARGUMENT for a malformed email.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetPassword(
+        self,
+        request: _auth_pb2.ResetPasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ResetPasswordResponse, _abc.Awaitable[_auth_pb2.ResetPasswordResponse]]:
+        """Sets a new password with the emailed reset code, revokes every session of the customer
+        (their tokens stop working at once), lifts the failed-login limits of the username and
+        emails the customer that the password changed. No auth: the code is the proof.
+        Errors: 400 INVALID_ARGUMENT INVALID_CODE (wrong code, or no reset for this email); 400
+        FAILED_PRECONDITION CODE_EXPIRED (the right code, too late); 429 RESOURCE_EXHAUSTED
+        TOO_MANY_ATTEMPTS after 5 wrong codes (the code is void; request a new one); 400
+        INVALID_ARGUMENT WEAK_PASSWORD.
+        """
+
+    @_abc_1.abstractmethod
+    def ChangePassword(
+        self,
+        request: _auth_pb2.ChangePasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ChangePasswordResponse, _abc.Awaitable[_auth_pb2.ChangePasswordResponse]]:
+        """Changes the caller's password. Auth (customers only). Revokes every other session of the
+        customer; the calling session stays. Emails the customer.
+        Errors: 401 UNAUTHENTICATED BAD_CREDENTIALS for a wrong current password (counted by the
+        failed-login limits, 429 RATE_LIMITED past them); 400 INVALID_ARGUMENT WEAK_PASSWORD;
+        403 PERMISSION_DENIED CUSTOMER_ONLY for a teller.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,16 +24,19 @@ _sym_db = _symbol_database.Default()
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61nk/customer/v1/customer.proto\x12\x10\x62\x61nk.customer.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\x08\x43ustomer\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x11\n\tfull_name\x18\x03 \x01(\t\x12\x16\n\x0e\x65mail_verified\x18\x04 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\x17RegisterCustomerRequest\x12\x1c\n\x05\x65mail\x18\x01 \x01(\tB\r\xbaH\nr\x05\x18\xfe\x01`\x01\xc8\x01\x01\x12\x1d\n\tfull_name\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18\x64\xc8\x01\x01\x12\x34\n\x0cphone_number\x18\x03 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^(\\+[1-9][0-9]{6,14})?$\"\x9e\x01\n\x12VerifyEmailRequest\x12\x1f\n\x0b\x63ustomer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12g\n\x04\x63ode\x18\x02 \x01(\tBY\xbaHV\xba\x01S\n\x0cINVALID_CODE\x12\'must be the 6-digit code from the email\x1a\x1athis.matches(\'^[0-9]{6}$\')\"]\n\x13VerifyEmailResponse\x12,\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1a.bank.customer.v1.Customer\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\"5\n\x12GetCustomerRequest\x12\x1f\n\x0b\x63ustomer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x32\x8d\x03\n\x0f\x43ustomerService\x12s\n\x10RegisterCustomer\x12).bank.customer.v1.RegisterCustomerRequest\x1a\x1a.bank.customer.v1.Customer\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/customers:\x01*\x12\x8e\x01\n\x0bVerifyEmail\x12$.bank.customer.v1.VerifyEmailRequest\x1a%.bank.customer.v1.VerifyEmailResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/customers/{customer_id}:verifyEmail:\x01*\x12t\n\x0bGetCustomer\x12$.bank.customer.v1.GetCustomerRequest\x1a\x1a.bank.customer.v1.Customer\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/customers/{customer_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61nk/customer/v1/customer.proto\x12\x10\x62\x61nk.customer.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x01\n\x08\x43ustomer\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x11\n\tfull_name\x18\x03 \x01(\t\x12\x16\n\x0e\x65mail_verified\x18\x04 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x0cphone_number\x18\x06 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^(\\+[1-9][0-9]{6,14})?$H\x00\x88\x01\x01\x42\x0f\n\r_phone_number\"\x8c\x01\n\x17RegisterCustomerRequest\x12\x1c\n\x05\x65mail\x18\x01 \x01(\tB\r\xbaH\nr\x05\x18\xfe\x01`\x01\xc8\x01\x01\x12\x1d\n\tfull_name\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18\x64\xc8\x01\x01\x12\x34\n\x0cphone_number\x18\x03 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^(\\+[1-9][0-9]{6,14})?$\"\x9e\x01\n\x12VerifyEmailRequest\x12\x1f\n\x0b\x63ustomer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12g\n\x04\x63ode\x18\x02 \x01(\tBY\xbaHV\xba\x01S\n\x0cINVALID_CODE\x12\'must be the 6-digit code from the email\x1a\x1athis.matches(\'^[0-9]{6}$\')\"]\n\x13VerifyEmailResponse\x12,\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1a.bank.customer.v1.Customer\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\"5\n\x12GetCustomerRequest\x12\x1f\n\x0b\x63ustomer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"=\n\x1dResendVerificationCodeRequest\x12\x1c\n\x05\x65mail\x18\x01 \x01(\tB\r\xbaH\nr\x05\x18\xfe\x01`\x01\xc8\x01\x01\" \n\x1eResendVerificationCodeResponse\"\x86\x01\n\x15UpdateCustomerRequest\x12\x34\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1a.bank.customer.v1.CustomerB\x06\xbaH\x03\xc8\x01\x01\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"W\n\x12\x43hangeEmailRequest\x12\x1f\n\x0b\x63ustomer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12 \n\tnew_email\x18\x02 \x01(\tB\r\xbaH\nr\x05\x18\xfe\x01`\x01\xc8\x01\x01\"\xa5\x01\n\x19\x43onfirmEmailChangeRequest\x12\x1f\n\x0b\x63ustomer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12g\n\x04\x63ode\x18\x02 \x01(\tBY\xbaHV\xba\x01S\n\x0cINVALID_CODE\x12\'must be the 6-digit code from the email\x1a\x1athis.matches(\'^[0-9]{6}$\')2\xe6\x07\n\x0f\x43ustomerService\x12s\n\x10RegisterCustomer\x12).bank.customer.v1.RegisterCustomerRequest\x1a\x1a.bank.customer.v1.Customer\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/customers:\x01*\x12\x8e\x01\n\x0bVerifyEmail\x12$.bank.customer.v1.VerifyEmailRequest\x1a%.bank.customer.v1.VerifyEmailResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/customers/{customer_id}:verifyEmail:\x01*\x12t\n\x0bGetCustomer\x12$.bank.customer.v1.GetCustomerRequest\x1a\x1a.bank.customer.v1.Customer\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/customers/{customer_id}\x12\xac\x01\n\x16ResendVerificationCode\x12/.bank.customer.v1.ResendVerificationCodeRequest\x1a\x30.bank.customer.v1.ResendVerificationCodeResponse\"/\x82\xd3\xe4\x93\x02)\"$/v1/customers:resendVerificationCode:\x01*\x12\x86\x01\n\x0eUpdateCustomer\x12\'.bank.customer.v1.UpdateCustomerRequest\x1a\x1a.bank.customer.v1.Customer\"/\x82\xd3\xe4\x93\x02)2$/v1/customers/{customer.customer_id}:\x01*\x12\x83\x01\n\x0b\x43hangeEmail\x12$.bank.customer.v1.ChangeEmailRequest\x1a\x1a.bank.customer.v1.Customer\"2\x82\xd3\xe4\x93\x02,\"\'/v1/customers/{customer_id}:changeEmail:\x01*\x12\x98\x01\n\x12\x43onfirmEmailChange\x12+.bank.customer.v1.ConfirmEmailChangeRequest\x1a\x1a.bank.customer.v1.Customer\"9\x82\xd3\xe4\x93\x02\x33\"./v1/customers/{customer_id}:confirmEmailChange:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bank.customer.v1.customer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CUSTOMER'].fields_by_name['phone_number']._loaded_options = None
+  _globals['_CUSTOMER'].fields_by_name['phone_number']._serialized_options = b'\272H\033r\0312\027^(\\+[1-9][0-9]{6,14})?$'
   _globals['_REGISTERCUSTOMERREQUEST'].fields_by_name['email']._loaded_options = None
   _globals['_REGISTERCUSTOMERREQUEST'].fields_by_name['email']._serialized_options = b'\272H\nr\005\030\376\001`\001\310\001\001'
   _globals['_REGISTERCUSTOMERREQUEST'].fields_by_name['full_name']._loaded_options = None
@@ -46,22 +49,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYEMAILREQUEST'].fields_by_name['code']._serialized_options = b'\272HV\272\001S\n\014INVALID_CODE\022\'must be the 6-digit code from the email\032\032this.matches(\'^[0-9]{6}$\')'
   _globals['_GETCUSTOMERREQUEST'].fields_by_name['customer_id']._loaded_options = None
   _globals['_GETCUSTOMERREQUEST'].fields_by_name['customer_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_RESENDVERIFICATIONCODEREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_RESENDVERIFICATIONCODEREQUEST'].fields_by_name['email']._serialized_options = b'\272H\nr\005\030\376\001`\001\310\001\001'
+  _globals['_UPDATECUSTOMERREQUEST'].fields_by_name['customer']._loaded_options = None
+  _globals['_UPDATECUSTOMERREQUEST'].fields_by_name['customer']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_UPDATECUSTOMERREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATECUSTOMERREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_CHANGEEMAILREQUEST'].fields_by_name['customer_id']._loaded_options = None
+  _globals['_CHANGEEMAILREQUEST'].fields_by_name['customer_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_CHANGEEMAILREQUEST'].fields_by_name['new_email']._loaded_options = None
+  _globals['_CHANGEEMAILREQUEST'].fields_by_name['new_email']._serialized_options = b'\272H\nr\005\030\376\001`\001\310\001\001'
+  _globals['_CONFIRMEMAILCHANGEREQUEST'].fields_by_name['customer_id']._loaded_options = None
+  _globals['_CONFIRMEMAILCHANGEREQUEST'].fields_by_name['customer_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_CONFIRMEMAILCHANGEREQUEST'].fields_by_name['code']._loaded_options = None
+  _globals['_CONFIRMEMAILCHANGEREQUEST'].fields_by_name['code']._serialized_options = b'\272HV\272\001S\n\014INVALID_CODE\022\'must be the 6-digit code from the email\032\032this.matches(\'^[0-9]{6}$\')'
   _globals['_CUSTOMERSERVICE'].methods_by_name['RegisterCustomer']._loaded_options = None
   _globals['_CUSTOMERSERVICE'].methods_by_name['RegisterCustomer']._serialized_options = b'\202\323\344\223\002\022\"\r/v1/customers:\001*'
   _globals['_CUSTOMERSERVICE'].methods_by_name['VerifyEmail']._loaded_options = None
   _globals['_CUSTOMERSERVICE'].methods_by_name['VerifyEmail']._serialized_options = b'\202\323\344\223\002,\"\'/v1/customers/{customer_id}:verifyEmail:\001*'
   _globals['_CUSTOMERSERVICE'].methods_by_name['GetCustomer']._loaded_options = None
   _globals['_CUSTOMERSERVICE'].methods_by_name['GetCustomer']._serialized_options = b'\202\323\344\223\002\035\022\033/v1/customers/{customer_id}'
-  _globals['_CUSTOMER']._serialized_start=146
-  _globals['_CUSTOMER']._serialized_end=284
-  _globals['_REGISTERCUSTOMERREQUEST']._serialized_start=287
-  _globals['_REGISTERCUSTOMERREQUEST']._serialized_end=427
-  _globals['_VERIFYEMAILREQUEST']._serialized_start=430
-  _globals['_VERIFYEMAILREQUEST']._serialized_end=588
-  _globals['_VERIFYEMAILRESPONSE']._serialized_start=590
-  _globals['_VERIFYEMAILRESPONSE']._serialized_end=683
-  _globals['_GETCUSTOMERREQUEST']._serialized_start=685
-  _globals['_GETCUSTOMERREQUEST']._serialized_end=738
-  _globals['_CUSTOMERSERVICE']._serialized_start=741
-  _globals['_CUSTOMERSERVICE']._serialized_end=1138
+  _globals['_CUSTOMERSERVICE'].methods_by_name['ResendVerificationCode']._loaded_options = None
+  _globals['_CUSTOMERSERVICE'].methods_by_name['ResendVerificationCode']._serialized_options = b'\202\323\344\223\002)\"$/v1/customers:resendVerificationCode:\001*'
+  _globals['_CUSTOMERSERVICE'].methods_by_name['UpdateCustomer']._loaded_options = None
+  _globals['_CUSTOMERSERVICE'].methods_by_name['UpdateCustomer']._serialized_options = b'\202\323\344\223\002)2$/v1/customers/{customer.customer_id}:\001*'
+  _globals['_CUSTOMERSERVICE'].methods_by_name['ChangeEmail']._loaded_options = None
+  _globals['_CUSTOMERSERVICE'].methods_by_name['ChangeEmail']._serialized_options = b'\202\323\344\223\002,\"\'/v1/customers/{customer_id}:changeEmail:\001*'
+  _globals['_CUSTOMERSERVICE'].methods_by_name['ConfirmEmailChange']._loaded_options = None
+  _globals['_CUSTOMERSERVICE'].methods_by_name['ConfirmEmailChange']._serialized_options = b'\202\323\344\223\0023\"./v1/customers/{customer_id}:confirmEmailChange:\001*'
+  _globals['_CUSTOMER']._serialized_start=180
+  _globals['_CUSTOMER']._serialized_end=394
+  _globals['_REGISTERCUSTOMERREQUEST']._serialized_start=397
+  _globals['_REGISTERCUSTOMERREQUEST']._serialized_end=537
+  _globals['_VERIFYEMAILREQUEST']._serialized_start=540
+  _globals['_VERIFYEMAILREQUEST']._serialized_end=698
+  _globals['_VERIFYEMAILRESPONSE']._serialized_start=700
+  _globals['_VERIFYEMAILRESPONSE']._serialized_end=793
+  _globals['_GETCUSTOMERREQUEST']._serialized_start=795
+  _globals['_GETCUSTOMERREQUEST']._serialized_end=848
+  _globals['_RESENDVERIFICATIONCODEREQUEST']._serialized_start=850
+  _globals['_RESENDVERIFICATIONCODEREQUEST']._serialized_end=911
+  _globals['_RESENDVERIFICATIONCODERESPONSE']._serialized_start=913
+  _globals['_RESENDVERIFICATIONCODERESPONSE']._serialized_end=945
+  _globals['_UPDATECUSTOMERREQUEST']._serialized_start=948
+  _globals['_UPDATECUSTOMERREQUEST']._serialized_end=1082
+  _globals['_CHANGEEMAILREQUEST']._serialized_start=1084
+  _globals['_CHANGEEMAILREQUEST']._serialized_end=1171
+  _globals['_CONFIRMEMAILCHANGEREQUEST']._serialized_start=1174
+  _globals['_CONFIRMEMAILCHANGEREQUEST']._serialized_end=1339
+  _globals['_CUSTOMERSERVICE']._serialized_start=1342
+  _globals['_CUSTOMERSERVICE']._serialized_end=2340
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ ErrorInfo (domain "simplebank") whose reason is named in each RPC's comment.
 """
 
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 import builtins as _builtins
@@ -31,6 +32,7 @@ class Customer(_message.Message):
     FULL_NAME_FIELD_NUMBER: _builtins.int
     EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PHONE_NUMBER_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """Opaque id (UUIDv7), assigned by the server."""
     email: _builtins.str
@@ -39,6 +41,10 @@ class Customer(_message.Message):
     """Name as the customer gave it."""
     email_verified: _builtins.bool
     """True once VerifyEmail succeeded; accounts can be opened only after that."""
+    phone_number: _builtins.str
+    """Input only: the phone number in E.164 form (empty to remove it), for UpdateCustomer. Like
+    RegisterCustomer's, it is stored and never returned: responses leave it unset.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the customer registered."""
@@ -51,12 +57,15 @@ class Customer(_message.Message):
         full_name: _builtins.str = ...,
         email_verified: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        phone_number: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_phone_number", b"_phone_number", "create_time", b"create_time", "phone_number", b"phone_number"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "email_verified", b"email_verified", "full_name", b"full_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_phone_number", b"_phone_number", "create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "email_verified", b"email_verified", "full_name", b"full_name", "phone_number", b"phone_number"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__phone_number: _TypeAlias = _typing.Literal["phone_number"]  # noqa: Y015
+    _WhichOneofArgType__phone_number: _TypeAlias = _typing.Literal["_phone_number", b"_phone_number"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__phone_number) -> _WhichOneofReturnType__phone_number | None: ...
 
 Global___Customer: _TypeAlias = Customer  # noqa: Y015
 
@@ -165,3 +174,126 @@ class GetCustomerRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCustomerRequest: _TypeAlias = GetCustomerRequest  # noqa: Y015
+
+@_typing.final
+class ResendVerificationCodeRequest(_message.Message):
+    """Input of ResendVerificationCode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """Address the customer registered with."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResendVerificationCodeRequest: _TypeAlias = ResendVerificationCodeRequest  # noqa: Y015
+
+@_typing.final
+class ResendVerificationCodeResponse(_message.Message):
+    """Output of ResendVerificationCode: always empty, whether or not the email is registered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResendVerificationCodeResponse: _TypeAlias = ResendVerificationCodeResponse  # noqa: Y015
+
+@_typing.final
+class UpdateCustomerRequest(_message.Message):
+    """Input of UpdateCustomer (AIP-134)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def customer(self) -> Global___Customer:
+        """The new values; customer.customer_id (from the path) names the record, which must be the
+        caller's. Only the fields named in update_mask are read.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: full_name, phone_number. Any other name is refused."""
+
+    def __init__(
+        self,
+        *,
+        customer: Global___Customer | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCustomerRequest: _TypeAlias = UpdateCustomerRequest  # noqa: Y015
+
+@_typing.final
+class ChangeEmailRequest(_message.Message):
+    """Input of ChangeEmail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    NEW_EMAIL_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The caller's own customer id (from the path)."""
+    new_email: _builtins.str
+    """Address to move to; it gets the code."""
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        new_email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "new_email", b"new_email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeEmailRequest: _TypeAlias = ChangeEmailRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmEmailChangeRequest(_message.Message):
+    """Input of ConfirmEmailChange."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The caller's own customer id (from the path)."""
+    code: _builtins.str
+    """The code emailed to the new address ("Verification code: <code>")."""
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "customer_id", b"customer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmEmailChangeRequest: _TypeAlias = ConfirmEmailChangeRequest  # noqa: Y015

@@ -51,6 +51,26 @@ class CustomerServiceStub:
                 request_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.GetCustomerRequest.SerializeToString,
                 response_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.Customer.FromString,
                 _registered_method=True)
+        self.ResendVerificationCode = channel.unary_unary(
+                '/bank.customer.v1.CustomerService/ResendVerificationCode',
+                request_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.ResendVerificationCodeRequest.SerializeToString,
+                response_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.ResendVerificationCodeResponse.FromString,
+                _registered_method=True)
+        self.UpdateCustomer = channel.unary_unary(
+                '/bank.customer.v1.CustomerService/UpdateCustomer',
+                request_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.UpdateCustomerRequest.SerializeToString,
+                response_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.Customer.FromString,
+                _registered_method=True)
+        self.ChangeEmail = channel.unary_unary(
+                '/bank.customer.v1.CustomerService/ChangeEmail',
+                request_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.ChangeEmailRequest.SerializeToString,
+                response_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.Customer.FromString,
+                _registered_method=True)
+        self.ConfirmEmailChange = channel.unary_unary(
+                '/bank.customer.v1.CustomerService/ConfirmEmailChange',
+                request_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.ConfirmEmailChangeRequest.SerializeToString,
+                response_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.Customer.FromString,
+                _registered_method=True)
 
 
 class CustomerServiceServicer:
@@ -60,9 +80,11 @@ class CustomerServiceServicer:
 
     def RegisterCustomer(self, request, context):
         """Registers a customer and sends a verification code to the email address in the background.
-        No auth. Returns the new Customer with email_verified false.
-        Errors: 409 ALREADY_EXISTS EMAIL_TAKEN (same email twice); 400 INVALID_ARGUMENT with
-        BadRequest field violations for a malformed email or empty full_name.
+        No auth. Returns the new Customer with email_verified false. An email whose earlier
+        registration was never verified is not taken: registering it again discards that
+        registration (only the address's owner can verify) and answers with a new customer_id.
+        Errors: 409 ALREADY_EXISTS EMAIL_TAKEN (a verified customer has the email); 400
+        INVALID_ARGUMENT with BadRequest field violations for a malformed email or empty full_name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,8 +94,9 @@ class CustomerServiceServicer:
         """Proves the customer owns the email address and issues the single-use enrollment token
         (valid 15 min) that is the only way to create credentials. No auth.
         Errors: 400 INVALID_ARGUMENT INVALID_CODE (wrong code); 400 FAILED_PRECONDITION
-        CODE_EXPIRED; 429 RESOURCE_EXHAUSTED after too many tries; 404 NOT_FOUND for an unknown
-        customer_id.
+        CODE_EXPIRED; 429 RESOURCE_EXHAUSTED TOO_MANY_ATTEMPTS after 5 wrong codes (the code is void:
+        ResendVerificationCode or registering again gives a new one), RATE_LIMITED (with RetryInfo)
+        after too many wrong codes from one client address; 404 NOT_FOUND for an unknown customer_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +106,51 @@ class CustomerServiceServicer:
         """Returns the caller's own customer record. Auth.
         Errors: 401 UNAUTHENTICATED without a valid access token; 404 NOT_FOUND for any
         customer_id other than the caller's (another customer's record is never revealed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResendVerificationCode(self, request, context):
+        """Emails a new verification code if an unverified customer has this email; every earlier
+        code stops working. No auth. Always answers 200 `{}`, the same way and in about the same
+        time whether or not the email is registered.
+        Errors: 429 RESOURCE_EXHAUSTED RATE_LIMITED with RetryInfo past 3 per email per hour or 20
+        per client address per 15 min; 400 INVALID_ARGUMENT for a malformed email.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCustomer(self, request, context):
+        """Changes the fields of the caller's own record named in update_mask (AIP-134): full_name,
+        phone_number. Auth, own record. Returns the Customer.
+        Errors: 400 INVALID_ARGUMENT for an unknown or immutable field in update_mask, an empty
+        mask, or an invalid value; 404 NOT_FOUND CUSTOMER_NOT_FOUND for anyone else's record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeEmail(self, request, context):
+        """Starts a change of the caller's email: a code goes to the new address (line
+        "Verification code: <code>"); the email stays the old one until ConfirmEmailChange. A new
+        request replaces an earlier one. Auth, own record. Returns the Customer (old email).
+        Errors: 409 ALREADY_EXISTS EMAIL_TAKEN when another customer verified the new address; 400
+        INVALID_ARGUMENT for a malformed address or the current one; 429 RESOURCE_EXHAUSTED
+        RATE_LIMITED past 3 requests per customer per hour; 404 NOT_FOUND for anyone else's record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmEmailChange(self, request, context):
+        """Confirms a change of email with the code sent to the new address: it becomes the customer's
+        email (and where every later email goes); the old address is told. Auth, own record.
+        Returns the Customer with the new email.
+        Errors as VerifyEmail's: 400 INVALID_CODE, 400 FAILED_PRECONDITION CODE_EXPIRED, 429
+        TOO_MANY_ATTEMPTS after 5 wrong codes; 400 FAILED_PRECONDITION NO_EMAIL_CHANGE when none is
+        pending; 409 EMAIL_TAKEN when another customer verified the address meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +172,26 @@ def add_CustomerServiceServicer_to_server(servicer, server):
             'GetCustomer': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCustomer,
                     request_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.GetCustomerRequest.FromString,
+                    response_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.Customer.SerializeToString,
+            ),
+            'ResendVerificationCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResendVerificationCode,
+                    request_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.ResendVerificationCodeRequest.FromString,
+                    response_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.ResendVerificationCodeResponse.SerializeToString,
+            ),
+            'UpdateCustomer': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCustomer,
+                    request_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.UpdateCustomerRequest.FromString,
+                    response_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.Customer.SerializeToString,
+            ),
+            'ChangeEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeEmail,
+                    request_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.ChangeEmailRequest.FromString,
+                    response_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.Customer.SerializeToString,
+            ),
+            'ConfirmEmailChange': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmEmailChange,
+                    request_deserializer=bank_dot_customer_dot_v1_dot_customer__pb2.ConfirmEmailChangeRequest.FromString,
                     response_serializer=bank_dot_customer_dot_v1_dot_customer__pb2.Customer.SerializeToString,
             ),
     }
@@ -189,6 +277,114 @@ class CustomerService:
             target,
             '/bank.customer.v1.CustomerService/GetCustomer',
             bank_dot_customer_dot_v1_dot_customer__pb2.GetCustomerRequest.SerializeToString,
+            bank_dot_customer_dot_v1_dot_customer__pb2.Customer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResendVerificationCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.customer.v1.CustomerService/ResendVerificationCode',
+            bank_dot_customer_dot_v1_dot_customer__pb2.ResendVerificationCodeRequest.SerializeToString,
+            bank_dot_customer_dot_v1_dot_customer__pb2.ResendVerificationCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCustomer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.customer.v1.CustomerService/UpdateCustomer',
+            bank_dot_customer_dot_v1_dot_customer__pb2.UpdateCustomerRequest.SerializeToString,
+            bank_dot_customer_dot_v1_dot_customer__pb2.Customer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.customer.v1.CustomerService/ChangeEmail',
+            bank_dot_customer_dot_v1_dot_customer__pb2.ChangeEmailRequest.SerializeToString,
+            bank_dot_customer_dot_v1_dot_customer__pb2.Customer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmEmailChange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.customer.v1.CustomerService/ConfirmEmailChange',
+            bank_dot_customer_dot_v1_dot_customer__pb2.ConfirmEmailChangeRequest.SerializeToString,
             bank_dot_customer_dot_v1_dot_customer__pb2.Customer.FromString,
             options,
             channel_credentials,

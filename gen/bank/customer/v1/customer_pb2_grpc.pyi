@@ -40,21 +40,53 @@ class CustomerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CustomerServiceAsyncStub: ...
     RegisterCustomer: _grpc.UnaryUnaryMultiCallable[_customer_pb2.RegisterCustomerRequest, _customer_pb2.Customer]
     """Registers a customer and sends a verification code to the email address in the background.
-    No auth. Returns the new Customer with email_verified false.
-    Errors: 409 ALREADY_EXISTS EMAIL_TAKEN (same email twice); 400 INVALID_ARGUMENT with
-    BadRequest field violations for a malformed email or empty full_name.
+    No auth. Returns the new Customer with email_verified false. An email whose earlier
+    registration was never verified is not taken: registering it again discards that
+    registration (only the address's owner can verify) and answers with a new customer_id.
+    Errors: 409 ALREADY_EXISTS EMAIL_TAKEN (a verified customer has the email); 400
+    INVALID_ARGUMENT with BadRequest field violations for a malformed email or empty full_name.
     """
     VerifyEmail: _grpc.UnaryUnaryMultiCallable[_customer_pb2.VerifyEmailRequest, _customer_pb2.VerifyEmailResponse]
     """Proves the customer owns the email address and issues the single-use enrollment token
     (valid 15 min) that is the only way to create credentials. No auth.
     Errors: 400 INVALID_ARGUMENT INVALID_CODE (wrong code); 400 FAILED_PRECONDITION
-    CODE_EXPIRED; 429 RESOURCE_EXHAUSTED after too many tries; 404 NOT_FOUND for an unknown
-    customer_id.
+    CODE_EXPIRED; 429 RESOURCE_EXHAUSTED TOO_MANY_ATTEMPTS after 5 wrong codes (the code is void:
+    ResendVerificationCode or registering again gives a new one), RATE_LIMITED (with RetryInfo)
+    after too many wrong codes from one client address; 404 NOT_FOUND for an unknown customer_id.
     """
     GetCustomer: _grpc.UnaryUnaryMultiCallable[_customer_pb2.GetCustomerRequest, _customer_pb2.Customer]
     """Returns the caller's own customer record. Auth.
     Errors: 401 UNAUTHENTICATED without a valid access token; 404 NOT_FOUND for any
     customer_id other than the caller's (another customer's record is never revealed).
+    """
+    ResendVerificationCode: _grpc.UnaryUnaryMultiCallable[_customer_pb2.ResendVerificationCodeRequest, _customer_pb2.ResendVerificationCodeResponse]
+    """Emails a new verification code if an unverified customer has this email; every earlier
+    code stops working. No auth. Always answers 200 `{}`, the same way and in about the same
+    time whether or not the email is registered.
+    Errors: 429 RESOURCE_EXHAUSTED RATE_LIMITED with RetryInfo past 3 per email per hour or 20
+    per client address per 15 min; 400 INVALID_ARGUMENT for a malformed email.
+    """
+    UpdateCustomer: _grpc.UnaryUnaryMultiCallable[_customer_pb2.UpdateCustomerRequest, _customer_pb2.Customer]
+    """Changes the fields of the caller's own record named in update_mask (AIP-134): full_name,
+    phone_number. Auth, own record. Returns the Customer.
+    Errors: 400 INVALID_ARGUMENT for an unknown or immutable field in update_mask, an empty
+    mask, or an invalid value; 404 NOT_FOUND CUSTOMER_NOT_FOUND for anyone else's record.
+    """
+    ChangeEmail: _grpc.UnaryUnaryMultiCallable[_customer_pb2.ChangeEmailRequest, _customer_pb2.Customer]
+    """Starts a change of the caller's email: a code goes to the new address (line
+    "Verification code: <code>"); the email stays the old one until ConfirmEmailChange. A new
+    request replaces an earlier one. Auth, own record. Returns the Customer (old email).
+    Errors: 409 ALREADY_EXISTS EMAIL_TAKEN when another customer verified the new address; 400
+    INVALID_ARGUMENT for a malformed address or the current one; 429 RESOURCE_EXHAUSTED
+    RATE_LIMITED past 3 requests per customer per hour; 404 NOT_FOUND for anyone else's record.
+    """
+    ConfirmEmailChange: _grpc.UnaryUnaryMultiCallable[_customer_pb2.ConfirmEmailChangeRequest, _customer_pb2.Customer]
+    """Confirms a change of email with the code sent to the new address: it becomes the customer's
+    email (and where every later email goes); the old address is told. Auth, own record.
+    Returns the Customer with the new email.
+    Errors as VerifyEmail's: 400 INVALID_CODE, 400 FAILED_PRECONDITION CODE_EXPIRED, 429
+    TOO_MANY_ATTEMPTS after 5 wrong codes; 400 FAILED_PRECONDITION NO_EMAIL_CHANGE when none is
+    pending; 409 EMAIL_TAKEN when another customer verified the address meanwhile.
     """
 
 @_typing.type_check_only
@@ -66,21 +98,53 @@ class CustomerServiceAsyncStub(CustomerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterCustomer: _aio.UnaryUnaryMultiCallable[_customer_pb2.RegisterCustomerRequest, _customer_pb2.Customer]  # type: ignore[assignment]
     """Registers a customer and sends a verification code to the email address in the background.
-    No auth. Returns the new Customer with email_verified false.
-    Errors: 409 ALREADY_EXISTS EMAIL_TAKEN (same email twice); 400 INVALID_ARGUMENT with
-    BadRequest field violations for a malformed email or empty full_name.
+    No auth. Returns the new Customer with email_verified false. An email whose earlier
+    registration was never verified is not taken: registering it again discards that
+    registration (only the address's owner can verify) and answers with a new customer_id.
+    Errors: 409 ALREADY_EXISTS EMAIL_TAKEN (a verified customer has the email); 400
+    INVALID_ARGUMENT with BadRequest field violations for a malformed email or empty full_name.
     """
     VerifyEmail: _aio.UnaryUnaryMultiCallable[_customer_pb2.VerifyEmailRequest, _customer_pb2.VerifyEmailResponse]  # type: ignore[assignment]
     """Proves the customer owns the email address and issues the single-use enrollment token
     (valid 15 min) that is the only way to create credentials. No auth.
     Errors: 400 INVALID_ARGUMENT INVALID_CODE (wrong code); 400 FAILED_PRECONDITION
-    CODE_EXPIRED; 429 RESOURCE_EXHAUSTED after too many tries; 404 NOT_FOUND for an unknown
-    customer_id.
+    CODE_EXPIRED; 429 RESOURCE_EXHAUSTED TOO_MANY_ATTEMPTS after 5 wrong codes (the code is void:
+    ResendVerificationCode or registering again gives a new one), RATE_LIMITED (with RetryInfo)
+    after too many wrong codes from one client address; 404 NOT_FOUND for an unknown customer_id.
     """
     GetCustomer: _aio.UnaryUnaryMultiCallable[_customer_pb2.GetCustomerRequest, _customer_pb2.Customer]  # type: ignore[assignment]
     """Returns the caller's own customer record. Auth.
     Errors: 401 UNAUTHENTICATED without a valid access token; 404 NOT_FOUND for any
     customer_id other than the caller's (another customer's record is never revealed).
+    """
+    ResendVerificationCode: _aio.UnaryUnaryMultiCallable[_customer_pb2.ResendVerificationCodeRequest, _customer_pb2.ResendVerificationCodeResponse]  # type: ignore[assignment]
+    """Emails a new verification code if an unverified customer has this email; every earlier
+    code stops working. No auth. Always answers 200 `{}`, the same way and in about the same
+    time whether or not the email is registered.
+    Errors: 429 RESOURCE_EXHAUSTED RATE_LIMITED with RetryInfo past 3 per email per hour or 20
+    per client address per 15 min; 400 INVALID_ARGUMENT for a malformed email.
+    """
+    UpdateCustomer: _aio.UnaryUnaryMultiCallable[_customer_pb2.UpdateCustomerRequest, _customer_pb2.Customer]  # type: ignore[assignment]
+    """Changes the fields of the caller's own record named in update_mask (AIP-134): full_name,
+    phone_number. Auth, own record. Returns the Customer.
+    Errors: 400 INVALID_ARGUMENT for an unknown or immutable field in update_mask, an empty
+    mask, or an invalid value; 404 NOT_FOUND CUSTOMER_NOT_FOUND for anyone else's record.
+    """
+    ChangeEmail: _aio.UnaryUnaryMultiCallable[_customer_pb2.ChangeEmailRequest, _customer_pb2.Customer]  # type: ignore[assignment]
+    """Starts a change of the caller's email: a code goes to the new address (line
+    "Verification code: <code>"); the email stays the old one until ConfirmEmailChange. A new
+    request replaces an earlier one. Auth, own record. Returns the Customer (old email).
+    Errors: 409 ALREADY_EXISTS EMAIL_TAKEN when another customer verified the new address; 400
+    INVALID_ARGUMENT for a malformed address or the current one; 429 RESOURCE_EXHAUSTED
+    RATE_LIMITED past 3 requests per customer per hour; 404 NOT_FOUND for anyone else's record.
+    """
+    ConfirmEmailChange: _aio.UnaryUnaryMultiCallable[_customer_pb2.ConfirmEmailChangeRequest, _customer_pb2.Customer]  # type: ignore[assignment]
+    """Confirms a change of email with the code sent to the new address: it becomes the customer's
+    email (and where every later email goes); the old address is told. Auth, own record.
+    Returns the Customer with the new email.
+    Errors as VerifyEmail's: 400 INVALID_CODE, 400 FAILED_PRECONDITION CODE_EXPIRED, 429
+    TOO_MANY_ATTEMPTS after 5 wrong codes; 400 FAILED_PRECONDITION NO_EMAIL_CHANGE when none is
+    pending; 409 EMAIL_TAKEN when another customer verified the address meanwhile.
     """
 
 class CustomerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -95,9 +159,11 @@ class CustomerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_customer_pb2.Customer, _abc.Awaitable[_customer_pb2.Customer]]:
         """Registers a customer and sends a verification code to the email address in the background.
-        No auth. Returns the new Customer with email_verified false.
-        Errors: 409 ALREADY_EXISTS EMAIL_TAKEN (same email twice); 400 INVALID_ARGUMENT with
-        BadRequest field violations for a malformed email or empty full_name.
+        No auth. Returns the new Customer with email_verified false. An email whose earlier
+        registration was never verified is not taken: registering it again discards that
+        registration (only the address's owner can verify) and answers with a new customer_id.
+        Errors: 409 ALREADY_EXISTS EMAIL_TAKEN (a verified customer has the email); 400
+        INVALID_ARGUMENT with BadRequest field violations for a malformed email or empty full_name.
         """
 
     @_abc_1.abstractmethod
@@ -109,8 +175,9 @@ class CustomerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Proves the customer owns the email address and issues the single-use enrollment token
         (valid 15 min) that is the only way to create credentials. No auth.
         Errors: 400 INVALID_ARGUMENT INVALID_CODE (wrong code); 400 FAILED_PRECONDITION
-        CODE_EXPIRED; 429 RESOURCE_EXHAUSTED after too many tries; 404 NOT_FOUND for an unknown
-        customer_id.
+        CODE_EXPIRED; 429 RESOURCE_EXHAUSTED TOO_MANY_ATTEMPTS after 5 wrong codes (the code is void:
+        ResendVerificationCode or registering again gives a new one), RATE_LIMITED (with RetryInfo)
+        after too many wrong codes from one client address; 404 NOT_FOUND for an unknown customer_id.
         """
 
     @_abc_1.abstractmethod
@@ -122,6 +189,59 @@ class CustomerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns the caller's own customer record. Auth.
         Errors: 401 UNAUTHENTICATED without a valid access token; 404 NOT_FOUND for any
         customer_id other than the caller's (another customer's record is never revealed).
+        """
+
+    @_abc_1.abstractmethod
+    def ResendVerificationCode(
+        self,
+        request: _customer_pb2.ResendVerificationCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_customer_pb2.ResendVerificationCodeResponse, _abc.Awaitable[_customer_pb2.ResendVerificationCodeResponse]]:
+        """Emails a new verification code if an unverified customer has this email; every earlier
+        code stops working. No auth. Always answers 200 `{}`, the same way and in about the same
+        time whether or not the email is registered.
+        Errors: 429 RESOURCE_EXHAUSTED RATE_LIMITED with RetryInfo past 3 per email per hour or 20
+        per client address per 15 min; 400 INVALID_ARGUMENT for a malformed email.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateCustomer(
+        self,
+        request: _customer_pb2.UpdateCustomerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_customer_pb2.Customer, _abc.Awaitable[_customer_pb2.Customer]]:
+        """Changes the fields of the caller's own record named in update_mask (AIP-134): full_name,
+        phone_number. Auth, own record. Returns the Customer.
+        Errors: 400 INVALID_ARGUMENT for an unknown or immutable field in update_mask, an empty
+        mask, or an invalid value; 404 NOT_FOUND CUSTOMER_NOT_FOUND for anyone else's record.
+        """
+
+    @_abc_1.abstractmethod
+    def ChangeEmail(
+        self,
+        request: _customer_pb2.ChangeEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_customer_pb2.Customer, _abc.Awaitable[_customer_pb2.Customer]]:
+        """Starts a change of the caller's email: a code goes to the new address (line
+        "Verification code: <code>"); the email stays the old one until ConfirmEmailChange. A new
+        request replaces an earlier one. Auth, own record. Returns the Customer (old email).
+        Errors: 409 ALREADY_EXISTS EMAIL_TAKEN when another customer verified the new address; 400
+        INVALID_ARGUMENT for a malformed address or the current one; 429 RESOURCE_EXHAUSTED
+        RATE_LIMITED past 3 requests per customer per hour; 404 NOT_FOUND for anyone else's record.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmEmailChange(
+        self,
+        request: _customer_pb2.ConfirmEmailChangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_customer_pb2.Customer, _abc.Awaitable[_customer_pb2.Customer]]:
+        """Confirms a change of email with the code sent to the new address: it becomes the customer's
+        email (and where every later email goes); the old address is told. Auth, own record.
+        Returns the Customer with the new email.
+        Errors as VerifyEmail's: 400 INVALID_CODE, 400 FAILED_PRECONDITION CODE_EXPIRED, 429
+        TOO_MANY_ATTEMPTS after 5 wrong codes; 400 FAILED_PRECONDITION NO_EMAIL_CHANGE when none is
+        pending; 409 EMAIL_TAKEN when another customer verified the address meanwhile.
         """
 
 def add_CustomerServiceServicer_to_server(servicer: CustomerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61nk/events/v1/events.proto\x12\x0e\x62\x61nk.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x01\n\x12\x43ustomerRegistered\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x11\n\tfull_name\x18\x04 \x01(\t\x12\x19\n\x11verification_code\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"v\n\rEmailVerified\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\rAccountOpened\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdb\x02\n\x14\x41\x63\x63ountStatusChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x44\n\x0fprevious_status\x18\x04 \x01(\x0e\x32+.bank.events.v1.AccountStatusChanged.Status\x12;\n\x06status\x18\x05 \x01(\x0e\x32+.bank.events.v1.AccountStatusChanged.Status\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\n\n\x06\x46ROZEN\x10\x02\x12\n\n\x06\x43LOSED\x10\x03\"\xbf\x03\n\nMoneyMoved\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12-\n\x04kind\x18\x04 \x01(\x0e\x32\x1f.bank.events.v1.MoneyMoved.Kind\x12\x17\n\x0f\x66rom_account_id\x18\x05 \x01(\t\x12\x18\n\x10\x66rom_customer_id\x18\x06 \x01(\t\x12\x15\n\rto_account_id\x18\x07 \x01(\t\x12\x16\n\x0eto_customer_id\x18\x08 \x01(\t\x12\x0e\n\x06\x61mount\x18\t \x01(\x03\x12\x10\n\x08\x63urrency\x18\n \x01(\t\x12\x1a\n\x12\x66rom_balance_after\x18\x0b \x01(\x03\x12\x18\n\x10to_balance_after\x18\x0c \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\r \x01(\t\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRANSFER\x10\x01\x12\x0b\n\x07\x44\x45POSIT\x10\x02\x12\x0e\n\nWITHDRAWAL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61nk/events/v1/events.proto\x12\x0e\x62\x61nk.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x01\n\x12\x43ustomerRegistered\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x11\n\tfull_name\x18\x04 \x01(\t\x12\x19\n\x11verification_code\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"v\n\rEmailVerified\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xad\x01\n\x16VerificationCodeResent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x11\n\tfull_name\x18\x04 \x01(\t\x12\x19\n\x11verification_code\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x01\n\x16PasswordResetRequested\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x12\n\nreset_code\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe9\x01\n\x0fPasswordChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x36\n\x06method\x18\x04 \x01(\x0e\x32&.bank.events.v1.PasswordChanged.Method\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\t\n\x05RESET\x10\x01\x12\n\n\x06\x43HANGE\x10\x02\"\x9c\x01\n\x14\x45mailChangeRequested\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x11\n\tnew_email\x18\x03 \x01(\t\x12\x19\n\x11verification_code\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\x0c\x45mailChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x11\n\told_email\x18\x03 \x01(\t\x12\x11\n\tnew_email\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\rAccountOpened\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdb\x02\n\x14\x41\x63\x63ountStatusChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\x12\x44\n\x0fprevious_status\x18\x04 \x01(\x0e\x32+.bank.events.v1.AccountStatusChanged.Status\x12;\n\x06status\x18\x05 \x01(\x0e\x32+.bank.events.v1.AccountStatusChanged.Status\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\n\n\x06\x46ROZEN\x10\x02\x12\n\n\x06\x43LOSED\x10\x03\"\xbf\x03\n\nMoneyMoved\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12-\n\x04kind\x18\x04 \x01(\x0e\x32\x1f.bank.events.v1.MoneyMoved.Kind\x12\x17\n\x0f\x66rom_account_id\x18\x05 \x01(\t\x12\x18\n\x10\x66rom_customer_id\x18\x06 \x01(\t\x12\x15\n\rto_account_id\x18\x07 \x01(\t\x12\x16\n\x0eto_customer_id\x18\x08 \x01(\t\x12\x0e\n\x06\x61mount\x18\t \x01(\x03\x12\x10\n\x08\x63urrency\x18\n \x01(\t\x12\x1a\n\x12\x66rom_balance_after\x18\x0b \x01(\x03\x12\x18\n\x10to_balance_after\x18\x0c \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\r \x01(\t\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRANSFER\x10\x01\x12\x0b\n\x07\x44\x45POSIT\x10\x02\x12\x0e\n\nWITHDRAWAL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CUSTOMERREGISTERED']._serialized_end=250
   _globals['_EMAILVERIFIED']._serialized_start=252
   _globals['_EMAILVERIFIED']._serialized_end=370
-  _globals['_ACCOUNTOPENED']._serialized_start=373
-  _globals['_ACCOUNTOPENED']._serialized_end=514
-  _globals['_ACCOUNTSTATUSCHANGED']._serialized_start=517
-  _globals['_ACCOUNTSTATUSCHANGED']._serialized_end=864
-  _globals['_ACCOUNTSTATUSCHANGED_STATUS']._serialized_start=796
-  _globals['_ACCOUNTSTATUSCHANGED_STATUS']._serialized_end=864
-  _globals['_MONEYMOVED']._serialized_start=867
-  _globals['_MONEYMOVED']._serialized_end=1314
-  _globals['_MONEYMOVED_KIND']._serialized_start=1243
-  _globals['_MONEYMOVED_KIND']._serialized_end=1314
+  _globals['_VERIFICATIONCODERESENT']._serialized_start=373
+  _globals['_VERIFICATIONCODERESENT']._serialized_end=546
+  _globals['_PASSWORDRESETREQUESTED']._serialized_start=549
+  _globals['_PASSWORDRESETREQUESTED']._serialized_end=696
+  _globals['_PASSWORDCHANGED']._serialized_start=699
+  _globals['_PASSWORDCHANGED']._serialized_end=932
+  _globals['_PASSWORDCHANGED_METHOD']._serialized_start=877
+  _globals['_PASSWORDCHANGED_METHOD']._serialized_end=932
+  _globals['_EMAILCHANGEREQUESTED']._serialized_start=935
+  _globals['_EMAILCHANGEREQUESTED']._serialized_end=1091
+  _globals['_EMAILCHANGED']._serialized_start=1094
+  _globals['_EMAILCHANGED']._serialized_end=1234
+  _globals['_ACCOUNTOPENED']._serialized_start=1237
+  _globals['_ACCOUNTOPENED']._serialized_end=1378
+  _globals['_ACCOUNTSTATUSCHANGED']._serialized_start=1381
+  _globals['_ACCOUNTSTATUSCHANGED']._serialized_end=1728
+  _globals['_ACCOUNTSTATUSCHANGED_STATUS']._serialized_start=1660
+  _globals['_ACCOUNTSTATUSCHANGED_STATUS']._serialized_end=1728
+  _globals['_MONEYMOVED']._serialized_start=1731
+  _globals['_MONEYMOVED']._serialized_end=2178
+  _globals['_MONEYMOVED_KIND']._serialized_start=2107
+  _globals['_MONEYMOVED_KIND']._serialized_end=2178
 # @@protoc_insertion_point(module_scope)

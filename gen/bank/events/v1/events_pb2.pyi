@@ -8,7 +8,9 @@ as the change it reports, and relayed to Kafka from there: an event exists if an
 that transaction committed. Delivery is at-least-once, so every event carries a unique
 event_id that consumers use to drop duplicates. One topic per aggregate, keyed by the
 aggregate id so one aggregate's events stay in order:
-  topic bank.customer.v1  key customer_id  CustomerRegistered, EmailVerified
+  topic bank.customer.v1  key customer_id  CustomerRegistered, EmailVerified,
+                                           VerificationCodeResent, PasswordResetRequested,
+                                           PasswordChanged, EmailChangeRequested, EmailChanged
   topic bank.account.v1   key account_id   AccountOpened, AccountStatusChanged
   topic bank.transfer.v1  key transfer_id  MoneyMoved
 A topic carries several message types, so the record value is the serialized message and the
@@ -113,6 +115,245 @@ class EmailVerified(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmailVerified: _TypeAlias = EmailVerified  # noqa: Y015
+
+@_typing.final
+class VerificationCodeResent(_message.Message):
+    """A new verification code for an unverified customer (svc_customer, topic bank.customer.v1,
+    after ResendVerificationCode); every earlier code stopped working.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    FULL_NAME_FIELD_NUMBER: _builtins.int
+    VERIFICATION_CODE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique id of this event; consumers drop duplicates by it."""
+    customer_id: _builtins.str
+    """The unverified customer."""
+    email: _builtins.str
+    """Address to send the code to (the registered one)."""
+    full_name: _builtins.str
+    """Name to greet the customer by."""
+    verification_code: _builtins.str
+    """The new code, in clear, for the same reason as CustomerRegistered's. Never log it."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the code was issued."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        full_name: _builtins.str = ...,
+        verification_code: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "event_id", b"event_id", "full_name", b"full_name", "verification_code", b"verification_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerificationCodeResent: _TypeAlias = VerificationCodeResent  # noqa: Y015
+
+@_typing.final
+class PasswordResetRequested(_message.Message):
+    """A password reset code was issued (svc_customer, topic bank.customer.v1, after
+    RequestPasswordReset for a verified customer with credentials).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    RESET_CODE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique id of this event; consumers drop duplicates by it."""
+    customer_id: _builtins.str
+    """The customer."""
+    email: _builtins.str
+    """Address to send the code to (the customer's email at that moment)."""
+    reset_code: _builtins.str
+    """The reset code, in clear: svc_notify must email it. Valid 15 minutes, single use. Never
+    log it.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the code was issued."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        reset_code: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "event_id", b"event_id", "reset_code", b"reset_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PasswordResetRequested: _TypeAlias = PasswordResetRequested  # noqa: Y015
+
+@_typing.final
+class PasswordChanged(_message.Message):
+    """A customer's password changed (svc_customer, topic bank.customer.v1): by ResetPassword or
+    ChangePassword.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Method:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[PasswordChanged._Method.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        METHOD_UNSPECIFIED: PasswordChanged._Method.ValueType  # 0
+        """Never sent."""
+        RESET: PasswordChanged._Method.ValueType  # 1
+        """With an emailed reset code; every session was revoked."""
+        CHANGE: PasswordChanged._Method.ValueType  # 2
+        """By the logged-in customer; every other session was revoked."""
+
+    class Method(_Method, metaclass=_MethodEnumTypeWrapper):
+        """How the password was changed."""
+
+    METHOD_UNSPECIFIED: PasswordChanged.Method.ValueType  # 0
+    """Never sent."""
+    RESET: PasswordChanged.Method.ValueType  # 1
+    """With an emailed reset code; every session was revoked."""
+    CHANGE: PasswordChanged.Method.ValueType  # 2
+    """By the logged-in customer; every other session was revoked."""
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique id of this event; consumers drop duplicates by it."""
+    customer_id: _builtins.str
+    """The customer."""
+    email: _builtins.str
+    """Address to tell (the customer's email at that moment)."""
+    method: Global___PasswordChanged.Method.ValueType
+    """Reset or change."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change committed."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        method: Global___PasswordChanged.Method.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "event_id", b"event_id", "method", b"method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PasswordChanged: _TypeAlias = PasswordChanged  # noqa: Y015
+
+@_typing.final
+class EmailChangeRequested(_message.Message):
+    """A customer asked to move to a new email address (svc_customer, topic bank.customer.v1); the
+    code goes to the new address, which becomes the customer's only after ConfirmEmailChange.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    NEW_EMAIL_FIELD_NUMBER: _builtins.int
+    VERIFICATION_CODE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique id of this event; consumers drop duplicates by it."""
+    customer_id: _builtins.str
+    """The customer."""
+    new_email: _builtins.str
+    """The address to prove; the code is sent there."""
+    verification_code: _builtins.str
+    """The code, in clear, for the same reason as CustomerRegistered's. Never log it."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the code was issued."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        new_email: _builtins.str = ...,
+        verification_code: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_id", b"customer_id", "event_id", b"event_id", "new_email", b"new_email", "verification_code", b"verification_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailChangeRequested: _TypeAlias = EmailChangeRequested  # noqa: Y015
+
+@_typing.final
+class EmailChanged(_message.Message):
+    """A customer's email changed (svc_customer, topic bank.customer.v1, after ConfirmEmailChange):
+    every later email goes to new_email; the old address is told.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    OLD_EMAIL_FIELD_NUMBER: _builtins.int
+    NEW_EMAIL_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique id of this event; consumers drop duplicates by it."""
+    customer_id: _builtins.str
+    """The customer."""
+    old_email: _builtins.str
+    """The address the customer had."""
+    new_email: _builtins.str
+    """The address the customer has now (verified)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change committed."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        customer_id: _builtins.str = ...,
+        old_email: _builtins.str = ...,
+        new_email: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_id", b"customer_id", "event_id", b"event_id", "new_email", b"new_email", "old_email", b"old_email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailChanged: _TypeAlias = EmailChanged  # noqa: Y015
 
 @_typing.final
 class AccountOpened(_message.Message):

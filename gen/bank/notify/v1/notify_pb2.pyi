@@ -38,7 +38,10 @@ class Notification(_message.Message):
         KIND_UNSPECIFIED: Notification._Kind.ValueType  # 0
         """Never set by the server."""
         EMAIL_VERIFICATION: Notification._Kind.ValueType  # 1
-        """The verification code after RegisterCustomer (bank.events.v1.CustomerRegistered)."""
+        """A verification code: after RegisterCustomer (bank.events.v1.CustomerRegistered),
+        ResendVerificationCode (VerificationCodeResent) or ChangeEmail, to the new address
+        (EmailChangeRequested).
+        """
         TRANSFER_SENT: Notification._Kind.ValueType  # 2
         """Money left one of the customer's accounts by transfer."""
         TRANSFER_RECEIVED: Notification._Kind.ValueType  # 3
@@ -47,6 +50,12 @@ class Notification(_message.Message):
         """A teller deposited cash into one of the customer's accounts."""
         WITHDRAWAL: Notification._Kind.ValueType  # 5
         """A teller paid cash out of one of the customer's accounts."""
+        PASSWORD_RESET: Notification._Kind.ValueType  # 6
+        """A password reset code (bank.events.v1.PasswordResetRequested)."""
+        PASSWORD_CHANGED: Notification._Kind.ValueType  # 7
+        """The password was reset or changed (bank.events.v1.PasswordChanged)."""
+        EMAIL_CHANGED: Notification._Kind.ValueType  # 8
+        """The email address changed; sent to the old address (bank.events.v1.EmailChanged)."""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
         """Why it was sent. Values are bare ("EMAIL_VERIFICATION") because API.md shows them so."""
@@ -54,7 +63,10 @@ class Notification(_message.Message):
     KIND_UNSPECIFIED: Notification.Kind.ValueType  # 0
     """Never set by the server."""
     EMAIL_VERIFICATION: Notification.Kind.ValueType  # 1
-    """The verification code after RegisterCustomer (bank.events.v1.CustomerRegistered)."""
+    """A verification code: after RegisterCustomer (bank.events.v1.CustomerRegistered),
+    ResendVerificationCode (VerificationCodeResent) or ChangeEmail, to the new address
+    (EmailChangeRequested).
+    """
     TRANSFER_SENT: Notification.Kind.ValueType  # 2
     """Money left one of the customer's accounts by transfer."""
     TRANSFER_RECEIVED: Notification.Kind.ValueType  # 3
@@ -63,6 +75,12 @@ class Notification(_message.Message):
     """A teller deposited cash into one of the customer's accounts."""
     WITHDRAWAL: Notification.Kind.ValueType  # 5
     """A teller paid cash out of one of the customer's accounts."""
+    PASSWORD_RESET: Notification.Kind.ValueType  # 6
+    """A password reset code (bank.events.v1.PasswordResetRequested)."""
+    PASSWORD_CHANGED: Notification.Kind.ValueType  # 7
+    """The password was reset or changed (bank.events.v1.PasswordChanged)."""
+    EMAIL_CHANGED: Notification.Kind.ValueType  # 8
+    """The email address changed; sent to the old address (bank.events.v1.EmailChanged)."""
 
     class _Channel:
         ValueType = _typing.NewType("ValueType", _builtins.int)
