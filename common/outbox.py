@@ -19,10 +19,13 @@ bounded by the traffic of that window instead of growing for ever.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -32,6 +35,7 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from common import db
+from common import logging as common_logging
 from common.config import Settings
 from common.events import TOPICS
 
@@ -182,7 +186,7 @@ class OutboxRelay:
     async def _relay_batch(self, producer: AIOKafkaProducer) -> int:
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
-                "SELECT outbox_id, event_id, topic, aggregate_id, event_type, payload, headers, create_time"
+                "SELECT outbox_id, event_id::text, topic, aggregate_id, event_type, payload, headers, create_time"
                 " FROM outbox WHERE sent_time IS NULL ORDER BY outbox_id LIMIT %s FOR UPDATE",
                 (BATCH_SIZE,),
             )
@@ -193,32 +197,87 @@ class OutboxRelay:
                 return 0
             OLDEST_AGE.set(max(0.0, time.time() - rows[0][7].timestamp()))
             built: dict[str, bytes] = {}
-            unbuilt = [str(row[1]) for row in rows if not row[5]]
+            unbuilt = [row[1] for row in rows if not row[5]]
             if unbuilt:
                 assert self._build_payloads is not None, f"{self._schema}.outbox rows without a payload"
                 built = await self._build_payloads(conn, unbuilt)
                 assert built.keys() == set(unbuilt), "an outbox event whose payload could not be built"
             # All records in flight together; the idempotent producer keeps their order per partition.
-            futures = []
-            for _, event_id, topic, aggregate_id, event_type, payload, headers, _ in rows:
-                record_headers = [("event_type", event_type.encode()), ("event_id", str(event_id).encode())]
-                record_headers += [(k, str(v).encode()) for k, v in (headers or {}).items() if v]
-                value = bytes(payload) if payload else built[str(event_id)]
-                futures.append(await producer.send(topic, value, key=aggregate_id.encode(),
-                                                   headers=record_headers))
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=SEND_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.gather(*await _send(producer, rows, built)), timeout=SEND_TIMEOUT_S)
             await conn.execute("UPDATE outbox SET sent_time = now() WHERE outbox_id = ANY(%s)",
                                ([r[0] for r in rows],))
-            for _, event_id, topic, aggregate_id, event_type, _, headers, _ in rows:
-                PUBLISHED.labels(topic).inc()
-                # One line per event (a hop of a request followed by its request_id through the logs).
-                log.info("event published", extra={"fields": {
-                    "request_id": (headers or {}).get("request_id") or None, "event_id": str(event_id), "topic": topic,
-                    "event_type": event_type, "aggregate_id": aggregate_id}})
-            cursor = await conn.execute("SELECT count(*) FROM outbox WHERE sent_time IS NULL")
-            backlog = await cursor.fetchone()
-            BACKLOG.set(backlog[0] if backlog else 0)
+            for topic, count in collections.Counter(row[2] for row in rows).items():
+                PUBLISHED.labels(topic).inc(count)
+            # One line per event (a hop of a request followed by its request_id through the logs).
+            common_logging.info_lines(log, "event published", [{
+                "request_id": (headers or {}).get("request_id") or None, "event_id": event_id, "topic": topic,
+                "event_type": event_type, "aggregate_id": aggregate_id}
+                for _, event_id, topic, aggregate_id, event_type, _, headers, _ in rows])
+            if len(rows) < BATCH_SIZE:
+                BACKLOG.set(0)  # this batch took every unsent row it could see
+            else:
+                cursor = await conn.execute("SELECT count(*) FROM outbox WHERE sent_time IS NULL")
+                backlog = await cursor.fetchone()
+                BACKLOG.set(backlog[0] if backlog else 0)
             return len(rows)
+
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 of a key, as its default partitioner (and aiokafka's) computes it, three
+    times faster than aiokafka's byte-by-byte version (tests/test_outbox.py compares them)."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    tail = length & ~3
+    for (k,) in struct.iter_unpack("<I", data[:tail]):
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        h = ((h * _M) & _MASK) ^ ((k * _M) & _MASK)
+    extra = length & 3
+    if extra >= 3:
+        h ^= data[tail + 2] << 16
+    if extra >= 2:
+        h ^= data[tail + 1] << 8
+    if extra >= 1:
+        h ^= data[tail]
+        h = (h * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    h ^= h >> 15
+    return h
+
+
+async def _send(producer: AIOKafkaProducer, rows: Sequence[tuple[Any, ...]],
+                built: dict[str, bytes]) -> list[asyncio.Future[Any]]:
+    """Queue the records of these outbox rows, in order, as one record batch per partition (or
+    more when one fills up) rather than one producer.send per record, which costs about ten times
+    the CPU. The partition is the one the producer's default partitioner gives the key (murmur2,
+    as Kafka's Java clients do), so a key keeps its partition whichever way it is sent."""
+    partitions: dict[str, list[int]] = {}
+    builders: dict[tuple[str, int], Any] = {}
+    full: list[tuple[Any, str, int]] = []
+    for _, event_id, topic, aggregate_id, event_type, payload, headers, _ in rows:
+        if topic not in partitions:
+            partitions[topic] = sorted(await producer.partitions_for(topic))
+        topic_partitions = partitions[topic]
+        key = aggregate_id.encode()
+        partition = topic_partitions[(murmur2(key) & 0x7FFFFFFF) % len(topic_partitions)]
+        record_headers = [("event_type", event_type.encode()), ("event_id", event_id.encode())]
+        record_headers += [(k, str(v).encode()) for k, v in (headers or {}).items() if v]
+        value = bytes(payload) if payload else built[event_id]
+        builder = builders.get((topic, partition))
+        if builder is None:
+            builder = builders[(topic, partition)] = producer.create_batch()
+        if builder.append(timestamp=None, key=key, value=value, headers=record_headers) is None:
+            full.append((builder, topic, partition))  # full: a fresh batch takes the record
+            builder = builders[(topic, partition)] = producer.create_batch()
+            assert builder.append(timestamp=None, key=key, value=value, headers=record_headers) is not None, \
+                f"an outbox event larger than a record batch ({len(value)} bytes)"
+    full += [(builder, topic, partition) for (topic, partition), builder in builders.items()]
+    return [await producer.send_batch(builder, topic, partition=partition) for builder, topic, partition in full]
 
 
 class OutboxNudge:

@@ -129,7 +129,10 @@ async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[Movemen
                           new_id(), new_id()) for r in requests), strict=True))
     rows = await _fetch(
         pool,
-        "SELECT * FROM move_money_batch(%s::text[], %s::text[], %s::text[], %s::uuid[], %s::uuid[], %s::uuid[],"
+        # Ids as text: the caller wants strings, and uuid.UUID objects cost more to make and format.
+        "SELECT ordinal, error, replayed, transfer_id::text, kind, request_id, from_account_id::text,"
+        " to_account_id::text, amount, currency, description, create_time"
+        " FROM move_money_batch(%s::text[], %s::text[], %s::text[], %s::uuid[], %s::uuid[], %s::uuid[],"
         " %s::bigint[], %s::text[], %s::text[], %s::jsonb[], %s::uuid[], %s::uuid[])",
         [list(column) for column in columns],
     )
@@ -155,8 +158,9 @@ class MovedEvent:
 async def moved_events(conn: AsyncConnection, event_ids: Sequence[str]) -> list[MovedEvent]:
     """The movements behind these outbox events (the relay's batch, its transaction), any order."""
     cursor = await conn.execute(
-        "SELECT o.event_id, t.transfer_id, t.kind, t.request_id, t.from_account_id, t.to_account_id, t.amount,"
-        " t.currency, t.description, t.create_time, fa.customer_id, ta.customer_id, fe.balance_after, te.balance_after"
+        "SELECT o.event_id::text, t.transfer_id::text, t.kind, t.request_id, t.from_account_id::text,"
+        " t.to_account_id::text, t.amount, t.currency, t.description, t.create_time, fa.customer_id::text,"
+        " ta.customer_id::text, fe.balance_after, te.balance_after"
         " FROM outbox o JOIN transfers t ON t.transfer_id = o.aggregate_id::uuid"
         " JOIN entries fe ON fe.transfer_id = t.transfer_id AND fe.account_id = t.from_account_id"
         " JOIN entries te ON te.transfer_id = t.transfer_id AND te.account_id = t.to_account_id"
@@ -167,9 +171,7 @@ async def moved_events(conn: AsyncConnection, event_ids: Sequence[str]) -> list[
     )
     found = []
     for event_id, *transfer, from_customer, to_customer, from_after, to_after in await cursor.fetchall():
-        found.append(MovedEvent(str(event_id), _transfer(transfer),
-                                None if from_customer is None else str(from_customer),
-                                None if to_customer is None else str(to_customer), from_after, to_after))
+        found.append(MovedEvent(event_id, _transfer(transfer), from_customer, to_customer, from_after, to_after))
     return found
 
 

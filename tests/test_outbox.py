@@ -10,6 +10,7 @@ import uuid
 
 import psycopg
 from aiokafka import AIOKafkaConsumer
+from aiokafka.partitioner import murmur2
 
 from common import db, outbox
 from common.config import Settings
@@ -62,6 +63,16 @@ async def test_relay_survives_a_broker_restart_without_loss_or_reordering(stack:
     assert await asyncio.to_thread(_wait_until_sent, settings, keys, 60.0), \
         "the relay did not catch up after the broker came back"
 
+    for key, sequence in (await _read_sequences(settings, keys)).items():
+        # At least once: a retried batch may deliver a prefix again, but first deliveries are
+        # complete and in order.
+        first_deliveries = [n for i, n in enumerate(sequence) if n not in sequence[:i]]
+        assert first_deliveries == list(range(EVENTS_PER_KEY)), (key, sequence)
+
+
+async def _read_sequences(settings: Settings, keys: list[str], expected: int = KEYS * EVENTS_PER_KEY,
+                          ) -> dict[str, list[int]]:
+    """The numbered test.Sequence events of these keys on the customer topic, in log order per key."""
     consumer = AIOKafkaConsumer(CUSTOMER_TOPIC, bootstrap_servers=settings.kafka_bootstrap,
                                 group_id=f"test-{uuid.uuid4().hex}", auto_offset_reset="earliest",
                                 enable_auto_commit=False)
@@ -69,20 +80,43 @@ async def test_relay_survives_a_broker_restart_without_loss_or_reordering(stack:
     seen: dict[str, list[int]] = {key: [] for key in keys}
     try:
         deadline = time.monotonic() + 30
-        while sum(len(v) for v in seen.values()) < KEYS * EVENTS_PER_KEY and time.monotonic() < deadline:
+        while sum(len(v) for v in seen.values()) < expected and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=1000, max_records=2000)
             for records in batch.values():
                 for record in records:
                     key = (record.key or b"").decode()
                     if key in seen:
-                        seen[key].append(int(record.value or b"-1"))
+                        seen[key].append(int((record.value or b"-1").split(b" ")[0]))
     finally:
         await consumer.stop()
-    for key, sequence in seen.items():
-        # At least once: a retried batch may deliver a prefix again, but first deliveries are
-        # complete and in order.
-        first_deliveries = [n for i, n in enumerate(sequence) if n not in sequence[:i]]
-        assert first_deliveries == list(range(EVENTS_PER_KEY)), (key, sequence)
+    return seen
+
+
+async def test_a_batch_larger_than_a_record_batch_keeps_each_keys_order(stack: Stack, settings: Settings) -> None:
+    """The relay packs a batch into record batches per partition; 2 KB events overflow one
+    (16 KiB), so a partition gets several, which must keep the order of the outbox."""
+    keys = [f"pack-test-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    events = 40
+    with psycopg.connect(settings.pg_conninfo) as conn, conn.transaction():
+        for seq in range(events):
+            for key in keys:
+                conn.execute(
+                    "INSERT INTO customer.outbox (event_id, topic, aggregate_id, event_type, payload)"
+                    " VALUES (%s, %s, %s, 'test.Sequence', %s)",
+                    (uuid.uuid4(), CUSTOMER_TOPIC, key, f"{seq} ".encode() + b"x" * 2048),
+                )
+    assert await asyncio.to_thread(_wait_until_sent, settings, keys, 60.0), "the relay did not publish the batch"
+    seen = await _read_sequences(settings, keys, len(keys) * events)
+    assert seen == {key: list(range(events)) for key in keys}  # no fault: each once, in order
+
+
+def test_murmur2_is_kafkas() -> None:
+    """The relay's partition of a key is the one Kafka's default partitioner gives it."""
+    keys = [str(uuid.uuid4()).encode() for _ in range(500)] + [bytes(range(n)) for n in range(70)]
+    assert [outbox.murmur2(key) for key in keys] == [murmur2(key) for key in keys]
+    # Kafka's own vectors (UtilsTest.testMurmur2), as signed 32-bit ints.
+    for key, java in ((b"21", -973932308), (b"foobar", -790332482), (b"a-little-bit-long-string", -985981536)):
+        assert outbox.murmur2(key) == java & 0xFFFFFFFF
 
 
 async def test_sent_events_are_deleted_after_the_retention_and_unsent_ones_never(stack: Stack,
