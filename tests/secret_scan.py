@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 # Fields of the bank's messages that hold a secret (API.md): in requests or in responses.
-SECRET_FIELDS = frozenset({"password", "enrollment_token", "access_token", "refresh_token"})
+SECRET_FIELDS = frozenset({"password", "new_password", "current_password", "enrollment_token", "access_token",
+                           "refresh_token"})
+# Of those, the ones that hold a password (any shape), not a token.
+PASSWORD_FIELDS = frozenset({"password", "new_password", "current_password"})
 # 256-bit tokens from secrets.token_urlsafe(32): enrollment and refresh tokens, the service token.
 URLSAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")
 URLSAFE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_-")
@@ -34,7 +37,7 @@ SHAPES = {
     "a PASETO token": re.compile(r"v[1-4]\.(?:public|local)\.[A-Za-z0-9_-]{20,}"),
     "a private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
 }
-# A verification code is six digits: alone it would match innocent numbers, so it counts only on
+# A verification or password reset code is six digits: alone it would match innocent numbers, so it counts only on
 # a line that also names its customer (how a leaked code would show: with whom it belongs to).
 CODE_LENGTH = 6
 
@@ -79,7 +82,7 @@ class Registry:
         if isinstance(message, Mapping):
             for key, value in message.items():
                 if key in SECRET_FIELDS and isinstance(value, str):
-                    self.remember(value, password=key == "password")
+                    self.remember(value, password=key in PASSWORD_FIELDS)
                 else:
                     self.remember_fields(value)
         elif isinstance(message, list):
@@ -135,7 +138,7 @@ def scan_text(text: str, registry: Registry) -> list[tuple[int, str]]:
             for at in _positions(text, code):
                 number, line = _line_of(text, at)
                 if any(owner in line for owner in registry.codes[code]):
-                    found.append((number, "a verification code, next to its customer"))
+                    found.append((number, "a verification or reset code, next to its customer"))
     return sorted(set(found))
 
 

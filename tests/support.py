@@ -108,6 +108,26 @@ def wait_for_verification_code(settings: Settings, email: str, timeout_s: float 
     raise AssertionError(f"no verification email for {email} in Mailpit after {timeout_s}s")
 
 
+def wait_for_code(settings: Settings, email: str, label: str = "Verification code", count: int = 1,
+                  timeout_s: float = 30.0, *owners: str) -> str:
+    """The code on the line "<label>: <code>" of the newest email to this address holding such a
+    line, once there are at least count of them (a resend waits for its own email). The code is
+    remembered with the address and owners, for the log scan."""
+    deadline = time.monotonic() + timeout_s
+    pattern = re.compile(rf"^{re.escape(label)}: (\d+)\s*$", re.MULTILINE)
+    while time.monotonic() < deadline:
+        codes = []
+        for message in mailpit_messages(settings, f'to:"{email}"'):  # newest first
+            match = pattern.search(mailpit_text(settings, message["ID"]))
+            if match:
+                codes.append(match.group(1))
+        if len(codes) >= count:
+            REGISTRY.remember_code(codes[0], email, *owners)
+            return codes[0]
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {count} emails with '{label}: <code>' for {email} after {timeout_s}s")
+
+
 def unique_email(prefix: str = "c") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}@example.com"
 
