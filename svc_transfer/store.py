@@ -12,12 +12,12 @@ errors (lock wait or statement timed out, pool exhausted, connection lost) raise
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -116,7 +116,7 @@ class MovementRequest:
 
 def _event_headers_json(headers: Mapping[str, str]) -> str:
     """The Kafka headers of a movement's event as the outbox stores them: the non-empty ones."""
-    return json.dumps({key: value for key, value in headers.items() if value}, separators=(",", ":"))
+    return orjson.dumps({key: value for key, value in headers.items() if value}).decode()
 
 
 async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[MovementRequest]) -> list[Movement]:
