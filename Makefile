@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: help venv gen check lint test test-faults up down run status logs tools bench bench-customers bench-transfer bench-events bench-rpcs bench-sustained
+.PHONY: help venv gen check lint test test-faults up down run status logs tools web bench bench-customers bench-transfer bench-events bench-rpcs bench-sustained
 
 help:
 	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench    benchmarks against the running stack (bench-rpcs, bench-customers, bench-transfer, bench-events)"
 	@echo "make bench-sustained  transfers at stepped open-model rates, every consumer running: lags, backlog, headline"
 	@echo "make gen      regenerate gen/ from proto/;  make check  buf lint + buf breaking + gen freshness"
+	@echo "make web      build the customer web app (web/ into web/dist; make run and make test build it too)"
 
 # The virtual environment inside the repo (git-ignored); gen/ and the repo root go on its path.
 $(READY): requirements.txt
@@ -40,6 +41,7 @@ check: $(READY)
 lint: $(READY)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(PY) -m devstack.web check
 
 test: $(READY) lint
 	$(PY) -m pytest
@@ -57,6 +59,9 @@ down: $(READY)
 
 run: $(READY)
 	$(PY) -m devstack run
+
+web: $(READY)
+	$(PY) -m devstack.web build
 
 status: $(READY)
 	$(PY) -m devstack status

@@ -75,6 +75,7 @@ class Settings:
     envoy_admin_port: int = _setting("BANK_ENVOY_ADMIN_PORT", 9901, "Envoy admin (loopback only)")
     envoy_route_timeout_s: float = _setting("BANK_ENVOY_ROUTE_TIMEOUT_S", 10.0, "timeout of every Envoy route")
     envoy_tls_port: int = _setting("BANK_ENVOY_TLS_PORT", 8443, "public gateway over TLS: REST/JSON and gRPC, same routes")
+    web_port: int = _setting("BANK_WEB_PORT", 8070, "the customer web app's static files (devstack.web), behind Envoy's / route")
     tls_cert_file: str = _setting("BANK_TLS_CERT_FILE", "", "certificate chain (PEM) Envoy serves on the TLS port "
                                   "(empty: a local CA's certificate for localhost, made by devstack in <stack_dir>/tls)")
     tls_key_file: str = _setting("BANK_TLS_KEY_FILE", "", "private key (PEM) of BANK_TLS_CERT_FILE (empty: devstack's)")

@@ -20,7 +20,7 @@ from pathlib import Path
 from string import Template
 
 from common.config import REPO_ROOT, Settings
-from devstack import install, tls
+from devstack import install, tls, web
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SERVICES = ("customer", "account", "transfer", "notify")
@@ -360,6 +360,8 @@ def envoy_config(s: Settings, compose: bool = False, k8s: bool = False) -> str:
         else:  # each local process's private port, so Envoy spreads requests over all of them
             listed = [endpoint(s.bind_host, s.private_grpc_port(name, i)) for i in range(s.processes(name))]
         endpoints[f"{name}_endpoints"] = "[" + ", ".join(listed) + "]"
+    # The web app's static files (devstack/web.py); containers have no such server yet (decision 0017).
+    endpoints["web_endpoints"] = f"[{endpoint('web' if compose or k8s else s.bind_host, s.web_port)}]"
     container = compose or k8s
     listen_host = "0.0.0.0" if container else s.bind_host
     descriptor = Path("/etc/envoy/bank.pb") if container else REPO_ROOT / "gen" / "bank.pb"
@@ -409,6 +411,11 @@ def _envoy(s: Settings, p: Paths) -> list[str]:
             "--concurrency", "2", "--file-flush-interval-msec", "1000"]
 
 
+def _web(s: Settings, p: Paths) -> list[str]:
+    web.build(p.install_log("web"))
+    return [sys.executable, "-m", "devstack.web", "serve"]
+
+
 def _private_port_of(name: str, index: int) -> Callable[[Settings], int]:
     return lambda s: s.private_grpc_port(name, index)
 
@@ -456,6 +463,8 @@ def all_components(settings: Settings) -> list[Component]:
                   start_timeout_s=180, stop_timeout_s=30),
         Component("mailpit", "http://127.0.0.1:{mailpit_http_port} (SMTP 127.0.0.1:{smtp_port})", _mailpit,
                   lambda s: _http_ok(f"http://{s.bind_host}:{s.mailpit_http_port}/readyz")),
+        Component("web", "http://127.0.0.1:{web_port} (the web app's files, behind Envoy's /)", _web,
+                  lambda s: _http_ok(f"http://{s.bind_host}:{s.web_port}/"), start_timeout_s=30),
         Component("envoy", "http://127.0.0.1:{envoy_port} (REST and gRPC)", _envoy,
                   lambda s: _http_ok(f"http://127.0.0.1:{s.envoy_admin_port}/ready", "LIVE")),
         Component("prometheus", "http://127.0.0.1:{prometheus_port}", _prometheus,
