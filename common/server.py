@@ -28,6 +28,13 @@ from common.interceptors import ServerInterceptor
 log = logging.getLogger("server")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# gRPC metadata a service accepts, soft and hard limit alike: above Envoy's header limit
+# (max_request_headers_kb, 16 KiB) plus what Envoy adds on the way (a REST request's path again
+# as x-envoy-original-path, x-forwarded-for, x-request-id, ...). gRPC's defaults (8 KiB soft,
+# refused at random up to the hard limit) turned an oversized header that Envoy let through into
+# a random RESOURCE_EXHAUSTED (429) naming the headers Envoy adds (issue #13). Envoy's limit is
+# the one clients meet: 431 (docs/decisions/0015).
+MAX_METADATA_BYTES = 64 * 1024
 DEPENDENCY_WAIT_S = 60.0
 
 
@@ -99,6 +106,8 @@ async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             # Every process of the service shares its port (the kernel spreads connections).
             ("grpc.so_reuseport", 1),
         ],

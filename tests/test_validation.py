@@ -301,9 +301,9 @@ async def test_envoy_refuses_an_oversize_grpc_message(settings: Settings, tokens
         transfers = transfer_pb2_grpc.TransferServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await transfers.CreateTransfer(request, metadata=metadata, timeout=5)
-        # Envoy's 413 as gRPC sees it: RESOURCE_EXHAUSTED (its local-reply mapper; Envoy alone
-        # would say UNKNOWN); the service never saw it.
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+        # Envoy's 413 as gRPC sees it: INVALID_ARGUMENT (its local-reply mapper; Envoy alone
+        # would say UNKNOWN; never RESOURCE_EXHAUSTED, "retry later"); the service never saw it.
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
         assert "Payload Too Large" in (caught.value.details() or "")
         request.description = "d" * 200
         code, reason, _ = await refusal(transfers.CreateTransfer(request, metadata=metadata, timeout=5))
