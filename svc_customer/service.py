@@ -69,6 +69,8 @@ UNVERIFIED_TTL = timedelta(days=7)
 PASSWORD_RESET_ROW_TTL = timedelta(days=1)
 SWEEP_EVERY_S = 3600.0
 SWEEP_BATCH_MAX = 1000
+# Session revocations sent to Redis side by side when a password reset or change ends sessions.
+REVOCATIONS_AT_ONCE_MAX = 4
 # What UpdateCustomer may change (AIP-134 update_mask paths); the rest is immutable.
 MUTABLE_FIELDS = frozenset({"full_name", "phone_number"})
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{2,31}$")
@@ -631,8 +633,11 @@ class CustomerUseCases:
 
     async def _revoke_now(self, session_ids: list[UUID]) -> None:
         """After commit: every token of these sessions is refused by every service from here on."""
-        for start in range(0, len(session_ids), 100):  # bounded fan-out to Redis
-            await asyncio.gather(*(self._revocations.revoke(str(sid)) for sid in session_ids[start:start + 100]))
+        # A few at a time: the Redis pool is bounded and shared with every other request (all
+        # at once, a customer with hundreds of sessions emptied it: MaxConnectionsError).
+        for start in range(0, len(session_ids), REVOCATIONS_AT_ONCE_MAX):
+            await asyncio.gather(*(self._revocations.revoke(str(sid))
+                                   for sid in session_ids[start:start + REVOCATIONS_AT_ONCE_MAX]))
 
     def _own(self, caller: auth.Caller, customer_id: str) -> UUID:
         """The caller's own customer id, named in the request; anyone else's (a teller's too: they

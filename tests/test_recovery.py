@@ -239,6 +239,16 @@ def test_a_password_reset_sets_the_password_and_ends_every_session(stack: Stack,
     _wait_for_subject(settings, customer.email, "Your password was changed")
 
 
+def test_a_reset_ends_many_sessions_at_once(stack: Stack, settings: Settings) -> None:
+    """All of them, however many (revoking them all side by side once emptied the Redis pool)."""
+    customer = onboard(settings)
+    sessions = [login(settings, customer.username, customer.password) for _ in range(24)]
+    assert _request_reset(settings, customer.email).status == 200
+    assert _reset(settings, customer.email, _reset_code(settings, customer)).status == 200
+    refused = {rest(settings, "GET", "/v1/accounts", token=s["access_token"]).status for s in sessions}
+    assert refused == {401}
+
+
 def test_a_new_reset_request_voids_the_older_code(stack: Stack, settings: Settings) -> None:
     customer = onboard(settings)
     assert _request_reset(settings, customer.email).status == 200
