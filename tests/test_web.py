@@ -32,7 +32,7 @@ from devstack.components import Paths
 from devstack.stack import Stack
 from tests.events_support import deposit, open_account, teller_token
 from tests.secret_scan import REGISTRY
-from tests.support import STRONG_PASSWORD, Customer, onboard, rest, unique_email, wait_for_verification_code
+from tests.support import STRONG_PASSWORD, Customer, onboard, rest, unique_email, wait_for_code, wait_for_verification_code
 
 # Without the background-networking flags Chromium tries Google's hosts at every start, and this
 # machine's closed network refuses them (polyglot.md); no GPU here.
@@ -177,7 +177,8 @@ def register_in_browser(tab: Tab, settings: Settings, shots: str = "") -> WebCus
 
 
 def sign_in(tab: Tab, username: str, password: str = STRONG_PASSWORD) -> None:
-    tab.open("signin")
+    if tab.page.url != f"{tab.base}/#/signin":
+        tab.open("signin")
     tab.page.get_by_label("Username").fill(username)
     tab.page.get_by_label("Password").fill(password)
     tab.page.get_by_role("button", name="Sign in").click()
@@ -381,8 +382,11 @@ def test_a_wrong_verification_code_shows_the_apis_message(new_tab: Callable[[], 
     expect(tab.alert()).to_contain_text(body["message"])
     expect(tab.alert()).to_contain_text("INVALID_CODE")
     expect(page.get_by_role("heading", level=1)).to_have_text("Check your email")
-    # The right code still works after a wrong one.
-    page.get_by_label("Verification code").fill(code)
+    # A new code by email ("Send a new code"); it verifies, after the wrong one.
+    page.get_by_role("button", name="Send a new code").click()
+    expect(page.get_by_role("status").filter(has_text="A new code is on its way")).to_be_visible()
+    new_code = wait_for_code(settings, email, "Verification code", 2)
+    page.get_by_label("Verification code").fill(new_code)
     page.get_by_role("button", name="Verify email").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("Create your sign-in")
 
@@ -558,7 +562,7 @@ def test_accessibility_basics_labels_and_keyboard(new_tab: Callable[[], Tab], se
         if page.evaluate("document.activeElement.textContent") == "Send money":
             break
         page.keyboard.press("Shift+Tab")
-    expect(page.get_by_role("link", name="Send money")).to_be_focused()
+    expect(page.get_by_role("navigation", name="Main").get_by_role("link", name="Send money")).to_be_focused()
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", level=1)).to_have_text("Send money")
     expect(page.get_by_role("heading", level=1)).to_be_focused()
@@ -568,3 +572,36 @@ def test_accessibility_basics_labels_and_keyboard(new_tab: Callable[[], Tab], se
     page.keyboard.type("abc")
     page.keyboard.press("Enter")
     expect(tab.alert()).to_contain_text("Enter an amount")
+
+
+def test_a_forgotten_password_is_reset_with_the_emailed_code(new_tab: Callable[[], Tab], settings: Settings) -> None:
+    customer = onboard(settings)
+    tab = new_tab()
+    page = tab.page
+    tab.open("signin")
+    page.get_by_role("link", name="Forgot your password?").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Forgot your password?")
+    page.get_by_label("Email address").fill(customer.email)
+    page.get_by_role("button", name="Send reset code").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Set a new password")
+    expect(page.get_by_label("Email address")).to_have_value(customer.email)
+    code = wait_for_code(settings, customer.email, "Password reset code", 1, 30.0, customer.customer_id)
+    new_password = f"{STRONG_PASSWORD}-renewed"
+    REGISTRY.remember(new_password)
+    # A wrong code: the API's message, and the password is unchanged.
+    page.get_by_label("Reset code").fill(f"{(int(code) + 1) % 10 ** len(code):0{len(code)}d}")
+    page.get_by_label("New password").fill(new_password)
+    with page.expect_response(lambda r: r.url.endswith(":resetPassword")) as refused:
+        page.get_by_role("button", name="Set new password").click()
+    assert refused.value.status == 400
+    expect(tab.alert()).to_contain_text(refused.value.json()["message"])
+    expect(tab.alert()).to_contain_text("INVALID_CODE")
+    _shot(page, SCREENSHOTS, "reset-password")
+    page.get_by_label("Reset code").fill(code)
+    page.get_by_role("button", name="Set new password").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Sign in")
+    expect(page.get_by_role("status")).to_contain_text("Your password is changed")
+    # Every earlier session ended; the new password signs in, the old one does not.
+    assert rest(settings, "GET", "/v1/accounts", token=customer.token).status == 401
+    assert rest(settings, "POST", "/v1/sessions", {"username": customer.username, "password": customer.password}).status == 401
+    sign_in(tab, customer.username, new_password)

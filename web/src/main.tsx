@@ -8,6 +8,7 @@ import { onSessionChange, signOut, signedIn } from "./api";
 import { AccountStatement, Accounts } from "./pages/accounts";
 import { Notifications } from "./pages/notifications";
 import { Credentials, Register, SignIn, Verify } from "./pages/onboarding";
+import { ForgotPassword, ResetPassword } from "./pages/recovery";
 import { SendMoney } from "./pages/transfer";
 import { ErrorBox, navigate } from "./ui";
 
@@ -21,7 +22,7 @@ function currentRoute(): Route {
   return { path: path.split("/").filter(Boolean).map(decodeURIComponent), query: new URLSearchParams(query ?? "") };
 }
 
-const PUBLIC_PAGES = new Set(["signin", "register", "verify", "credentials"]);
+const PUBLIC_PAGES = new Set(["signin", "register", "verify", "credentials", "forgot", "reset"]);
 
 function App(): JSX.Element {
   const [route, setRoute] = useState(currentRoute());
@@ -57,6 +58,10 @@ function App(): JSX.Element {
     content = <Verify customerId={route.path[1]} />;
   } else if (page === "credentials") {
     content = <Credentials />;
+  } else if (page === "forgot") {
+    content = <ForgotPassword />;
+  } else if (page === "reset") {
+    content = <ResetPassword />;
   } else if (page === "signin" || !isSignedIn) {
     content = <SignIn notice={ended} />;
   } else if (page === "accounts" && route.path[1]) {

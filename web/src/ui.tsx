@@ -170,3 +170,23 @@ export function usePaged<T>(load: (pageToken: string) => Promise<Page<T>>, key: 
     reload: () => setVersion((v) => v + 1),
   };
 }
+
+/** A form's submission: its error and whether it is under way (a second submit meanwhile is ignored). */
+export function useSubmit(action: () => Promise<void>) {
+  const [error, setError] = useState<unknown>(null);
+  const [busy, setBusy] = useState(false);
+  const submit = async (event: Event) => {
+    event.preventDefault();
+    if (busy) return;
+    setBusy(true);
+    setError(null);
+    try {
+      await action();
+    } catch (e) {
+      setError(e);
+    } finally {
+      setBusy(false);
+    }
+  };
+  return { error, busy, submit };
+}

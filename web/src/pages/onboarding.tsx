@@ -3,29 +3,11 @@ import type { JSX } from "preact";
 import { useState } from "preact/hooks";
 
 import { type Customer, publicCall, signIn } from "../api";
-import { ErrorBox, Field, Heading, Notice, navigate } from "../ui";
+import { ErrorBox, Field, Heading, Notice, navigate, useSubmit } from "../ui";
+import { afterReset } from "./recovery";
 
 // Carried from one step to the next in memory only: the enrollment token is a credential.
 const pending: { email: string; enrollmentToken: string } = { email: "", enrollmentToken: "" };
-
-function useSubmit(action: () => Promise<void>) {
-  const [error, setError] = useState<unknown>(null);
-  const [busy, setBusy] = useState(false);
-  const submit = async (event: Event) => {
-    event.preventDefault();
-    if (busy) return;
-    setBusy(true);
-    setError(null);
-    try {
-      await action();
-    } catch (e) {
-      setError(e);
-    } finally {
-      setBusy(false);
-    }
-  };
-  return { error, busy, submit };
-}
 
 export function Register(): JSX.Element {
   const [email, setEmail] = useState("");
@@ -79,7 +61,26 @@ export function Verify({ customerId }: { customerId: string }): JSX.Element {
         <ErrorBox error={error} />
         <button type="submit" disabled={busy}>Verify email</button>
       </form>
+      {pending.email ? <ResendCode email={pending.email} /> : null}
     </section>
+  );
+}
+
+function ResendCode({ email }: { email: string }): JSX.Element {
+  const [sent, setSent] = useState(false);
+  const { error, busy, submit } = useSubmit(async () => {
+    setSent(false);
+    await publicCall("POST", "/v1/customers:resendVerificationCode", { email });
+    setSent(true);
+  });
+  return (
+    <form onSubmit={submit} aria-label="Send a new code">
+      <p>
+        No email? <button type="submit" class="link" disabled={busy}>Send a new code</button>
+      </p>
+      {sent ? <Notice><p>A new code is on its way; earlier codes no longer work.</p></Notice> : null}
+      <ErrorBox error={error} />
+    </form>
   );
 }
 
@@ -122,6 +123,11 @@ export function Credentials(): JSX.Element {
 }
 
 export function SignIn({ notice }: { notice: string | null }): JSX.Element {
+  const [reset] = useState(() => {
+    const done = afterReset.done;
+    afterReset.done = false;
+    return done;
+  });
   const [username, setUsername] = useState("");
   const [password, setPassword] = useState("");
   const { error, busy, submit } = useSubmit(async () => {
@@ -131,6 +137,11 @@ export function SignIn({ notice }: { notice: string | null }): JSX.Element {
   return (
     <section>
       <Heading>Sign in</Heading>
+      {reset ? (
+        <Notice>
+          <p>Your password is changed and every session was signed out. Sign in with the new password.</p>
+        </Notice>
+      ) : null}
       {notice ? (
         <div class="error" role="alert">
           <p>
@@ -145,6 +156,9 @@ export function SignIn({ notice }: { notice: string | null }): JSX.Element {
         <ErrorBox error={error} />
         <button type="submit" disabled={busy}>Sign in</button>
       </form>
+      <p>
+        <a href="#/forgot">Forgot your password?</a>
+      </p>
       <p>
         New to Simple Bank? <a href="#/register">Register</a>
       </p>
