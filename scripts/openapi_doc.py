@@ -50,13 +50,15 @@ _STATUS_DESCRIPTIONS = {
     404: "NOT_FOUND: unknown, or not visible to the caller (another customer's object is never revealed).",
     409: "ALREADY_EXISTS or ABORTED: a conflict (a name already taken, an idempotency key reused with "
          "different parameters).",
-    413: "RESOURCE_EXHAUSTED: the request body is over the gateway's limit.",
+    413: "INVALID_ARGUMENT BODY_TOO_LARGE: the request body is over the gateway's limit (64 KiB).",
+    431: "INVALID_ARGUMENT HEADERS_TOO_LARGE: the request's headers (path and query included) are over the "
+         "gateway's limit (16 KiB, 64 headers).",
     429: "RESOURCE_EXHAUSTED: too many requests or attempts; try again later.",
     503: "UNAVAILABLE: a dependency is briefly unavailable; safe to retry.",
 }
 # Every operation can answer these: bad input is rejected by Envoy or the service, rate limits
 # and outages apply to all.
-_COMMON_STATUSES = (400, 429, 503)
+_COMMON_STATUSES = (400, 429, 431, 503)
 
 
 @dataclass(frozen=True)
