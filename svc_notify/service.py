@@ -242,7 +242,8 @@ async def email_changed(store: Store, sender: Mailer, event: events_pb2.EmailCha
     """Every later email goes to the new address (the contacts projection); the old one is told."""
     customer_id = _customer_id(event.customer_id)
     old_email, new_email = _email_address(event.old_email), _email_address(event.new_email)
-    await _storage(lambda: store.change_contact_email(customer_id, new_email, _event_time(event, meta)),
+    # The new address was proven by the code it received: verified, as of the change.
+    await _storage(lambda: store.mark_contact_verified(customer_id, new_email, _event_time(event, meta)),
                    "customer_contacts email change")
     text = ("Hello,\n\nThe email address of your Simple Bank customer record was changed from this address to "
             f"{new_email}. Emails from the bank go there from now on.\n\n"

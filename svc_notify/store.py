@@ -164,21 +164,6 @@ class Store:
             )
             return cursor.rowcount == 1
 
-    async def change_contact_email(self, customer_id: uuid.UUID, email: str, event_time: datetime) -> bool:
-        """Record a confirmed change of address; False when the row already reflects this or a
-        later event. A change without a known registration still creates the row (name unknown)."""
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(
-                "INSERT INTO customer_contacts"
-                " (customer_id, email, full_name, email_verified, verify_time, event_time, update_time)"
-                " VALUES (%s, %s, '', true, %s, %s, now())"
-                " ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, email_verified = true,"
-                "  event_time = EXCLUDED.event_time, update_time = now()"
-                " WHERE customer_contacts.event_time < EXCLUDED.event_time",
-                (customer_id, email, event_time, event_time),
-            )
-            return cursor.rowcount == 1
-
     async def get_contacts(self, customer_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         """The email address of each customer the projection knows, by customer id. The lookups
         asked for in one turn of the event loop (the events of a consumer batch, side by side)

@@ -411,7 +411,15 @@ def test_an_email_change_takes_effect_once_confirmed_and_the_old_address_is_told
     assert confirmed.status == 200 and confirmed.body["email"] == new_email, confirmed.body
     assert rest(settings, "GET", f"/v1/customers/{customer.customer_id}", token=customer.token).body["email"] == new_email
     _wait_for_subject(settings, customer.email, "Your email address was changed")
-    # Every later email goes to the new address: a reset for the old one sends nothing.
+    # Every later email goes to the new address: a movement's email...
+    teller = login(settings, settings.teller_username, settings.teller_password)["access_token"]
+    account = rest(settings, "POST", "/v1/accounts", {"currency": "USD"}, token=customer.token).body["account_id"]
+    deposited = rest(settings, "POST", "/v1/deposits", {"request_id": uuid.uuid4().hex, "account_id": account,
+                                                        "amount": "500", "currency": "USD"}, token=teller)
+    assert deposited.status == 200, deposited.body
+    _wait_for_subject(settings, new_email, "Deposit of 5.00 USD")
+    assert "Deposit of 5.00 USD" not in _subjects(settings, customer.email)
+    # ...and a reset: one asked for the old address sends nothing.
     assert _request_reset(settings, customer.email).status == 200
     assert _request_reset(settings, new_email).status == 200
     wait_for_code(settings, new_email, RESET, 1, 30.0, customer.customer_id)
