@@ -372,6 +372,7 @@ def test_a_wrong_verification_code_shows_the_apis_message(new_tab: Callable[[], 
     page.get_by_label("Full name").fill("Wrong Code")
     page.get_by_role("button", name="Register").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("Check your email")
+    assert page.evaluate(LOW_CONTRAST) == []  # "Send a new code" among them
     code = wait_for_verification_code(settings, email)
     wrong = f"{(int(code) + 1) % 10 ** len(code):0{len(code)}d}"
     page.get_by_label("Verification code").fill(wrong)
@@ -527,6 +528,24 @@ def _time(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
+# The contrast of each enabled control's and label's text with what is behind it (WCAG 2's
+# formula: 4.5:1 at least for normal text). The background is the nearest opaque one up the tree.
+LOW_CONTRAST = """() => {
+  const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => [r, g, b].map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+    .reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+  const background = (e) => {
+    for (; e; e = e.parentElement) { const c = rgb(getComputedStyle(e).backgroundColor); if (c.length === 3 || c[3] > 0) return c; }
+    return [255, 255, 255];
+  };
+  return [...document.querySelectorAll('a[href], button:not(:disabled), label, h1, td, th, p')]
+    .filter((e) => e.offsetParent !== null && (e.textContent || '').trim() && !e.closest('.visually-hidden, .skip'))
+    .map((e) => { const [a, b] = [lum(rgb(getComputedStyle(e).color)), lum(background(e))];
+                  return [e.outerHTML.slice(0, 80), (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)]; })
+    .filter(([, ratio]) => ratio < 4.5);
+}"""
+
+
 def test_accessibility_basics_labels_and_keyboard(new_tab: Callable[[], Tab], settings: Settings) -> None:
     customer = onboard(settings)
     open_account(settings, customer, "EUR")
@@ -536,10 +555,11 @@ def test_accessibility_basics_labels_and_keyboard(new_tab: Callable[[], Tab], se
         .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.getAttribute('aria-labelledby')
                      && !(e.textContent || '').trim())
         .map(e => e.outerHTML)"""
-    for route in ["signin", "register"]:
+    for route in ["signin", "register", "forgot"]:
         tab.open(route)
         expect(page.get_by_role("heading", level=1)).to_be_focused()
         assert page.evaluate(unlabelled) == [], route
+        assert page.evaluate(LOW_CONTRAST) == [], route
         assert page.evaluate("document.documentElement.lang") == "en"
 
     # Signing in with the keyboard alone: Tab to each field, Enter submits.
@@ -554,7 +574,9 @@ def test_accessibility_basics_labels_and_keyboard(new_tab: Callable[[], Tab], se
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", level=1)).to_have_text("Your accounts")
     expect(page.get_by_role("heading", level=1)).to_be_focused()
+    expect(page.locator("table.accounts tbody tr")).to_have_count(1)
     assert page.evaluate(unlabelled) == []
+    assert page.evaluate(LOW_CONTRAST) == []
 
     # The main navigation by keyboard: from the page's start, Tab reaches "Send money", Enter follows it.
     page.keyboard.press("Shift+Tab")

@@ -19,7 +19,7 @@ export function ErrorBox({ error }: { error: unknown }): JSX.Element | null {
           <strong>{error.message}</strong>
           {error.reason ? <span class="reason"> ({error.reason})</span> : null}
         </p>
-        {error.violations.length > 0 ? (
+        {error.violations.some((v) => `${v.field}: ${v.description}` !== error.message) ? (
           <ul>
             {error.violations.map((v) => (
               <li key={v.field}>
