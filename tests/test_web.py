@@ -241,6 +241,15 @@ def _wait_statement(settings: Settings, customer: Customer, account_id: str, lin
     raise AssertionError(f"the statement of {account_id} did not reach {lines} lines")
 
 
+def _payer_and_payee(settings: Settings, currency: str, funds: int) -> tuple[Customer, str, Customer, str]:
+    """A customer with an account holding `funds` (minor units), and another customer's account
+    in the same currency, by REST: (payer, their account, payee, theirs)."""
+    payer, payee = onboard(settings), onboard(settings)
+    source, target = open_account(settings, payer, currency), open_account(settings, payee, currency)
+    deposit(settings, teller_token(settings), source, funds, currency)
+    return payer, source, payee, target
+
+
 def _balance(settings: Settings, customer: Customer, account_id: str) -> str:
     found = rest(settings, "GET", f"/v1/accounts/{account_id}", token=customer.token)
     assert found.status == 200, found.body
@@ -394,9 +403,7 @@ def test_a_wrong_verification_code_shows_the_apis_message(new_tab: Callable[[], 
 
 def test_insufficient_funds_and_a_bad_amount_are_shown_and_move_nothing(new_tab: Callable[[], Tab],
                                                                          settings: Settings) -> None:
-    payer, payee = onboard(settings), onboard(settings)
-    source, target = open_account(settings, payer, "EUR"), open_account(settings, payee, "EUR")
-    deposit(settings, teller_token(settings), source, 500, "EUR")
+    payer, source, payee, target = _payer_and_payee(settings, "EUR", 500)
     tab = new_tab()
     sign_in(tab, payer.username)
     page = tab.page
@@ -426,9 +433,7 @@ def test_insufficient_funds_and_a_bad_amount_are_shown_and_move_nothing(new_tab:
 
 
 def test_a_retry_or_a_double_click_moves_money_once(new_tab: Callable[[], Tab], settings: Settings) -> None:
-    payer, payee = onboard(settings), onboard(settings)
-    source, target = open_account(settings, payer, "USD"), open_account(settings, payee, "USD")
-    deposit(settings, teller_token(settings), source, 10000, "USD")
+    payer, source, _, target = _payer_and_payee(settings, "USD", 10000)
     tab = new_tab()
     sign_in(tab, payer.username)
     page = tab.page

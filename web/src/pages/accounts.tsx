@@ -4,7 +4,7 @@ import { useState } from "preact/hooks";
 
 import { type Account, type Activity, SUPPORTED_CURRENCIES, call, pageQuery } from "../api";
 import { formatMoney } from "../money";
-import { ErrorBox, Heading, Notice, Pager, usePaged, when } from "../ui";
+import { ErrorBox, Heading, Notice, Pager, usePaged, useSubmit, when } from "../ui";
 
 async function listAccounts(pageToken: string) {
   const answer = await call<{ accounts?: Account[]; next_page_token?: string }>("GET", `/v1/accounts?${pageQuery(pageToken, 50)}`);
@@ -13,21 +13,9 @@ async function listAccounts(pageToken: string) {
 
 function OpenAccount({ onOpened }: { onOpened: (account: Account) => void }): JSX.Element {
   const [currency, setCurrency] = useState("EUR");
-  const [error, setError] = useState<unknown>(null);
-  const [busy, setBusy] = useState(false);
-  const submit = async (event: Event) => {
-    event.preventDefault();
-    if (busy) return;
-    setBusy(true);
-    setError(null);
-    try {
-      onOpened(await call<Account>("POST", "/v1/accounts", { currency }));
-    } catch (e) {
-      setError(e);
-    } finally {
-      setBusy(false);
-    }
-  };
+  const { error, busy, submit } = useSubmit(async () => {
+    onOpened(await call<Account>("POST", "/v1/accounts", { currency }));
+  });
   return (
     <form class="inline" onSubmit={submit} aria-labelledby="open-account-title">
       <h2 id="open-account-title">Open an account</h2>
