@@ -49,9 +49,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyseto import Key
 from pyseto.key_interface import KeyInterface
 
+from common import redisdb
 from common.config import Settings
 from common.config import load as load_settings
 from common.errors import DomainError
+from common.logging import fields
 
 log = logging.getLogger("auth")
 
@@ -59,7 +61,7 @@ AUTHORIZATION_HEADER = "authorization"
 SERVICE_TOKEN_HEADER = "x-bank-service-token"
 SERVICE_NAME_HEADER = "x-bank-service"
 REVOKED_KEY = "bank:revoked-session:{}"
-MAX_TOKEN_LENGTH = 4096
+TOKEN_LENGTH_MAX = 4096
 
 
 class Role(StrEnum):
@@ -264,10 +266,10 @@ class KeyWatch:
         try:
             self._ring = _read_ring(folder, self._ring.signing_key is not None, self._ring.service_token)
             self._stamp = stamp
-            log.info("token keys reloaded", extra={"fields": {"kids": sorted(self._ring.verify_keys),
-                                                              "signing_kid": self._ring.signing_kid or None}})
+            log.info("token keys reloaded", extra=fields(kids=sorted(self._ring.verify_keys),
+                                                         signing_kid=self._ring.signing_kid or None))
         except (KeyFolderError, OSError, ValueError) as exc:
-            log.warning("token key folder unreadable; keeping the previous keys", extra={"fields": {"error": str(exc)}})
+            log.warning("token key folder unreadable; keeping the previous keys", extra=fields(error=str(exc)))
         return self._ring
 
 
@@ -330,7 +332,7 @@ class TokenVerifier:
         return caller
 
     def _verify(self, token: str) -> tuple[Caller, float, str]:
-        if len(token) > MAX_TOKEN_LENGTH or not token.startswith("v4.public."):
+        if len(token) > TOKEN_LENGTH_MAX or not token.startswith("v4.public."):
             raise unauthenticated("INVALID_TOKEN", "the access token is not valid")
         kid = _kid_of(token) or ""
         # A key id not in the ring may be a key added a moment ago: look at the folder again.
@@ -420,7 +422,7 @@ class Revocations:
             try:
                 values = await self._redis.mget([REVOKED_KEY.format(session_id) for session_id in batch])
                 answers = [value is not None for value in values]
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # any failure fails closed, and every waiter must get an answer
                 log.warning("revocation check failed", exc_info=exc)
                 answers = [None] * len(batch)
             for future, answer in zip(batch.values(), answers, strict=True):
@@ -428,9 +430,7 @@ class Revocations:
                     future.set_result(answer)
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis(host=settings.redis_host, port=settings.redis_port,
-                       socket_timeout=1.0, socket_connect_timeout=1.0, max_connections=64)
+redis_client = redisdb.client  # the name tests and tools use
 
 
 # --- the check the interceptor runs -------------------------------------------------------

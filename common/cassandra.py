@@ -55,6 +55,8 @@ from prometheus_client import Histogram
 from psycopg_pool import AsyncConnectionPool
 
 from common.config import Settings
+from common.logging import fields
+from common.retry import DEPENDENCY_BACKOFF, DEPENDENCY_WAIT_S, retry
 
 PreparedT = TypeVar("PreparedT")
 
@@ -68,7 +70,6 @@ SCHEMA_TIMEOUT_S = 30.0  # DDL waits for schema agreement
 SCHEMA_LOCK_WAIT_S = 60
 # The driver enforces request timeouts itself; this extra margin only guards the bridge.
 BRIDGE_SLACK_S = 2.0
-DEPENDENCY_WAIT_S = 60.0
 # After a node comes back, how soon the driver reconnects to it: the driver's default backs off
 # to 10 minutes, far longer than consumers should pause after a restart.
 RECONNECT_INITIAL_S = 0.5
@@ -127,21 +128,16 @@ def new_cluster(settings: Settings) -> Cluster:
 
 async def connect(settings: Settings, wait_s: float = DEPENDENCY_WAIT_S) -> tuple[Cluster, Session]:
     """A connected session; Cassandra may still be starting, so retry with backoff up to wait_s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    attempt = 0
-    while True:
-        attempt += 1
+    async def once() -> tuple[Cluster, Session]:
         cluster = new_cluster(settings)
         try:
-            session = await asyncio.to_thread(cluster.connect)
-            return cluster, session
-        except (NoHostAvailable, OperationTimedOut, OSError) as exc:
+            return cluster, await asyncio.to_thread(cluster.connect)
+        except BaseException:
             await asyncio.to_thread(cluster.shutdown)
-            if loop.time() > deadline:
-                raise
-            log.warning("cassandra not ready (attempt %d): %s", attempt, exc)
-            await asyncio.sleep(min(2.0, 0.2 * attempt))
+            raise
+
+    return await retry(once, what="cassandra connection", transient=(NoHostAvailable, OperationTimedOut, OSError),
+                       backoff=DEPENDENCY_BACKOFF, give_up_after_s=wait_s)
 
 
 async def close(cluster: Cluster) -> None:
@@ -380,5 +376,5 @@ async def apply_cql_files(session: Session, keyspace: str, directory: Path) -> l
             await execute(session, SimpleStatement(statement, consistency_level=ConsistencyLevel.LOCAL_QUORUM),
                           timeout_s=SCHEMA_TIMEOUT_S)
     names = [path.name for path in files]
-    log.info("applied CQL files", extra={"fields": {"keyspace": keyspace, "files": names}})
+    log.info("applied CQL files", extra=fields(keyspace=keyspace, files=names))
     return names

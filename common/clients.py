@@ -9,11 +9,13 @@ from typing import TypeVar
 import grpc
 
 from common import auth, tracing
-from common.errors import DomainError, error_info, status_of
+from common.errors import DomainError, error_info, internal, status_of
 from common.logging import request_id_var
 
 T = TypeVar("T")
 
+# The deadline of every internal RPC: well under Envoy's route timeout (10 s), so the public
+# call that caused it can still answer with the dependency's error.
 INTERNAL_TIMEOUT_S = 3.0
 
 
@@ -49,5 +51,5 @@ async def call(rpc: Awaitable[T]) -> T:
         status = status_of(exc)
         info = error_info(status) if status is not None else None
         if info is None:
-            raise DomainError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the request id is in the logs") from exc
+            raise internal() from exc
         raise DomainError(code, info.reason, exc.details() or info.reason, dict(info.metadata)) from exc

@@ -134,6 +134,9 @@ class Settings:
                                                 "client addresses/CIDRs never limited per address: the gateway's own "
                                                 "host (per-username limits still apply)")
 
+    # Set by the launcher (devstack, one value per process), never by hand.
+    process_index: int = _setting("BANK_PROCESS_INDEX", 0, "which process of its service this is (0, 1, ...): picks its "
+                                  "private gRPC and metrics ports; set by the launcher")
     grpc_shutdown_grace_s: float = _setting("BANK_GRPC_SHUTDOWN_GRACE_S", 5.0, "time in-flight RPCs get to finish on SIGTERM")
     teller_username: str = _setting("BANK_TELLER_USERNAME", "teller", "the local stack's teller login")
     teller_password: str = _setting(

@@ -10,7 +10,7 @@
 - Records are routed by their `event_type` header to a handler; a type without a route is not
   this consumer's business and is committed past.
 - A record that can never be handled (bad bytes, a bad field: BadEvent), or whose handler
-  keeps raising an unexpected error after HANDLER_TRIES tries, goes to the dead-letter topic
+  keeps raising an unexpected error after HANDLER_BACKOFF.tries tries, goes to the dead-letter topic
   "<topic>.dlq" with the error in a header (see common/dlq.py to list and replay), then is
   committed past: one poisoned record never blocks its partition.
 - When storage is down after the handler's own bounded retries (StorageUnavailable), nothing
@@ -47,6 +47,7 @@ from common.config import Settings
 from common.events import dlq_topic
 from common.logging import fields, request_id_var
 from common.outbox import decode_headers, ensure_topics
+from common.retry import Backoff, retry
 
 log = logging.getLogger("consumer")
 
@@ -54,20 +55,19 @@ BATCH_MAX_RECORDS = 50
 BATCH_MAX_RECORDS_LIMIT = 1000  # also the most records an unordered consumer has in hand at once
 POLL_TIMEOUT_MS = 1000
 BATCH_DEADLINE_S = 30.0  # no new record of a batch is started after this; the rest is fetched again
-MAX_POLL_INTERVAL_MS = 600_000
+POLL_INTERVAL_MS_MAX = 600_000
 # How long a rebalance waits for a live member to rejoin (a dead one drops out after the session
 # timeout): a member rejoins at its next poll, so the same bound as the poll interval.
-REBALANCE_TIMEOUT_MS = MAX_POLL_INTERVAL_MS
+REBALANCE_TIMEOUT_MS = POLL_INTERVAL_MS_MAX
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_INTERVAL_MS = 3_000
 REQUEST_TIMEOUT_MS = 30_000
 STOP_GRACE_S = 8.0  # the record in hand gets this long to finish on shutdown
-PAUSE_INITIAL_S = 0.5
-PAUSE_MAX_S = 30.0
+# Pauses before reading again after storage was down, and before restarting after a failure.
+PAUSES = Backoff(tries=1, initial_s=0.5, max_s=30.0)
 # An unexpected error (a bug, or an error nobody classified) gets this many tries, then the
 # record is dead-lettered rather than blocking its partition for ever.
-HANDLER_TRIES = 3
-HANDLER_RETRY_PAUSE_S = 0.5
+HANDLER_BACKOFF = Backoff(tries=3, initial_s=0.5, max_s=1.0)
 DLQ_SEND_TIMEOUT_S = 30.0
 DLQ_ERROR_MAX_CHARS = 1000
 
@@ -155,7 +155,7 @@ class EventConsumer:
                  batch_max_records: int = BATCH_MAX_RECORDS) -> None:
         # A record started just before the deadline may still take the handlers' worst case; the
         # poll after it must come before Kafka gives up on this member.
-        if BATCH_DEADLINE_S + event_worst_case_s >= MAX_POLL_INTERVAL_MS / 1000:
+        if BATCH_DEADLINE_S + event_worst_case_s >= POLL_INTERVAL_MS_MAX / 1000:
             raise ValueError(f"{group_id}: handlers' worst case {event_worst_case_s}s exceeds the poll interval")
         if not 1 <= batch_max_records <= BATCH_MAX_RECORDS_LIMIT:
             raise ValueError(f"batch_max_records {batch_max_records} is out of range")
@@ -196,18 +196,21 @@ class EventConsumer:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _run(self) -> None:
-        pause_s = PAUSE_INITIAL_S
+        # Runs until stop(): a supervisor, so it never gives up; each restart waits longer, up to
+        # PAUSES.max_s, and a clean run resets the count.
+        failures = 0
         while not self._stopping.is_set():
             try:
                 await self._consume()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker down, or a bug: loud in the log, then again, bounded
-                log.error("consumer interrupted; restarting", exc_info=exc, extra=fields(retry_in_s=pause_s))
+                failures += 1
+                pause_s = PAUSES.delay_s(failures)
+                log.error("consumer interrupted; restarting", exc_info=exc, extra=fields(retry_in_s=round(pause_s, 3)))
                 await self._pause(pause_s)
-                pause_s = min(PAUSE_MAX_S, pause_s * 2)
             else:
-                pause_s = PAUSE_INITIAL_S
+                failures = 0
         log.info("consumer stopped", extra=fields(group=self._group_id))
 
     async def _consume(self) -> None:
@@ -220,7 +223,7 @@ class EventConsumer:
             auto_offset_reset="earliest",
             isolation_level="read_committed",  # never act on an aborted transaction's records
             max_poll_records=self._batch_max_records,
-            max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+            max_poll_interval_ms=POLL_INTERVAL_MS_MAX,
             rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
             session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
@@ -238,9 +241,9 @@ class EventConsumer:
             raise
         self._dead_letters = producer
         log.info("consumer started", extra=fields(topics=self._topics, group=self._group_id))
-        pause_s = PAUSE_INITIAL_S
+        storage_failures = 0
         try:
-            while not self._stopping.is_set():
+            while not self._stopping.is_set():  # until stop(), or an error for _run to restart from
                 revocations = rebalances.revocations
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self._batch_max_records)
                 if batch and rebalances.revocations != revocations:
@@ -253,11 +256,13 @@ class EventConsumer:
                     self._idle.set()
                 await self._measure_lag(consumer)
                 if storage_down:
-                    log.warning("storage unavailable; pausing before reading again", extra=fields(pause_s=pause_s))
+                    storage_failures += 1
+                    pause_s = PAUSES.delay_s(storage_failures)
+                    log.warning("storage unavailable; pausing before reading again",
+                                extra=fields(pause_s=round(pause_s, 3)))
                     await self._pause(pause_s)
-                    pause_s = min(PAUSE_MAX_S, pause_s * 2)
                 elif batch:
-                    pause_s = PAUSE_INITIAL_S
+                    storage_failures = 0
         finally:
             self._dead_letters = None
             try:
@@ -391,32 +396,29 @@ class EventConsumer:
                     await self._dead_letter(record, "event has no event_id", where)
                     return
                 meta = EventMeta(event_id, datetime.fromtimestamp(record.timestamp / 1000, UTC))
-                for tries in range(1, HANDLER_TRIES + 1):
-                    try:
-                        outcome = await route.handler(message, meta)
-                    except (StorageUnavailable, asyncio.CancelledError):
-                        raise
-                    except BadEvent as exc:
-                        await self._dead_letter(record, f"bad event: {exc}", where)
-                        return
-                    except Exception as exc:  # unclassified: a bug or an odd dependency error
-                        if tries == HANDLER_TRIES:
-                            log.error("handler keeps failing", exc_info=exc, extra=fields(**where, event_id=event_id))
-                            await self._dead_letter(record, f"{type(exc).__name__}: {exc}", where)
-                            return
-                        log.warning("handler failed; trying again", exc_info=exc,
-                                    extra=fields(**where, event_id=event_id, tries=tries))
-                        await asyncio.sleep(HANDLER_RETRY_PAUSE_S * tries)
-                    else:
-                        EVENTS.labels(self._group_id, event_type, str(outcome)).inc()
-                        created = getattr(message, "create_time", None)
-                        if created is not None and message.HasField("create_time"):
-                            EVENT_AGE.labels(self._group_id, event_type).observe(time.time() - created.ToNanoseconds() / 1e9)
-                        # One line per event, as the RPC interceptor writes one per RPC: what following
-                        # one request across processes by its request_id needs (docs/decisions/0009).
-                        log.info("event handled", extra=fields(**where, event_id=event_id, outcome=str(outcome),
-                                                               duration_ms=round((time.perf_counter() - started) * 1000, 2)))
-                        return
+                try:
+                    # An unclassified error (a bug or an odd dependency error) is tried again, a
+                    # few times; storage down and a bad event are decided at once.
+                    outcome = await retry(lambda: route.handler(message, meta), what="event handler",
+                                          transient=(Exception,), permanent=(StorageUnavailable, BadEvent),
+                                          backoff=HANDLER_BACKOFF)
+                except StorageUnavailable:
+                    raise
+                except BadEvent as exc:
+                    await self._dead_letter(record, f"bad event: {exc}", where)
+                    return
+                except Exception as exc:
+                    log.error("handler keeps failing", exc_info=exc, extra=fields(**where, event_id=event_id))
+                    await self._dead_letter(record, f"{type(exc).__name__}: {exc}", where)
+                    return
+                EVENTS.labels(self._group_id, event_type, str(outcome)).inc()
+                created = getattr(message, "create_time", None)
+                if created is not None and message.HasField("create_time"):
+                    EVENT_AGE.labels(self._group_id, event_type).observe(time.time() - created.ToNanoseconds() / 1e9)
+                # One line per event, as the RPC interceptor writes one per RPC: what following
+                # one request across processes by its request_id needs (docs/decisions/0009).
+                log.info("event handled", extra=fields(**where, event_id=event_id, outcome=str(outcome),
+                                                       duration_ms=round((time.perf_counter() - started) * 1000, 2)))
         finally:
             request_id_var.reset(token)
 

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg import AsyncConnection, OperationalError, sql
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from common.config import Settings
 
@@ -25,6 +25,10 @@ MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 STATEMENT_TIMEOUT_MS = 5000
 LOCK_TIMEOUT_MS = 2000
 POOL_WAIT_TIMEOUT_S = 5.0
+# Postgres failed rather than refused, and a later try may succeed: a lost or terminated
+# connection, a statement or lock wait that timed out (QueryCanceled, LockNotAvailable), a
+# deadlock (all OperationalError), no pooled connection free in time. The one list for Postgres.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, PoolTimeout)
 
 
 def conninfo(settings: Settings, schema: str) -> str:

@@ -7,6 +7,11 @@ import os
 import time
 import uuid
 
+# A request id, both kinds: a transfer's idempotency key (AIP-155; API.md: 1-64 characters,
+# also a rule in proto/) and the x-request-id of a call (a longer one is replaced by a new id).
+# Envoy's ids are UUIDs (36 characters); one limit for both keeps log lines and keys bounded alike.
+REQUEST_ID_LENGTH_MAX = 64
+
 
 def uuid7() -> uuid.UUID:
     unix_ms = time.time_ns() // 1_000_000

@@ -14,19 +14,16 @@ from typing import Any
 
 import grpc
 import protovalidate
-import psycopg
-import redis.exceptions
 from google.protobuf.message import Message
-from psycopg_pool import PoolTimeout
 
-from common import auth, cassandra, input_guard, metrics, tracing
+from common import auth, cassandra, db, input_guard, metrics, redisdb, tracing
 from common.errors import DomainError, internal, not_implemented, storage_unavailable
+from common.ids import REQUEST_ID_LENGTH_MAX
 from common.logging import fields, request_id_var
 
 log = logging.getLogger("rpc")
 
 REQUEST_ID_HEADER = "x-request-id"
-MAX_REQUEST_ID_LENGTH = 128
 # Probes run every few seconds; logging each would drown the useful lines.
 QUIET_SERVICES = ("grpc.health.v1.Health",)
 # API.md's generic reason for a request that breaks a field rule.
@@ -41,8 +38,7 @@ VALIDATOR = protovalidate.Validator()
 # A storage dependency that failed rather than refused: a lost or timed-out Postgres connection
 # or statement, no free pooled connection, Redis or Cassandra unreachable or slow. UNAVAILABLE
 # (503) tells the client to retry; INTERNAL (500) would say the bank itself is broken.
-STORAGE_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, PoolTimeout,
-                                               redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+STORAGE_ERRORS: tuple[type[Exception], ...] = (*db.TRANSIENT_ERRORS, *redisdb.TRANSIENT_ERRORS,
                                                *cassandra.TRANSIENT_ERRORS)
 
 
@@ -81,7 +77,7 @@ def _request_headers(context: grpc.aio.ServicerContext) -> tuple[str, str | None
     request_id, traceparent = None, None
     for key, value in context.invocation_metadata() or ():
         if (key == REQUEST_ID_HEADER and request_id is None and isinstance(value, str)
-                and 0 < len(value) <= MAX_REQUEST_ID_LENGTH):
+                and 0 < len(value) <= REQUEST_ID_LENGTH_MAX):
             request_id = value
         elif key == tracing.TRACEPARENT_HEADER and isinstance(value, str):
             traceparent = value

@@ -39,6 +39,7 @@ from common import db
 from common import logging as common_logging
 from common.config import Settings
 from common.events import TOPICS
+from common.retry import Backoff
 
 log = logging.getLogger("outbox")
 
@@ -49,8 +50,7 @@ POLL_INTERVAL_S = 1.0
 # one NOTIFY per OutboxNudge.QUIET_S, which must stay below the tail (asserted there).
 BUSY_POLL_S = 0.02
 BUSY_TAIL_S = 1.0
-BACKOFF_INITIAL_S = 0.2
-BACKOFF_MAX_S = 5.0
+RESTARTS = Backoff(tries=1, initial_s=0.2, max_s=5.0)  # pauses before the relay starts again
 SEND_TIMEOUT_S = 30.0
 SENT_RETENTION_S = 24 * 3600
 CLEANUP_INTERVAL_S = 60.0
@@ -116,19 +116,22 @@ class OutboxRelay:
                 await self._task
 
     async def _run(self) -> None:
-        backoff = BACKOFF_INITIAL_S
+        # Runs until stop(): a supervisor, so it never gives up; each restart waits longer, up to
+        # RESTARTS.max_s, and a clean run resets the count.
+        failures = 0
         while not self._stopping:
             try:
                 await self._lead_and_relay()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker or database down: retry, bounded backoff
+                failures += 1
+                pause_s = RESTARTS.delay_s(failures)
                 log.warning("outbox relay interrupted; retrying", exc_info=exc,
-                            extra={"fields": {"retry_in_s": backoff}})
-                await asyncio.sleep(backoff)
-                backoff = min(BACKOFF_MAX_S, backoff * 2)
+                            extra=common_logging.fields(retry_in_s=round(pause_s, 3)))
+                await asyncio.sleep(pause_s)
             else:
-                backoff = BACKOFF_INITIAL_S
+                failures = 0
 
     async def _lead_and_relay(self) -> None:
         # A dedicated connection (autocommit) holds the leader lock and listens for NOTIFY.
@@ -150,7 +153,7 @@ class OutboxRelay:
                 request_timeout_ms=int(SEND_TIMEOUT_S * 1000),
             )
             await producer.start()
-            log.info("outbox relay active", extra={"fields": {"schema": self._schema}})
+            log.info("outbox relay active", extra=common_logging.fields(schema=self._schema))
             notifies = asyncio.get_running_loop().create_task(self._listen(leader))
             try:
                 busy_until = 0.0
@@ -184,8 +187,8 @@ class OutboxRelay:
             log.warning("outbox cleanup failed", exc_info=exc)
             return
         if deleted:
-            log.info("sent outbox events deleted", extra={"fields": {"schema": self._schema, "deleted": deleted,
-                                                                     "retention_s": SENT_RETENTION_S}})
+            log.info("sent outbox events deleted", extra=common_logging.fields(schema=self._schema, deleted=deleted,
+                                                                                retention_s=SENT_RETENTION_S))
         if deleted == CLEANUP_BATCH:
             self._next_cleanup = 0.0  # more to go: again at the next quiet moment
 

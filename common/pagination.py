@@ -14,15 +14,15 @@ import grpc
 from common.errors import DomainError
 
 DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
-MAX_TOKEN_LENGTH = 512
+PAGE_SIZE_MAX = 500
+TOKEN_LENGTH_MAX = 512
 
 
 def page_size(requested: int) -> int:
     if requested < 0:
         raise DomainError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", "page_size must not be negative",
                           field_violations=[("page_size", "must be >= 0")])
-    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
+    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, PAGE_SIZE_MAX)
 
 
 def encode_token(key: list[Any]) -> str:
@@ -39,7 +39,7 @@ def decode_token(token: str, length: int) -> list[Any] | None:
     if not token:
         return None
     try:
-        if len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > TOKEN_LENGTH_MAX:
             raise ValueError("too long")
         key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not isinstance(key, list) or len(key) != length:

@@ -33,6 +33,7 @@ import grpc
 import redis.asyncio as redis
 from prometheus_client import Counter
 
+from common import redisdb
 from common.errors import DomainError
 
 log = logging.getLogger("ratelimit")
@@ -228,7 +229,7 @@ class SlidingWindow:
             # Bounded: the client's own retries would hold a login for seconds while Redis is down.
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 waits = await (script or self._script)(keys=[c.key for c in counts], args=args)
-        except (redis.RedisError, OSError) as exc:  # OSError includes TimeoutError
+        except redisdb.TRANSIENT_ERRORS as exc:
             # Fail open, loudly: see the module docstring.
             for count in counts:
                 CHECKS.labels(count.limit.name, "error").inc()

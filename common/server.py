@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,18 +23,18 @@ from psycopg_pool import AsyncConnectionPool
 from common import auth, config, db, metrics, tracing
 from common import logging as bank_logging
 from common.interceptors import ServerInterceptor
+from common.retry import DEPENDENCY_BACKOFF, DEPENDENCY_WAIT_S, retry
 
 log = logging.getLogger("server")
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 # gRPC metadata a service accepts, soft and hard limit alike: above Envoy's header limit
 # (max_request_headers_kb, 16 KiB) plus what Envoy adds on the way (a REST request's path again
 # as x-envoy-original-path, x-forwarded-for, x-request-id, ...). gRPC's defaults (8 KiB soft,
 # refused at random up to the hard limit) turned an oversized header that Envoy let through into
 # a random RESOURCE_EXHAUSTED (429) naming the headers Envoy adds (issue #13). Envoy's limit is
 # the one clients meet: 431 (docs/decisions/0015).
-MAX_METADATA_BYTES = 64 * 1024
-DEPENDENCY_WAIT_S = 60.0
+METADATA_BYTES_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -74,17 +73,9 @@ class ServiceSpec:
 
 async def _open_pool_when_ready(settings: config.Settings, schema: str) -> AsyncConnectionPool:
     """Postgres may still be starting (a container restart, say): retry, bounded."""
-    deadline = asyncio.get_running_loop().time() + DEPENDENCY_WAIT_S
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await db.open_pool(settings, schema)
-        except Exception as exc:  # psycopg_pool raises PoolTimeout; anything else is also "not yet"
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            log.warning("postgres not ready (attempt %d): %s", attempt, exc)
-            await asyncio.sleep(min(2.0, 0.2 * attempt))
+    # psycopg_pool raises PoolTimeout; anything else is also "not yet" until the deadline.
+    return await retry(lambda: db.open_pool(settings, schema), what="postgres connection", transient=(Exception,),
+                       backoff=DEPENDENCY_BACKOFF, give_up_after_s=DEPENDENCY_WAIT_S)
 
 
 async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int) -> None:
@@ -104,10 +95,10 @@ async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int
         # RPC's log line carries its trace id.
         interceptors=[*tracing.server_interceptors(), ServerInterceptor(authenticator)],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-            ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+            ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+            ("grpc.max_metadata_size", METADATA_BYTES_MAX),
+            ("grpc.absolute_max_metadata_size", METADATA_BYTES_MAX),
             # Every process of the service shares its port (the kernel spreads connections).
             ("grpc.so_reuseport", 1),
         ],
@@ -163,6 +154,5 @@ def run(spec: ServiceSpec) -> None:
     endpoint = tracing.endpoint_from_env(settings.otel_endpoint)
     if tracing.setup(f"svc_{spec.name}", endpoint):
         log.info("tracing on", extra=bank_logging.fields(otel_endpoint=endpoint))
-    process_index = int(os.environ.get("BANK_PROCESS_INDEX", "0"))
     # uvloop: the event loop's own work per RPC (callbacks, sockets, timers) in C.
-    uvloop.run(serve(spec, settings, process_index))
+    uvloop.run(serve(spec, settings, settings.process_index))

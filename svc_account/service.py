@@ -19,8 +19,9 @@ from bank.transfer.v1 import ledger_pb2, ledger_pb2_grpc
 from psycopg_pool import AsyncConnectionPool
 
 from common import auth, cassandra, pagination
-from common.clients import InternalChannel, call
+from common.clients import INTERNAL_TIMEOUT_S, InternalChannel, call
 from common.consumer import BadEvent, EventMeta, StorageUnavailable
+from common.currencies import SUPPORTED_CURRENCIES
 from common.errors import DomainError
 from common.ids import parse_uuid, uuid7
 from common.logging import fields
@@ -29,7 +30,6 @@ from svc_account import store
 
 log = logging.getLogger("account")
 
-SUPPORTED_CURRENCIES = frozenset({"USD", "EUR", "GBP", "JPY"})
 STATUS_NAMES = {ledger_pb2.LedgerAccount.ACTIVE: "ACTIVE", ledger_pb2.LedgerAccount.FROZEN: "FROZEN",
                 ledger_pb2.LedgerAccount.CLOSED: "CLOSED"}
 
@@ -65,7 +65,7 @@ class AccountUseCases:
                               field_violations=[("currency", "unsupported ISO 4217 code")])
         profile = await call(self._customers.GetCustomerProfile(
             customer_internal_pb2.GetCustomerProfileRequest(customer_id=caller.customer_id),
-            metadata=self._customers_channel.metadata(), timeout=3))
+            metadata=self._customers_channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
         if not profile.email_verified:
             raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "EMAIL_NOT_VERIFIED",
                               "verify your email before opening an account")
@@ -76,7 +76,7 @@ class AccountUseCases:
         await call(self._ledger.OpenLedgerAccount(
             ledger_pb2.OpenLedgerAccountRequest(account_id=str(account_id), customer_id=caller.customer_id,
                                                 currency=currency),
-            metadata=self._ledger_channel.metadata(), timeout=3))
+            metadata=self._ledger_channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
         async with self._pool.connection() as conn:
             account = await store.insert_account(conn, account_id, UUID(caller.customer_id), currency)
         return AccountView(account, 0, "ACTIVE")
@@ -95,7 +95,7 @@ class AccountUseCases:
             return []
         reply = await call(self._ledger.BatchGetLedgerAccounts(
             ledger_pb2.BatchGetLedgerAccountsRequest(account_ids=[str(a.account_id) for a in accounts]),
-            metadata=self._ledger_channel.metadata(), timeout=3))
+            metadata=self._ledger_channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
         by_id = {entry.account_id: entry for entry in reply.ledger_accounts}
         views = []
         for account in accounts:
@@ -128,7 +128,7 @@ class AccountUseCases:
     async def _set_status(self, account: store.Account, status: int) -> AccountView:
         reply = await call(self._ledger.SetLedgerAccountStatus(
             ledger_pb2.SetLedgerAccountStatusRequest(account_id=str(account.account_id), status=status),  # type: ignore[arg-type]
-            metadata=self._ledger_channel.metadata(), timeout=3))
+            metadata=self._ledger_channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
         async with self._pool.connection() as conn:
             await store.set_status(conn, account.account_id, STATUS_NAMES[reply.status])
         return AccountView(account, reply.balance, STATUS_NAMES[reply.status])
@@ -171,7 +171,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Derives statement line ids from (transfer id, account id); never change it, or redelivered
 # events would make second lines.
 ACTIVITY_ID_NAMESPACE = uuid.UUID("0b6e3c55-7f0e-4b8e-9a55-2f1f5d3c9a71")
-MAX_DESCRIPTION_LENGTH = 500
+DESCRIPTION_LENGTH_MAX = 500
 STORAGE_BACKOFF = Backoff(tries=5, initial_s=0.2, max_s=5.0)
 STORAGE_CALLS_PER_TRY = 2  # the months, then the lines (each step's writes side by side)
 # Longest the projection of one event can take when Cassandra hangs on every try.
@@ -207,7 +207,7 @@ def statement_lines(event: events_pb2.MoneyMoved, meta: EventMeta) -> list[store
         raise BadEvent("transfer_id or currency is empty")
     moment = event.create_time.ToDatetime(tzinfo=UTC) if event.HasField("create_time") else meta.fallback_time
     moment = moment.replace(microsecond=moment.microsecond // 1000 * 1000)  # Cassandra keeps milliseconds
-    description = event.description[:MAX_DESCRIPTION_LENGTH]
+    description = event.description[:DESCRIPTION_LENGTH_MAX]
 
     def line(account: UUID, kind: str, amount: int, balance_after: int, counterparty: str) -> store.Activity:
         return store.Activity(account_id=account, month=month_of(moment), create_time=moment,

@@ -20,13 +20,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from common import events, pagination
 from common.auth import Caller, Role
+from common.currencies import SUPPORTED_CURRENCIES
 from common.errors import DomainError
-from common.ids import parse_uuid
+from common.ids import REQUEST_ID_LENGTH_MAX, parse_uuid
 from svc_transfer import store
 from svc_transfer.batching import MovementBatcher
 from svc_transfer.store import LedgerAccount, Transfer
 
-REQUEST_ID_LENGTH_MAX = 64
 DESCRIPTION_LENGTH_MAX = 200
 BATCH_GET_SIZE_MAX = 500
 INT64_MAX = 2**63 - 1
@@ -122,7 +122,7 @@ MOVED_MINOR_UNITS = Counter("ledger_moved_minor_units_total", "Money moved, in t
 
 
 # Label values come from requests: anything but the bank's currencies is one label, not many.
-METRIC_CURRENCIES = frozenset({"USD", "EUR", "GBP", "JPY"})
+METRIC_CURRENCIES = SUPPORTED_CURRENCIES
 
 
 def _nothing() -> None:

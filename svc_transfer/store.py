@@ -18,10 +18,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-import psycopg
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
+from common.db import TRANSIENT_ERRORS as PG_TRANSIENT_ERRORS
 from common.ids import new_id
 
 
@@ -83,9 +83,9 @@ async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any]) -
             # Prepared on its first use on each connection: later calls skip parsing and planning.
             cursor = await conn.execute(query, params, prepare=True)  # type: ignore[arg-type]  # our own SQL
             return await cursor.fetchall()
-    # OperationalError covers the timeouts (LockNotAvailable, QueryCanceled), a lost or
-    # terminated connection (the pool replaces it once it is returned) and a deadlock.
-    except (psycopg.OperationalError, PoolTimeout) as exc:
+    # The timeouts, a lost or terminated connection (the pool replaces it once it is returned),
+    # a deadlock, no free connection: common/db.py's list.
+    except PG_TRANSIENT_ERRORS as exc:
         raise LedgerBusy(str(exc)) from exc
 
 

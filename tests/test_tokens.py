@@ -150,7 +150,7 @@ def _forgeries(settings: Settings, customer: Customer) -> dict[str, tuple[str, s
         "no session id": (_sign(real, _claims(customer, sid=None), {"kid": kid}), invalid),
         "expired": (pyseto.encode(real, _claims(customer, exp=past), footer={"kid": kid}, serializer=json).decode(),
                     "TOKEN_EXPIRED"),
-        "too long": (good + "A" * auth.MAX_TOKEN_LENGTH, invalid),
+        "too long": (good + "A" * auth.TOKEN_LENGTH_MAX, invalid),
         "not a token": ("not-a-token", invalid),
     }
 
