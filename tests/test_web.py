@@ -183,6 +183,12 @@ def sign_in(tab: Tab, username: str, password: str = STRONG_PASSWORD) -> None:
     tab.page.get_by_label("Password").fill(password)
     tab.page.get_by_role("button", name="Sign in").click()
     expect(tab.page.get_by_role("heading", level=1)).to_have_text("Your accounts")
+    settled(tab)
+
+
+def settled(tab: Tab) -> None:
+    """The page's list has loaded (aria-busy, which screen readers read too, is false)."""
+    expect(tab.page.locator("main section")).to_have_attribute("aria-busy", "false")
 
 
 def open_account_in_browser(tab: Tab, currency: str) -> str:
@@ -220,7 +226,7 @@ def statement_lines(tab: Tab, account_id: str, wanted: int) -> list[str]:
     while rows.count() < wanted and time.monotonic() < deadline:
         time.sleep(0.5)
         page.get_by_role("button", name="Refresh").click()
-        page.wait_for_load_state("networkidle")
+        settled(tab)
     assert rows.count() >= wanted, f"the statement of {account_id} shows {rows.count()} lines, not {wanted}"
     return [" | ".join(row.locator("td").all_inner_texts()) for row in rows.all()]
 
@@ -319,7 +325,7 @@ def test_journey_from_registration_to_a_transfer_seen_in_both_statements(new_tab
     while "Money received" not in (table.inner_text() if table.count() else "") and time.monotonic() < deadline:
         time.sleep(0.5)
         bob_tab.page.get_by_role("button", name="Refresh").click()
-        bob_tab.page.wait_for_load_state("networkidle")
+        settled(bob_tab)
     expect(table).to_contain_text("Money received")
     expect(table).to_contain_text("Email verification")
     expect(table).to_contain_text(bob.email)

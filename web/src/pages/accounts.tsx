@@ -39,7 +39,7 @@ export function Accounts(): JSX.Element {
   const list = usePaged(listAccounts, "accounts");
   const [opened, setOpened] = useState<Account | null>(null);
   return (
-    <section>
+    <section aria-busy={list.loading}>
       <Heading>Your accounts</Heading>
       <p class="toolbar">
         <button type="button" onClick={list.reload}>Refresh</button>
@@ -103,7 +103,7 @@ export function AccountStatement({ accountId }: { accountId: string }): JSX.Elem
     return { items: answer.activities ?? [], nextToken: answer.next_page_token ?? "" };
   }, accountId);
   return (
-    <section>
+    <section aria-busy={statement.loading}>
       <Heading>Statement</Heading>
       <ErrorBox error={accountError ?? statement.error} />
       {account ? (

@@ -25,7 +25,7 @@ const KIND: Record<string, string> = {
 export function Notifications(): JSX.Element {
   const list = usePaged(listNotifications, "notifications");
   return (
-    <section>
+    <section aria-busy={list.loading}>
       <Heading>Notifications</Heading>
       <p class="toolbar">
         <button type="button" onClick={list.reload}>Refresh</button>
