@@ -46,9 +46,25 @@ def test_the_log_scan_finds_every_kind_of_secret_and_nothing_else(tmp_path: Path
         ("svc_old.log", 3, "a password"),  # line 1 was written before the session: not read
         ("envoy.log", 2, "an enrollment, refresh or service token"),
         ("envoy.log", 3, "a PASETO token"),
-        ("envoy.log", 4, "a verification code, next to its customer"),
+        ("envoy.log", 4, "a verification or reset code, next to its customer"),
         ("envoy.log", 5, "a private key"),
     }
+
+
+def test_new_and_current_passwords_of_the_recovery_routes_are_searched_for(tmp_path: Path) -> None:
+    """ResetPassword and ChangePassword carry passwords in new_password and current_password."""
+    registry = Registry()
+    registry.remember_fields({"email": "ada@example.com", "code": "123456", "new_password": "new secret passphrase"})
+    registry.remember_fields({"current_password": "old secret passphrase", "new_password": "next secret passphrase"})
+    since = log_sizes(tmp_path)
+    (tmp_path / "svc_customer.log").write_text("\n".join([
+        '{"message": "reset", "body": "new secret passphrase"}',
+        '{"message": "change", "current": "old secret passphrase"}',
+        '{"message": "change", "new": "next secret passphrase"}',
+        '{"message": "fine", "email": "ada@example.com"}',
+    ]) + "\n")
+    assert [(f.line, f.what) for f in scan(tmp_path, since, registry)] == [
+        (1, "a password"), (2, "a password"), (3, "a password")]
 
 
 def test_a_log_started_anew_is_read_whole(tmp_path: Path) -> None:
