@@ -6,11 +6,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: help venv gen check lint test test-faults up down run status logs tools web bench bench-customers bench-transfer bench-events bench-rpcs bench-sustained
+.PHONY: help venv gen check lint test test-unit test-faults up down run status logs tools web bench bench-customers bench-transfer bench-events bench-rpcs bench-sustained
 
 help:
 	@echo "make run      install what is missing, start the whole stack, stay in the foreground (Ctrl-C stops)"
 	@echo "make test     install what is missing, start what the tests need, run them"
+	@echo "make test-unit  the fast tier only: use cases against in-memory fakes, no stack (seconds)"
 	@echo "make up/down  start the stack in the background / stop what it started"
 	@echo "make status   what runs;  make logs C=<component>"
 	@echo "make tools    build grpcurl, ghz and k6 into .stack/bin"
@@ -45,6 +46,11 @@ lint: $(READY)
 
 test: $(READY) lint
 	$(PY) -m pytest
+
+# The fast tier (tests/unit): use cases against in-memory fakes of their stores; starts nothing.
+# `make test` runs it too, with the stack tests.
+test-unit: $(READY)
+	$(PY) -m pytest -q tests/unit
 
 # Only the fault tests (SIGKILL and restart of Kafka, Cassandra, svc_notify, the outbox relay;
 # Mailpit down 30 s), against the stack `make up` started: about 2 minutes. `make test` runs them too.

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Protocol
 from uuid import UUID
 
 import grpc
@@ -34,6 +35,17 @@ STATUS_NAMES = {ledger_pb2.LedgerAccount.ACTIVE: "ACTIVE", ledger_pb2.LedgerAcco
                 ledger_pb2.LedgerAccount.CLOSED: "CLOSED"}
 
 
+class Activities(Protocol):
+    """The statements' store: store.ActivityStore, or the fake of tests/unit."""
+
+    async def put_activities(self, lines: list[store.Activity]) -> None: ...
+
+    async def months(self, account_id: UUID, up_to: int | None, limit: int) -> list[int]: ...
+
+    async def month_page(self, account_id: UUID, month: int, after: tuple[datetime, UUID] | None,
+                         limit: int) -> list[store.Activity]: ...
+
+
 @dataclass(frozen=True)
 class AccountView:
     account: store.Account
@@ -47,7 +59,7 @@ def _not_found() -> DomainError:
 
 class AccountUseCases:
     def __init__(self, pool: AsyncConnectionPool, ledger: InternalChannel, customers: InternalChannel,
-                 activity: store.ActivityStore) -> None:
+                 activity: Activities) -> None:
         self._pool = pool
         self._activity = activity
         self._ledger_channel = ledger
@@ -228,7 +240,7 @@ def statement_lines(event: events_pb2.MoneyMoved, meta: EventMeta) -> list[store
     raise BadEvent(f"unknown movement kind {event.kind}")
 
 
-async def money_moved(activity: store.ActivityStore, event: events_pb2.MoneyMoved, meta: EventMeta) -> Outcome:
+async def money_moved(activity: Activities, event: events_pb2.MoneyMoved, meta: EventMeta) -> Outcome:
     """Project a movement into the statements of its accounts. Every write is an idempotent
     upsert of a key derived from the event, so a redelivered event changes nothing."""
     lines = statement_lines(event, meta)
@@ -269,7 +281,7 @@ def _month_before(month: int) -> int:
     return month - 1 if number > 1 else (year - 1) * 100 + 12
 
 
-async def _read_statement(activity: store.ActivityStore, account_id: UUID, limit: int,
+async def _read_statement(activity: Activities, account_id: UUID, limit: int,
                           after: tuple[int, tuple[datetime, UUID]] | None) -> list[store.Activity]:
     """Up to limit lines, newest first, strictly after the page key. Months are read limit + 1
     at a time (as many as the page can need when each holds a line, the first one possibly

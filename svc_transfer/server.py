@@ -14,7 +14,6 @@ from pathlib import Path
 import grpc
 from bank.transfer.v1 import ledger_pb2, ledger_pb2_grpc, transfer_pb2, transfer_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from psycopg_pool import AsyncConnectionPool
 
 from common import auth, server
 from common.auth import Access
@@ -22,7 +21,7 @@ from common.grpcutil import service_name
 from common.outbox import OutboxNudge, OutboxRelay
 from svc_transfer import events, service
 from svc_transfer.batching import MovementBatcher
-from svc_transfer.store import LedgerAccount, Transfer
+from svc_transfer.store import LedgerAccount, LedgerStore, Transfer
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TRANSFER_SERVICE = "/bank.transfer.v1.TransferService/"
@@ -67,27 +66,27 @@ def account_message(account: LedgerAccount) -> ledger_pb2.LedgerAccount:
 
 
 class TransferService(transfer_pb2_grpc.TransferServiceServicer):
-    def __init__(self, pool: AsyncConnectionPool, ledger: MovementBatcher, nudge: OutboxNudge) -> None:
-        self._pool = pool
+    def __init__(self, ledger: LedgerStore, movements: MovementBatcher, nudge: OutboxNudge) -> None:
         self._ledger = ledger
+        self._movements = movements
         self._nudge = nudge
 
     async def CreateTransfer(self, request: transfer_pb2.CreateTransferRequest,
                              context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
         transfer = await service.create_transfer(
-            self._ledger, auth.current(), request_id=request.request_id, from_account_id=request.from_account_id,
+            self._movements, auth.current(), request_id=request.request_id, from_account_id=request.from_account_id,
             to_account_id=request.to_account_id, amount=request.amount, currency=request.currency,
             description=request.description, on_commit=self._nudge)
         return transfer_message(transfer)
 
     async def GetTransfer(self, request: transfer_pb2.GetTransferRequest,
                           context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
-        return transfer_message(await service.get_transfer(self._pool, auth.current(), request.transfer_id))
+        return transfer_message(await service.get_transfer(self._ledger, auth.current(), request.transfer_id))
 
     async def ListTransfers(self, request: transfer_pb2.ListTransfersRequest,
                             context: grpc.aio.ServicerContext) -> transfer_pb2.ListTransfersResponse:
         transfers, next_page_token = await service.list_transfers(
-            self._pool, auth.current(), account_id=request.account_id, page_size=request.page_size,
+            self._ledger, auth.current(), account_id=request.account_id, page_size=request.page_size,
             page_token=request.page_token)
         return transfer_pb2.ListTransfersResponse(transfers=[transfer_message(t) for t in transfers],
                                                   next_page_token=next_page_token)
@@ -95,7 +94,7 @@ class TransferService(transfer_pb2_grpc.TransferServiceServicer):
     async def CreateDeposit(self, request: transfer_pb2.CreateDepositRequest,
                             context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
         transfer = await service.create_deposit(
-            self._ledger, auth.current(), request_id=request.request_id, account_id=request.account_id,
+            self._movements, auth.current(), request_id=request.request_id, account_id=request.account_id,
             amount=request.amount, currency=request.currency, description=request.description,
             on_commit=self._nudge)
         return transfer_message(transfer)
@@ -103,32 +102,32 @@ class TransferService(transfer_pb2_grpc.TransferServiceServicer):
     async def CreateWithdrawal(self, request: transfer_pb2.CreateWithdrawalRequest,
                                context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
         transfer = await service.create_withdrawal(
-            self._ledger, auth.current(), request_id=request.request_id, account_id=request.account_id,
+            self._movements, auth.current(), request_id=request.request_id, account_id=request.account_id,
             amount=request.amount, currency=request.currency, description=request.description,
             on_commit=self._nudge)
         return transfer_message(transfer)
 
 
 class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        self._pool = pool
+    def __init__(self, ledger: LedgerStore) -> None:
+        self._ledger = ledger
 
     async def OpenLedgerAccount(self, request: ledger_pb2.OpenLedgerAccountRequest,
                                 context: grpc.aio.ServicerContext) -> ledger_pb2.LedgerAccount:
         account = await service.open_ledger_account(
-            self._pool, account_id=request.account_id, customer_id=request.customer_id, currency=request.currency)
+            self._ledger, account_id=request.account_id, customer_id=request.customer_id, currency=request.currency)
         return account_message(account)
 
     async def SetLedgerAccountStatus(self, request: ledger_pb2.SetLedgerAccountStatusRequest,
                                      context: grpc.aio.ServicerContext) -> ledger_pb2.LedgerAccount:
         statuses = ledger_pb2.LedgerAccount.Status
         status = statuses.Name(request.status) if request.status in statuses.values() else ""
-        account = await service.set_ledger_account_status(self._pool, account_id=request.account_id, status=status)
+        account = await service.set_ledger_account_status(self._ledger, account_id=request.account_id, status=status)
         return account_message(account)
 
     async def BatchGetLedgerAccounts(self, request: ledger_pb2.BatchGetLedgerAccountsRequest,
                                      context: grpc.aio.ServicerContext) -> ledger_pb2.BatchGetLedgerAccountsResponse:
-        accounts = await service.batch_get_ledger_accounts(self._pool, list(request.account_ids))
+        accounts = await service.batch_get_ledger_accounts(self._ledger, list(request.account_ids))
         return ledger_pb2.BatchGetLedgerAccountsResponse(ledger_accounts=[account_message(a) for a in accounts])
 
 
@@ -136,10 +135,11 @@ def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[
     nudge = OutboxNudge(resources.pool, SPEC.name)
     # Movements go to Postgres in batches (group commit, batching.py); stopped after the gRPC
     # server, so the movements of in-flight RPCs are still applied during a graceful stop.
-    ledger = MovementBatcher(resources.pool)
-    resources.workers.append(ledger)
-    transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(resources.pool, ledger, nudge), grpc_server)
-    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(resources.pool), grpc_server)
+    movements = MovementBatcher(resources.pool)
+    resources.workers.append(movements)
+    ledger = LedgerStore(resources.pool)
+    transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(ledger, movements, nudge), grpc_server)
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(ledger), grpc_server)
     # Publishes the MoneyMoved events that movements write to transfer.outbox, building their bytes
     # from the committed rows (one active relay per schema, whatever the number of processes).
     resources.workers.append(OutboxRelay(resources.settings, resources.pool, SPEC.name, events.payloads))

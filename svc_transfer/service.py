@@ -13,10 +13,10 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import grpc
 from prometheus_client import Counter
-from psycopg_pool import AsyncConnectionPool
 
 from common import events, pagination
 from common.auth import Caller, Role
@@ -24,8 +24,7 @@ from common.currencies import SUPPORTED_CURRENCIES
 from common.errors import DomainError
 from common.ids import REQUEST_ID_LENGTH_MAX, parse_uuid
 from svc_transfer import store
-from svc_transfer.batching import MovementBatcher
-from svc_transfer.store import LedgerAccount, Transfer
+from svc_transfer.store import AccountChange, LedgerAccount, Movement, MovementRequest, Transfer, VisibleTransfer
 
 DESCRIPTION_LENGTH_MAX = 200
 BATCH_GET_SIZE_MAX = 500
@@ -33,6 +32,27 @@ INT64_MAX = 2**63 - 1
 CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
 ACCOUNT_STATUSES = ("ACTIVE", "FROZEN", "CLOSED")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+class Movements(Protocol):
+    """Where a movement goes: batching.MovementBatcher (group commit), or a fake in tests/unit."""
+
+    async def move(self, request: MovementRequest) -> Movement: ...
+
+
+class Ledger(Protocol):
+    """The ledger's accounts and movement reads: store.LedgerStore, or a fake in tests/unit."""
+
+    async def open_ledger_account(self, account_id: str, customer_id: str, currency: str) -> AccountChange: ...
+
+    async def set_ledger_account_status(self, account_id: str, status: str) -> AccountChange: ...
+
+    async def customer_accounts(self, account_ids: Sequence[str]) -> dict[str, LedgerAccount]: ...
+
+    async def visible_transfer(self, transfer_id: str) -> VisibleTransfer | None: ...
+
+    async def account_transfers(self, account_id: str, after: tuple[datetime, str] | None,
+                                limit: int) -> list[Transfer]: ...
+
 
 # Each reason the ledger can answer, with its gRPC code (docs/decisions/0005) and message.
 REASONS: dict[str, tuple[grpc.StatusCode, str]] = {
@@ -129,11 +149,11 @@ def _nothing() -> None:
     pass
 
 
-async def _move(ledger: MovementBatcher, caller: Caller, *, request_id: str, kind: str, owner_id: str | None,
+async def _move(movements: Movements, caller: Caller, *, request_id: str, kind: str, owner_id: str | None,
                 from_account_id: str | None, to_account_id: str | None, amount: int, currency: str,
                 description: str, on_commit: Callable[[], None]) -> Transfer:
     with _busy_is_unavailable():
-        movement = await ledger.move(store.MovementRequest(
+        movement = await movements.move(store.MovementRequest(
             initiator=initiator(caller), request_id=request_id, kind=kind, owner_id=owner_id,
             from_account_id=from_account_id, to_account_id=to_account_id, amount=amount, currency=currency,
             description=description,
@@ -153,7 +173,7 @@ async def _move(ledger: MovementBatcher, caller: Caller, *, request_id: str, kin
     return public(movement.transfer)
 
 
-async def create_transfer(ledger: MovementBatcher, caller: Caller, *, request_id: str, from_account_id: str,
+async def create_transfer(movements: Movements, caller: Caller, *, request_id: str, from_account_id: str,
                           to_account_id: str, amount: int, currency: str, description: str,
                           on_commit: Callable[[], None] = _nothing) -> Transfer:
     """Moves amount from one of the caller's accounts to any other customer account."""
@@ -164,39 +184,39 @@ async def create_transfer(ledger: MovementBatcher, caller: Caller, *, request_id
     owner = _customer_id(caller)
     if owner is None:  # a teller owns no account to move money out of
         raise refused("ACCOUNT_NOT_FOUND")
-    return await _move(ledger, caller, request_id=request_id, kind="TRANSFER", owner_id=owner,
+    return await _move(movements, caller, request_id=request_id, kind="TRANSFER", owner_id=owner,
                        from_account_id=source, to_account_id=target, amount=amount, currency=currency,
                        description=description, on_commit=on_commit)
 
 
-async def create_deposit(ledger: MovementBatcher, caller: Caller, *, request_id: str, account_id: str, amount: int,
+async def create_deposit(movements: Movements, caller: Caller, *, request_id: str, account_id: str, amount: int,
                          currency: str, description: str, on_commit: Callable[[], None] = _nothing) -> Transfer:
     """Cash into any customer account, from the currency's cash account. Tellers only (the interceptor checks)."""
     assert caller.role is Role.TELLER
     _check_movement_input(request_id, amount, currency, description)
-    return await _move(ledger, caller, request_id=request_id, kind="DEPOSIT", owner_id=None, from_account_id=None,
+    return await _move(movements, caller, request_id=request_id, kind="DEPOSIT", owner_id=None, from_account_id=None,
                        to_account_id=_account_id(account_id), amount=amount, currency=currency,
                        description=description, on_commit=on_commit)
 
 
-async def create_withdrawal(ledger: MovementBatcher, caller: Caller, *, request_id: str, account_id: str,
+async def create_withdrawal(movements: Movements, caller: Caller, *, request_id: str, account_id: str,
                             amount: int, currency: str, description: str,
                             on_commit: Callable[[], None] = _nothing) -> Transfer:
     """Cash out of any customer account, into the currency's cash account. Tellers only."""
     assert caller.role is Role.TELLER
     _check_movement_input(request_id, amount, currency, description)
-    return await _move(ledger, caller, request_id=request_id, kind="WITHDRAWAL", owner_id=None,
+    return await _move(movements, caller, request_id=request_id, kind="WITHDRAWAL", owner_id=None,
                        from_account_id=_account_id(account_id), to_account_id=None, amount=amount,
                        currency=currency, description=description, on_commit=on_commit)
 
 
-async def get_transfer(pool: AsyncConnectionPool, caller: Caller, transfer_id: str) -> Transfer:
+async def get_transfer(ledger: Ledger, caller: Caller, transfer_id: str) -> Transfer:
     """A movement the caller may see: they own its from or to account (tellers see all)."""
     parsed = parse_uuid(transfer_id)
     if parsed is None:
         raise refused("TRANSFER_NOT_FOUND")
     with _busy_is_unavailable():
-        found = await store.visible_transfer(pool, str(parsed))
+        found = await ledger.visible_transfer(str(parsed))
     if found is None:
         raise refused("TRANSFER_NOT_FOUND")
     owner = _customer_id(caller)
@@ -221,24 +241,24 @@ def _page_after(account_id: str, token: str) -> tuple[datetime, str] | None:
     return EPOCH + timedelta(microseconds=create_time_us), transfer_id
 
 
-async def list_transfers(pool: AsyncConnectionPool, caller: Caller, *, account_id: str, page_size: int,
+async def list_transfers(ledger: Ledger, caller: Caller, *, account_id: str, page_size: int,
                          page_token: str) -> tuple[list[Transfer], str]:
     """The movements of one of the caller's accounts (tellers: any account), newest first."""
     size = pagination.page_size(page_size)
     account = _account_id(account_id)
     after = _page_after(account, page_token)
     with _busy_is_unavailable():
-        accounts = await store.customer_accounts(pool, [account])
+        accounts = await ledger.customer_accounts([account])
         if account not in accounts or not (_sees_everything(caller) or accounts[account].customer_id == _customer_id(caller)):
             raise refused("ACCOUNT_NOT_FOUND")
         # One more than the page tells whether another page follows.
-        transfers = await store.account_transfers(pool, account, after, size + 1)
+        transfers = await ledger.account_transfers(account, after, size + 1)
     page = transfers[:size]
     next_token = _page_token(account, page[-1]) if len(transfers) > size else ""
     return [public(t) for t in page], next_token
 
 
-async def open_ledger_account(pool: AsyncConnectionPool, *, account_id: str, customer_id: str,
+async def open_ledger_account(ledger: Ledger, *, account_id: str, customer_id: str,
                               currency: str) -> LedgerAccount:
     """Opens the ledger side of a customer account (svc_account); idempotent for the same parameters."""
     account, customer = parse_uuid(account_id), parse_uuid(customer_id)
@@ -249,33 +269,33 @@ async def open_ledger_account(pool: AsyncConnectionPool, *, account_id: str, cus
     if not CURRENCY_CODE.match(currency):
         raise refused("UNSUPPORTED_CURRENCY")
     with _busy_is_unavailable():
-        change = await store.open_ledger_account(pool, str(account), str(customer), currency)
+        change = await ledger.open_ledger_account(str(account), str(customer), currency)
     if change.error is not None:
         raise refused(change.error)
     assert change.account is not None
     return change.account
 
 
-async def set_ledger_account_status(pool: AsyncConnectionPool, *, account_id: str, status: str) -> LedgerAccount:
+async def set_ledger_account_status(ledger: Ledger, *, account_id: str, status: str) -> LedgerAccount:
     """ACTIVE, FROZEN or CLOSED; closing needs a zero balance; CLOSED is final."""
     if status not in ACCOUNT_STATUSES:
         raise invalid("status", "must be ACTIVE, FROZEN or CLOSED")
     account = _account_id(account_id)
     with _busy_is_unavailable():
-        change = await store.set_ledger_account_status(pool, account, status)
+        change = await ledger.set_ledger_account_status(account, status)
     if change.error is not None:
         raise refused(change.error)
     assert change.account is not None
     return change.account
 
 
-async def batch_get_ledger_accounts(pool: AsyncConnectionPool, account_ids: Sequence[str]) -> list[LedgerAccount]:
+async def batch_get_ledger_accounts(ledger: Ledger, account_ids: Sequence[str]) -> list[LedgerAccount]:
     """Up to 500 accounts, in request order; all or nothing."""
     if not 1 <= len(account_ids) <= BATCH_GET_SIZE_MAX:
         raise invalid("account_ids", f"must hold 1 to {BATCH_GET_SIZE_MAX} ids")
     wanted = [_account_id(a) for a in account_ids]
     with _busy_is_unavailable():
-        found = await store.customer_accounts(pool, wanted)
+        found = await ledger.customer_accounts(wanted)
     missing = [a for a in wanted if a not in found]
     if missing:
         error = refused("ACCOUNT_NOT_FOUND")

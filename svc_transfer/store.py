@@ -175,63 +175,65 @@ async def moved_events(conn: AsyncConnection, event_ids: Sequence[str]) -> list[
     return found
 
 
-async def open_ledger_account(pool: AsyncConnectionPool, account_id: str, customer_id: str, currency: str) -> AccountChange:
-    rows = await _fetch(pool, "SELECT * FROM open_ledger_account(%s::uuid, %s::uuid, %s)", (account_id, customer_id, currency))
-    [(error, *account)] = rows
-    return AccountChange(error, None if error is not None else _account(account))
+class LedgerStore:
+    """The ledger's accounts and the reads of its movements (writes of movements go in batches:
+    move_money_batch and batching.py). The use cases take it, or the fake of tests/unit."""
 
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
 
-async def set_ledger_account_status(pool: AsyncConnectionPool, account_id: str, status: str) -> AccountChange:
-    rows = await _fetch(pool, "SELECT * FROM set_ledger_account_status(%s::uuid, %s)", (account_id, status))
-    [(error, *account)] = rows
-    return AccountChange(error, None if error is not None else _account(account))
+    async def open_ledger_account(self, account_id: str, customer_id: str, currency: str) -> AccountChange:
+        rows = await _fetch(self._pool, "SELECT * FROM open_ledger_account(%s::uuid, %s::uuid, %s)",
+                            (account_id, customer_id, currency))
+        [(error, *account)] = rows
+        return AccountChange(error, None if error is not None else _account(account))
 
+    async def set_ledger_account_status(self, account_id: str, status: str) -> AccountChange:
+        rows = await _fetch(self._pool, "SELECT * FROM set_ledger_account_status(%s::uuid, %s)", (account_id, status))
+        [(error, *account)] = rows
+        return AccountChange(error, None if error is not None else _account(account))
 
-async def customer_accounts(pool: AsyncConnectionPool, account_ids: Sequence[str]) -> dict[str, LedgerAccount]:
-    """The customer accounts among account_ids (cash accounts are never returned), by id."""
-    rows = await _fetch(
-        pool,
-        "SELECT account_id, customer_id, currency, status, balance, create_time FROM ledger_accounts"
-        " WHERE account_id = ANY(%s::uuid[]) AND kind = 'CUSTOMER'",
-        (list(account_ids),),
-    )
-    accounts = [_account(row) for row in rows]
-    return {a.account_id: a for a in accounts}
+    async def customer_accounts(self, account_ids: Sequence[str]) -> dict[str, LedgerAccount]:
+        """The customer accounts among account_ids (cash accounts are never returned), by id."""
+        rows = await _fetch(
+            self._pool,
+            "SELECT account_id, customer_id, currency, status, balance, create_time FROM ledger_accounts"
+            " WHERE account_id = ANY(%s::uuid[]) AND kind = 'CUSTOMER'",
+            (list(account_ids),),
+        )
+        accounts = [_account(row) for row in rows]
+        return {a.account_id: a for a in accounts}
 
+    async def visible_transfer(self, transfer_id: str) -> VisibleTransfer | None:
+        rows = await _fetch(
+            self._pool,
+            "SELECT t.transfer_id, t.kind, t.request_id, t.from_account_id, t.to_account_id, t.amount, t.currency,"
+            " t.description, t.create_time, f.customer_id, t2.customer_id FROM transfers t"
+            " JOIN ledger_accounts f ON f.account_id = t.from_account_id"
+            " JOIN ledger_accounts t2 ON t2.account_id = t.to_account_id"
+            " WHERE t.transfer_id = %s::uuid",
+            (transfer_id,),
+        )
+        if not rows:
+            return None
+        [(*transfer, from_customer_id, to_customer_id)] = rows
+        return VisibleTransfer(
+            _transfer(transfer),
+            None if from_customer_id is None else str(from_customer_id),
+            None if to_customer_id is None else str(to_customer_id),
+        )
 
-async def visible_transfer(pool: AsyncConnectionPool, transfer_id: str) -> VisibleTransfer | None:
-    rows = await _fetch(
-        pool,
-        "SELECT t.transfer_id, t.kind, t.request_id, t.from_account_id, t.to_account_id, t.amount, t.currency,"
-        " t.description, t.create_time, f.customer_id, t2.customer_id FROM transfers t"
-        " JOIN ledger_accounts f ON f.account_id = t.from_account_id"
-        " JOIN ledger_accounts t2 ON t2.account_id = t.to_account_id"
-        " WHERE t.transfer_id = %s::uuid",
-        (transfer_id,),
-    )
-    if not rows:
-        return None
-    [(*transfer, from_customer_id, to_customer_id)] = rows
-    return VisibleTransfer(
-        _transfer(transfer),
-        None if from_customer_id is None else str(from_customer_id),
-        None if to_customer_id is None else str(to_customer_id),
-    )
-
-
-async def account_transfers(
-    pool: AsyncConnectionPool, account_id: str, after: tuple[datetime, str] | None, limit: int
-) -> list[Transfer]:
-    """One account's movements, newest first, strictly after the keyset `after` (create_time, transfer_id)."""
-    after_time, after_id = after if after is not None else (None, None)
-    # Bound client-side, the NULL keyset of the first page is a constant the planner drops.
-    rows = await _fetch(
-        pool,
-        "SELECT t.transfer_id, t.kind, t.request_id, t.from_account_id, t.to_account_id, t.amount, t.currency,"
-        " t.description, t.create_time FROM entries e JOIN transfers t ON t.transfer_id = e.transfer_id"
-        " WHERE e.account_id = %s::uuid"
-        " AND (%s::timestamptz IS NULL OR (e.create_time, e.transfer_id) < (%s::timestamptz, %s::uuid))"
-        " ORDER BY e.create_time DESC, e.transfer_id DESC LIMIT %s",
-        (account_id, after_time, after_time, after_id, limit),
-    )
-    return [_transfer(row) for row in rows]
+    async def account_transfers(self, account_id: str, after: tuple[datetime, str] | None, limit: int) -> list[Transfer]:
+        """One account's movements, newest first, strictly after the keyset `after` (create_time, transfer_id)."""
+        after_time, after_id = after if after is not None else (None, None)
+        # Bound client-side, the NULL keyset of the first page is a constant the planner drops.
+        rows = await _fetch(
+            self._pool,
+            "SELECT t.transfer_id, t.kind, t.request_id, t.from_account_id, t.to_account_id, t.amount, t.currency,"
+            " t.description, t.create_time FROM entries e JOIN transfers t ON t.transfer_id = e.transfer_id"
+            " WHERE e.account_id = %s::uuid"
+            " AND (%s::timestamptz IS NULL OR (e.create_time, e.transfer_id) < (%s::timestamptz, %s::uuid))"
+            " ORDER BY e.create_time DESC, e.transfer_id DESC LIMIT %s",
+            (account_id, after_time, after_time, after_id, limit),
+        )
+        return [_transfer(row) for row in rows]

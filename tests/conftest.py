@@ -1,4 +1,4 @@
-"""The one stack fixture: the session starts the local stack through the launcher's own code
+"""The one stack fixture (and the ledger client `bank` on it): the session starts the local stack through the launcher's own code
 (`devstack.stack.Stack.up`), reusing whatever already runs and is healthy (a developer's
 `make up`), and stops at the end exactly what it started.
 
@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from common import config
 from devstack.components import Paths
 from devstack.stack import Stack
 from tests import secret_scan
+from tests.ledger_support import Bank
 
 _log_sizes: dict[Path, int] = {}
 
@@ -35,6 +37,13 @@ def stack(settings: config.Settings) -> Iterator[Stack]:
         yield s
     finally:
         s.down(started)
+
+
+@pytest.fixture(scope="module")
+async def bank(stack: Stack, settings: config.Settings) -> AsyncIterator[Bank]:
+    """The ledger's client (tests/ledger_support.py) on svc_transfer's shared port."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.transfer_grpc_port}") as channel:
+        yield Bank(settings, channel)
 
 
 def _logs() -> Path:

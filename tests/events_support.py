@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.config import Settings
 from common.events import TRANSFER_TOPIC
 from common.outbox import ensure_topics
-from tests.support import Customer, login, mail_count, mailpit_messages, onboard, rest
+from tests.support import Customer, login, mail_count, mailpit_messages, onboard, rest, until
 
 T = TypeVar("T")
 TELLER_USERNAME = "teller"
@@ -105,17 +104,6 @@ def statement(settings: Settings, token: str, account_id: str,
         if not page_token:
             return lines
     raise AssertionError("more than 100 pages")
-
-
-def until(probe: Callable[[], T | None], what: str, timeout_s: float = WAIT_S, interval_s: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s}s")
-        time.sleep(interval_s)
 
 
 def statement_with(settings: Settings, token: str, account_id: str, count: int,

@@ -12,13 +12,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from common.config import Settings
 from devstack import proc
 from devstack.stack import Stack
 from tests.secret_scan import REGISTRY
+
+T = TypeVar("T")
 
 ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
 STRONG_PASSWORD = "correct-horse-battery-staple"
@@ -93,6 +96,20 @@ def mailpit_text(settings: Settings, message_id: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{settings.mailpit_http_port}/api/v1/message/{message_id}",
                                 timeout=5) as resp:
         return str(json.load(resp)["Text"])
+
+
+def until(probe: Callable[[], T | None], what: str, timeout_s: float = 20.0, interval_s: float = 0.1) -> T:
+    """The first answer of probe that is not None, asked every interval_s; fails the test when
+    none came within timeout_s (a bound against a hang, never a measure of speed). The one
+    polling helper of the tests (async code runs it in a thread: asyncio.to_thread)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = probe()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s}s")
+        time.sleep(interval_s)
 
 
 def wait_for_verification_code(settings: Settings, email: str, timeout_s: float = 20.0) -> str:

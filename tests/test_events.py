@@ -28,10 +28,9 @@ from tests.events_support import (
     statement_with,
     teller_token,
     transfer,
-    until,
     withdraw,
 )
-from tests.support import mailpit_text, rest
+from tests.support import mailpit_text, rest, until
 
 MoneyMoved = events_pb2.MoneyMoved
 

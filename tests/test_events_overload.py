@@ -21,9 +21,8 @@ from tests.events_support import (
     mailpit_stats,
     service_metric,
     teller_token,
-    until,
 )
-from tests.support import rest
+from tests.support import rest, until
 
 PEOPLE = 6
 FUNDS = 1_000_000

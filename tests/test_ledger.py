@@ -6,31 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-import pytest
 from bank.transfer.v1 import ledger_pb2
 
-from common.config import Settings
 from common.errors import reason_of
-from devstack.stack import Stack
-from tests.test_transfer_support import Account, Bank
+from tests.ledger_support import Account, Bank, refused
 
 LedgerAccount = ledger_pb2.LedgerAccount
-
-
-@pytest.fixture(scope="module")
-async def bank(stack: Stack, settings: Settings) -> AsyncIterator[Bank]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.transfer_grpc_port}") as channel:
-        yield Bank(settings, channel)
-
-
-async def refused(call: Any) -> tuple[grpc.StatusCode, str | None]:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value.code(), reason_of(caught.value)
 
 
 def open_request(account_id: str, customer_id: str, currency: str = "USD") -> ledger_pb2.OpenLedgerAccountRequest:

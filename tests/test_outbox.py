@@ -16,7 +16,7 @@ from common import db, outbox
 from common.config import Settings
 from common.events import CUSTOMER_TOPIC
 from devstack.stack import Stack
-from tests.support import rest, unique_email
+from tests.support import rest, unique_email, until
 
 KEYS = 5
 EVENTS_PER_KEY = 20
@@ -27,13 +27,6 @@ def _unsent(settings: Settings, keys: list[str]) -> int:
         row = conn.execute("SELECT count(*) FROM customer.outbox WHERE sent_time IS NULL AND aggregate_id = ANY(%s)",
                            (keys,)).fetchone()
     return int(row[0]) if row else 0
-
-
-def _wait_until_sent(settings: Settings, keys: list[str], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while _unsent(settings, keys) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return _unsent(settings, keys) == 0
 
 
 async def test_relay_survives_a_broker_restart_without_loss_or_reordering(stack: Stack, settings: Settings) -> None:
@@ -60,8 +53,8 @@ async def test_relay_survives_a_broker_restart_without_loss_or_reordering(stack:
     finally:
         await stack.up(["kafka"], out=sys.stderr)
 
-    assert await asyncio.to_thread(_wait_until_sent, settings, keys, 60.0), \
-        "the relay did not catch up after the broker came back"
+    await asyncio.to_thread(until, lambda: _unsent(settings, keys) == 0 or None,
+                            "the relay did not catch up after the broker came back", 60.0, 0.5)
 
     for key, sequence in (await _read_sequences(settings, keys)).items():
         # At least once: a retried batch may deliver a prefix again, but first deliveries are
@@ -105,7 +98,8 @@ async def test_a_batch_larger_than_a_record_batch_keeps_each_keys_order(stack: S
                     " VALUES (%s, %s, %s, 'test.Sequence', %s)",
                     (uuid.uuid4(), CUSTOMER_TOPIC, key, f"{seq} ".encode() + b"x" * 2048),
                 )
-    assert await asyncio.to_thread(_wait_until_sent, settings, keys, 60.0), "the relay did not publish the batch"
+    await asyncio.to_thread(until, lambda: _unsent(settings, keys) == 0 or None, "the relay did not publish the batch",
+                            60.0, 0.5)
     seen = await _read_sequences(settings, keys, len(keys) * events)
     assert seen == {key: list(range(events)) for key in keys}  # no fault: each once, in order
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from pyseto.key_interface import KeyInterface
 from common import auth
 from common.config import Settings
 from devstack.stack import Stack
-from tests.support import Customer, Response, kill9, login, onboard, rest
+from tests.support import Customer, Response, kill9, login, onboard, rest, until
 
 PREFIX = "v4.public."
 
@@ -66,15 +65,6 @@ def _accepted(settings: Settings, customer: Customer, token: str) -> bool:
 def _refused_everywhere(settings: Settings, customer: Customer, token: str, reason: str) -> None:
     for service, answer in _answers(settings, customer, token).items():
         assert answer.status == 401 and answer.reason == reason, (service, answer.body)
-
-
-def _eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +184,12 @@ def test_rotation_signs_with_the_new_key_and_old_tokens_keep_working(settings: S
         fresh.append(login(settings, customer.username, customer.password)["access_token"])
         return _kid(fresh[-1]) != old_kid
 
-    assert _eventually(signs_with_a_new_key), "svc_customer still signs with the old key"
+    until(lambda: signs_with_a_new_key() or None, "svc_customer still signs with the old key", 5.0)
     listed = _keys_command("keys").stdout.splitlines()
     assert f"{new_name}\t{_kid(fresh[-1])}\tsigning" in listed, listed
     assert any(line.split("\t")[1:] == [old_kid, "verifying"] for line in listed), listed
     # Every service takes the new key's tokens and still the old key's.
-    assert _eventually(lambda: _accepted(settings, customer, fresh[-1]))
+    until(lambda: _accepted(settings, customer, fresh[-1]) or None, "the new key's token accepted", 5.0)
     assert _accepted(settings, customer, before)
     # The signing key cannot be retired, nor the previous one while its tokens may be alive.
     refused = _keys_command("retire", new_name)
@@ -223,7 +213,7 @@ def test_tokens_of_a_retired_key_are_refused_everywhere(settings: Settings, cust
     public_path.write_bytes(public_pem)
     try:
         token = _sign(private, _claims(customer), {"kid": Key.new(4, "public", public_pem).to_paserk_id()})
-        assert _eventually(lambda: _accepted(settings, customer, token)), "the added key was not picked up"
+        until(lambda: _accepted(settings, customer, token) or None, "the added key was not picked up", 5.0)
         retired = _keys_command("retire", name, "--now")
         assert retired.returncode == 0, retired.stderr
         assert not public_path.exists()

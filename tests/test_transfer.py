@@ -6,31 +6,22 @@ covered at the end."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import psycopg
-import pytest
 from bank.events.v1 import events_pb2
 from bank.transfer.v1 import ledger_pb2, transfer_pb2
 
 from common import db
 from common.config import Settings
 from common.errors import reason_of
-from devstack.stack import Stack
 from svc_transfer import events as transfer_events
+from tests.ledger_support import Account, Bank, new_request_id, refused, sql
 from tests.support import rest
-from tests.test_transfer_support import Account, Bank, new_request_id, sql
 
 INT64_MAX = 2**63 - 1
 Transfer = transfer_pb2.Transfer
-
-
-@pytest.fixture(scope="module")
-async def bank(stack: Stack, settings: Settings) -> AsyncIterator[Bank]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.transfer_grpc_port}") as channel:
-        yield Bank(settings, channel)
 
 
 async def funded(bank: Bank, amount: int, currency: str = "USD") -> Account:
@@ -38,12 +29,6 @@ async def funded(bank: Bank, amount: int, currency: str = "USD") -> Account:
     if amount:
         await bank.deposit(account, amount)
     return account
-
-
-async def refused(call: Any) -> tuple[grpc.StatusCode, str | None]:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value.code(), reason_of(caught.value)
 
 
 # --- movements ------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from common.errors import reason_of
 from devstack.stack import Stack
 from svc_transfer import store
 from svc_transfer.store import MovementRequest
-from tests.test_transfer_support import Account, Bank, new_request_id, sql
+from tests.ledger_support import Account, Bank, new_request_id, sql
 
 
 @pytest.fixture(scope="module")

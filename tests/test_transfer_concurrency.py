@@ -18,7 +18,7 @@ from bank.transfer.v1 import transfer_pb2
 from common.config import Settings
 from common.errors import reason_of
 from devstack.stack import Stack
-from tests.test_transfer_support import Account, Bank, new_request_id, sql
+from tests.ledger_support import Account, Bank, new_request_id, sql
 
 ACCOUNTS = 50
 HOT_ACCOUNTS = 5  # half of the transfers touch one of these

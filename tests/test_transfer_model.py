@@ -26,7 +26,7 @@ from common.auth import test_tokens
 from common.config import Settings
 from common.errors import reason_of
 from devstack.stack import Stack
-from tests.test_transfer_support import TIMEOUT_S, Metadata, new_request_id
+from tests.ledger_support import TIMEOUT_S, Metadata, new_request_id
 
 CURRENCIES = ("USD", "EUR")
 ACCOUNT_CURRENCIES = ("USD", "USD", "USD", "USD", "USD", "EUR")

@@ -1,7 +1,7 @@
-"""What the ledger's tests share (no tests here): a client of TransferService and LedgerService
-that mints real tokens, the ErrorInfo reason of a failed call, and read-only SQL for the
-invariants that no API exposes (entries, outbox). Named test_transfer_* to stay in the ledger's
-test files; pytest collects nothing from it."""
+"""What the ledger's tests share: a client of TransferService and LedgerService that mints real
+tokens (Bank; the `bank` fixture of tests/conftest.py is one on svc_transfer's port), the status
+and ErrorInfo reason of a refused call, and read-only SQL for the invariants that no API
+exposes (entries, outbox)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from typing import Any
 
 import grpc
 import psycopg
+import pytest
 from bank.transfer.v1 import ledger_pb2, ledger_pb2_grpc, transfer_pb2, transfer_pb2_grpc
 
 from common.auth import test_tokens
 from common.config import Settings
+from common.errors import reason_of
 
 Metadata = list[tuple[str, str]]
 TIMEOUT_S = 10.0
@@ -24,6 +26,11 @@ def new_request_id() -> str:
     return f"r-{uuid.uuid4().hex}"
 
 
+async def refused(call: Any) -> tuple[grpc.StatusCode, str | None]:
+    """The status code and reason of a call that must fail."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value.code(), reason_of(caught.value)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,86 @@
+"""common/: the retry helper's bounds, the one currency list against the ledger's cash
+accounts, page tokens."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from common import pagination
+from common.currencies import SUPPORTED_CURRENCIES
+from common.errors import DomainError
+from common.retry import Backoff, retry
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Flaky(Exception):
+    pass
+
+
+def failing(times: int, error: Exception) -> tuple[list[int], object]:
+    calls: list[int] = []
+
+    async def operation() -> str:
+        calls.append(1)
+        if len(calls) <= times:
+            raise error
+        return "done"
+
+    return calls, operation
+
+
+async def test_retry_gives_up_after_its_tries_with_the_last_error() -> None:
+    calls, operation = failing(5, Flaky("down"))
+    with pytest.raises(Flaky):
+        await retry(operation, what="op", transient=(Flaky,), backoff=Backoff(tries=3, initial_s=0.001, max_s=0.001))  # type: ignore[arg-type]
+    assert len(calls) == 3
+    calls, operation = failing(2, Flaky("down"))
+    assert await retry(operation, what="op", transient=(Flaky,),  # type: ignore[arg-type]
+                       backoff=Backoff(tries=3, initial_s=0.001, max_s=0.001)) == "done"
+
+
+async def test_retry_passes_other_and_permanent_errors_at_once() -> None:
+    for error, permanent in ((ValueError("bug"), ()), (Flaky("final"), (Flaky,))):
+        calls, operation = failing(5, error)
+        with pytest.raises(type(error)):
+            await retry(operation, what="op", transient=(Flaky,), permanent=permanent,  # type: ignore[arg-type]
+                        backoff=Backoff(tries=3, initial_s=0.001, max_s=0.001))
+        assert len(calls) == 1
+
+
+async def test_retry_with_a_deadline_stops_at_it() -> None:
+    calls, operation = failing(1000, Flaky("down"))
+    with pytest.raises(Flaky):
+        await retry(operation, what="op", transient=(Flaky,), backoff=Backoff(tries=1000, initial_s=0.01, max_s=0.01),  # type: ignore[arg-type]
+                    give_up_after_s=0.05)
+    assert 1 < len(calls) < 1000
+
+
+def test_backoff_doubles_to_its_cap_and_never_overflows() -> None:
+    backoff = Backoff(tries=1, initial_s=0.5, max_s=30.0)
+    assert [backoff.ceiling_s(n) for n in (1, 2, 3, 7, 10_000)] == [0.5, 1.0, 2.0, 30.0, 30.0]
+    assert all(0.25 <= backoff.delay_s(1) <= 0.5 for _ in range(100))
+    assert Backoff(tries=3, initial_s=1.0, max_s=5.0).worst_case_s(2.0) == 3 * 2.0 + 1.0 + 2.0
+
+
+def test_the_ledger_has_a_cash_account_for_each_supported_currency_and_no_other() -> None:
+    sql = (REPO / "svc_transfer/migrations/0001_ledger.sql").read_text()
+    [listed] = re.findall(r"unnest\(ARRAY\[([^\]]*)\]\)", sql)
+    assert {code.strip().strip("'") for code in listed.split(",")} == SUPPORTED_CURRENCIES
+
+
+def test_page_tokens_round_trip_and_refuse_anything_else() -> None:
+    token = pagination.encode_token(["a", 1])
+    assert pagination.decode_token(token, 2) == ["a", 1]
+    assert pagination.decode_token("", 2) is None
+    for bad in (token + "!", pagination.encode_token(["a"]), "x" * (pagination.TOKEN_LENGTH_MAX + 1)):
+        with pytest.raises(DomainError) as raised:
+            pagination.decode_token(bad, 2)
+        assert raised.value.reason == "INVALID_PAGE_TOKEN"
+    assert pagination.page_size(0) == pagination.DEFAULT_PAGE_SIZE
+    assert pagination.page_size(10**6) == pagination.PAGE_SIZE_MAX
+
+
