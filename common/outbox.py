@@ -137,6 +137,8 @@ class OutboxRelay:
         # A dedicated connection (autocommit) holds the leader lock and listens for NOTIFY.
         conninfo = db.conninfo(self._settings, self._schema)
         async with await AsyncConnection.connect(conninfo, autocommit=True) as leader:
+            # Until this process holds the leader lock, for as long as another one does: the
+            # standby never ends by itself; stop() cancels it.
             while True:
                 cursor = await leader.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"outbox:{self._schema}",))
                 row = await cursor.fetchone()
@@ -157,7 +159,7 @@ class OutboxRelay:
             notifies = asyncio.get_running_loop().create_task(self._listen(leader))
             try:
                 busy_until = 0.0
-                while not self._stopping:
+                while not self._stopping:  # until stop(), or an error for _run to restart from
                     published = await self._relay_batch(producer)
                     if published:
                         busy_until = time.monotonic() + BUSY_TAIL_S

@@ -195,7 +195,7 @@ class SlidingWindow:
         counts = [c for c in counts if c.limit.enabled]
         attempt = secrets.token_hex(8)
         deadline = time.monotonic() + RESERVE_WAIT_MAX_S
-        while True:
+        while True:  # bounded by the deadline: returns at the latest RESERVE_WAIT_MAX_S from now
             waits = await self._run("reserve", counts, script=self._reserve_script, attempt=attempt)
             limited = max(waits, default=0)
             for count, wait_ms in zip(counts, waits, strict=False):

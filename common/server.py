@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +35,10 @@ MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 # a random RESOURCE_EXHAUSTED (429) naming the headers Envoy adds (issue #13). Envoy's limit is
 # the one clients meet: 431 (docs/decisions/0015).
 METADATA_BYTES_MAX = 64 * 1024
+# Shutdown bounds: beyond the RPCs' grace, what the server's stop and each close may take; each
+# worker's stop (the consumer gives its record 8 s, the batcher applies what waits).
+STOP_SLACK_S = 5.0
+WORKER_STOP_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,15 @@ class ServiceSpec:
     # anything not listed needs an authenticated customer or teller.
     access: Mapping[str, auth.Access] = field(default_factory=dict)
     signs_tokens: bool = False  # only svc_customer holds the signing key
+
+
+async def _bounded(what: str, step: Awaitable[None], timeout_s: float) -> None:
+    """One step of the shutdown, given timeout_s; past it the step is cancelled, logged, and
+    the shutdown goes on."""
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except TimeoutError:
+        log.error("%s did not finish in time; going on", what, extra=bank_logging.fields(timeout_s=timeout_s))
 
 
 async def _open_pool_when_ready(settings: config.Settings, schema: str) -> AsyncConnectionPool:
@@ -134,11 +147,15 @@ async def serve(spec: ServiceSpec, settings: config.Settings, process_index: int
 
     log.info("shutting down", extra=bank_logging.fields(grace_s=settings.grpc_shutdown_grace_s))
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.grpc_shutdown_grace_s)
+    # grpc's stop() ends in-flight RPCs after the grace, but a handler that ignores cancellation
+    # (or a bug in the library) could keep it waiting: each step of the shutdown is bounded, so
+    # a SIGTERMed process always exits, in about grace + STOP_SLACK_S + workers * WORKER_STOP_S.
+    await _bounded("grpc server stop", server.stop(settings.grpc_shutdown_grace_s),
+                   settings.grpc_shutdown_grace_s + STOP_SLACK_S)
     for worker in reversed(workers):
-        await worker.stop()
-    await pool.close()
-    await redis_client.aclose()
+        await _bounded(f"{type(worker).__name__} stop", worker.stop(), WORKER_STOP_S)
+    await _bounded("postgres pool close", pool.close(), STOP_SLACK_S)
+    await _bounded("redis client close", redis_client.aclose(), STOP_SLACK_S)
     await asyncio.to_thread(tracing.shutdown)  # exports the spans still queued, bounded
     log.info("stopped")
 

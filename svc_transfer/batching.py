@@ -70,6 +70,7 @@ class MovementBatcher:
         await asyncio.gather(*self._loops)
 
     async def _run(self) -> None:
+        # Until stop(): then it applies what still waits and returns; it never ends otherwise.
         while True:
             if not self._waiting:
                 if self._stopping:

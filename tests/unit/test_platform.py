@@ -3,12 +3,13 @@ accounts, page tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import pytest
 
-from common import pagination
+from common import pagination, server
 from common.currencies import SUPPORTED_CURRENCIES
 from common.errors import DomainError
 from common.retry import Backoff, retry
@@ -84,3 +85,17 @@ def test_page_tokens_round_trip_and_refuse_anything_else() -> None:
     assert pagination.page_size(10**6) == pagination.PAGE_SIZE_MAX
 
 
+
+
+async def test_a_shutdown_step_that_hangs_is_cut_off_and_the_shutdown_goes_on() -> None:
+    finished: list[str] = []
+
+    async def hangs() -> None:
+        await asyncio.Event().wait()  # never set: a stop() that never returns
+
+    async def quick() -> None:
+        finished.append("quick")
+
+    await server._bounded("hung stop", hangs(), 0.01)
+    await server._bounded("quick stop", quick(), 1.0)
+    assert finished == ["quick"]
