@@ -66,6 +66,19 @@ def _wait_for_subject(settings: Settings, email: str, subject: str, timeout_s: f
         time.sleep(0.2)
 
 
+def _assert_notified(settings: Settings, token: str, kinds: set[str]) -> None:
+    """The customer's own notification list shows these kinds (API.md's new ones among them);
+    the record is written just after the email is handed to Mailpit."""
+    deadline = time.monotonic() + 15
+    while True:
+        listed = rest(settings, "GET", "/v1/notifications", token=token)
+        assert listed.status == 200, listed.body
+        if kinds <= {n["kind"] for n in listed.body["notifications"]}:
+            return
+        assert time.monotonic() < deadline, (kinds, listed.body)
+        time.sleep(0.2)
+
+
 def _retry_delay_s(response: Response) -> float:
     [retry] = [d for d in response.body["details"] if d["@type"] == RETRY_INFO_TYPE]
     return float(retry["retry_delay"].rstrip("s"))
@@ -237,6 +250,8 @@ def test_a_password_reset_sets_the_password_and_ends_every_session(stack: Stack,
     again = _reset(settings, customer.email, code, "yet-another-passphrase")
     assert again.status == 400 and again.reason == "INVALID_CODE"
     _wait_for_subject(settings, customer.email, "Your password was changed")
+    _assert_notified(settings, login(settings, customer.username, NEW_PASSWORD)["access_token"],
+                     {"PASSWORD_RESET", "PASSWORD_CHANGED"})
 
 
 def test_a_reset_ends_many_sessions_at_once(stack: Stack, settings: Settings) -> None:
@@ -411,6 +426,7 @@ def test_an_email_change_takes_effect_once_confirmed_and_the_old_address_is_told
     assert confirmed.status == 200 and confirmed.body["email"] == new_email, confirmed.body
     assert rest(settings, "GET", f"/v1/customers/{customer.customer_id}", token=customer.token).body["email"] == new_email
     _wait_for_subject(settings, customer.email, "Your email address was changed")
+    _assert_notified(settings, customer.token, {"EMAIL_VERIFICATION", "EMAIL_CHANGED"})
     # Every later email goes to the new address: a movement's email...
     teller = login(settings, settings.teller_username, settings.teller_password)["access_token"]
     account = rest(settings, "POST", "/v1/accounts", {"currency": "USD"}, token=customer.token).body["account_id"]
@@ -435,6 +451,7 @@ def test_an_address_another_customer_verified_is_taken_an_unverified_one_is_not(
     same = _change_email(settings, customer, customer.email)
     assert same.status == 400, same.body
     squatted = register(settings)
+    wait_for_code(settings, squatted["email"])  # its own code first: the next one is the change's
     assert _change_email(settings, customer, squatted["email"]).status == 200
     code = wait_for_code(settings, squatted["email"], "Verification code", 2, 30.0, customer.customer_id)
     assert _confirm(settings, customer, code).status == 200
