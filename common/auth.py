@@ -41,7 +41,6 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pyseto
 import redis.asyncio as redis
 from cryptography.hazmat.primitives import serialization
@@ -52,7 +51,7 @@ from pyseto.key_interface import KeyInterface
 from common import redisdb
 from common.config import Settings
 from common.config import load as load_settings
-from common.errors import DomainError
+from common.errors import DomainError, refused
 from common.logging import fields
 
 log = logging.getLogger("auth")
@@ -112,7 +111,7 @@ def reset_current(token: Any) -> None:
 
 
 def unauthenticated(reason: str, message: str) -> DomainError:
-    return DomainError(grpc.StatusCode.UNAUTHENTICATED, reason, message)
+    return refused(reason, message)
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -409,7 +408,7 @@ class Revocations:
         revoked = await asyncio.shield(future)
         if revoked is None:
             # Fail closed: without the revocation list a revoked token could pass.
-            raise DomainError(grpc.StatusCode.UNAVAILABLE, "AUTH_UNAVAILABLE", "cannot check the session now; retry")
+            raise refused("AUTH_UNAVAILABLE", "cannot check the session now; retry")
         return revoked
 
     async def _check_waiting(self) -> None:
@@ -463,8 +462,7 @@ class Authenticator:
         if level is Access.INTERNAL:
             presented = headers.get(SERVICE_TOKEN_HEADER, "").encode()
             if not presented or not hmac.compare_digest(presented, self._service_token):
-                raise DomainError(grpc.StatusCode.PERMISSION_DENIED, "SERVICE_ONLY",
-                                  "this RPC is for the bank's services only")
+                raise refused("SERVICE_ONLY", "this RPC is for the bank's services only")
             return Caller(headers.get(SERVICE_NAME_HEADER, "unknown-service")[:64], Role.SERVICE)
         authorization = headers.get(AUTHORIZATION_HEADER, "")
         scheme, _, token = authorization.partition(" ")
@@ -475,7 +473,7 @@ class Authenticator:
         if await self._revocations.is_revoked(caller.session_id):
             raise unauthenticated("SESSION_REVOKED", "the session has been revoked")
         if level is Access.TELLER and caller.role is not Role.TELLER:
-            raise DomainError(grpc.StatusCode.PERMISSION_DENIED, "TELLER_ONLY", "this RPC is for tellers only")
+            raise refused("TELLER_ONLY", "this RPC is for tellers only")
         return caller
 
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 import grpc
 
 from common import auth, tracing
-from common.errors import DomainError, error_info, internal, status_of
+from common.errors import DomainError, dependency_unavailable, error_info, internal, status_of
 from common.logging import request_id_var
 
 T = TypeVar("T")
@@ -46,8 +46,7 @@ async def call(rpc: Awaitable[T]) -> T:
     except grpc.aio.AioRpcError as exc:
         code = exc.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            raise DomainError(grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE",
-                              "a service the bank depends on is unavailable; retry") from exc
+            raise dependency_unavailable() from exc
         status = status_of(exc)
         info = error_info(status) if status is not None else None
         if info is None:

@@ -1,9 +1,10 @@
 """The one mapping from domain errors to gRPC statuses.
 
-Use cases raise DomainError with a gRPC code and a stable reason from ../shared/API.md; the
-interceptor turns it into a google.rpc.Status carrying an ErrorInfo (domain "simplebank"), for
-invalid fields a BadRequest, and for a call worth retrying later (a rate limit) a RetryInfo.
-Envoy renders that status as JSON with the matching HTTP code.
+Use cases raise a DomainError by its stable reason from ../shared/API.md (`refused(reason,
+message)`), never by a gRPC code: CODES below gives each reason its code (docs/decisions/0005
+and 0018), and the interceptor turns the error into a google.rpc.Status carrying an ErrorInfo
+(domain "simplebank"), for invalid fields a BadRequest, and for a call worth retrying later (a
+rate limit) a RetryInfo. Envoy renders that status as JSON with the matching HTTP code.
 """
 
 from __future__ import annotations
@@ -21,11 +22,37 @@ DetailT = TypeVar("DetailT", error_details_pb2.ErrorInfo, error_details_pb2.Retr
 
 DOMAIN = "simplebank"
 
+_C = grpc.StatusCode
+# Each reason's gRPC code, the one table (docs/decisions/0005): wrong whatever the state is
+# INVALID_ARGUMENT, refused in the current state FAILED_PRECONDITION, a conflict ALREADY_EXISTS;
+# worth a retry UNAVAILABLE. A reason missing here is a programmer error: refused() asserts.
+CODES: dict[str, grpc.StatusCode] = {
+    **dict.fromkeys(("INVALID_ARGUMENT", "INVALID_AMOUNT", "SAME_ACCOUNT", "UNSUPPORTED_CURRENCY", "INVALID_CODE",
+                     "WEAK_PASSWORD", "INVALID_PAGE_SIZE", "INVALID_PAGE_TOKEN"), _C.INVALID_ARGUMENT),
+    **dict.fromkeys(("CURRENCY_MISMATCH", "INSUFFICIENT_FUNDS", "ACCOUNT_INACTIVE", "ACCOUNT_NOT_EMPTY",
+                     "EMAIL_NOT_VERIFIED", "CODE_EXPIRED"), _C.FAILED_PRECONDITION),
+    **dict.fromkeys(("ACCOUNT_NOT_FOUND", "TRANSFER_NOT_FOUND"), _C.NOT_FOUND),
+    **dict.fromkeys(("IDEMPOTENCY_KEY_REUSED", "ACCOUNT_ALREADY_EXISTS", "EMAIL_TAKEN", "USERNAME_TAKEN"),
+                    _C.ALREADY_EXISTS),
+    **dict.fromkeys(("CUSTOMER_ONLY", "TELLER_ONLY", "SERVICE_ONLY"), _C.PERMISSION_DENIED),
+    **dict.fromkeys(("UNAUTHENTICATED", "INVALID_TOKEN", "TOKEN_EXPIRED", "SESSION_REVOKED"), _C.UNAUTHENTICATED),
+    **dict.fromkeys(("LEDGER_BUSY", "STORAGE_UNAVAILABLE", "DEPENDENCY_UNAVAILABLE", "ACTIVITY_UNAVAILABLE",
+                     "AUTH_UNAVAILABLE"), _C.UNAVAILABLE),
+    "RATE_LIMITED": _C.RESOURCE_EXHAUSTED,
+    "NOT_IMPLEMENTED": _C.UNIMPLEMENTED,
+    "INTERNAL": _C.INTERNAL,
+}
+
 
 class DomainError(Exception):
+    """A refusal or failure the caller is told about, by reason. `code` None: the reason's code
+    in CODES (what refused() makes); a code is passed only where the status comes from
+    elsewhere (an internal call's, passed through by common/clients.py) and, until they move
+    to refused(), by svc_customer and svc_notify."""
+
     def __init__(
         self,
-        code: grpc.StatusCode,
+        code: grpc.StatusCode | None,
         reason: str,
         message: str,
         metadata: Mapping[str, str] | None = None,
@@ -33,7 +60,7 @@ class DomainError(Exception):
         retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = CODES[reason] if code is None else code
         self.reason = reason
         self.message = message
         self.metadata = dict(metadata or {})
@@ -62,19 +89,35 @@ class DomainError(Exception):
         return rpc_status.to_status(proto)
 
 
+def refused(reason: str, message: str, *, metadata: Mapping[str, str] | None = None,
+            field_violations: Sequence[tuple[str, str]] = (), retry_after_s: float | None = None) -> DomainError:
+    """The error a use case raises: by reason, its code from CODES."""
+    assert reason in CODES, f"{reason} has no gRPC code in common/errors.CODES"
+    return DomainError(None, reason, message, metadata, field_violations, retry_after_s)
+
+
+def invalid(field: str, description: str) -> DomainError:
+    """INVALID_ARGUMENT naming the one field that breaks a rule (its BadRequest violation)."""
+    return refused("INVALID_ARGUMENT", f"{field}: {description}", field_violations=[(field, description)])
+
+
 def not_implemented(method: str) -> DomainError:
-    return DomainError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"{method} is not implemented yet")
+    return refused("NOT_IMPLEMENTED", f"{method} is not implemented yet")
 
 
 def storage_unavailable() -> DomainError:
     # A dependency failed (a lost connection, a timeout): worth a retry, unlike INTERNAL.
-    return DomainError(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE",
-                       "the bank cannot reach its storage right now; retry shortly")
+    return refused("STORAGE_UNAVAILABLE", "the bank cannot reach its storage right now; retry shortly")
+
+
+def dependency_unavailable() -> DomainError:
+    # Another service of the bank did not answer in time: worth a retry, unlike INTERNAL.
+    return refused("DEPENDENCY_UNAVAILABLE", "a service the bank depends on is unavailable; retry")
 
 
 def internal() -> DomainError:
     # Never a stack trace or an internal detail to the caller: the log has those.
-    return DomainError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the request id is in the logs")
+    return refused("INTERNAL", "internal error; the request id is in the logs")
 
 
 def status_of(error: grpc.RpcError) -> status_pb2.Status | None:

@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from common.errors import DomainError
+from common.errors import refused
 
 # API.md's generic reason for a request that breaks a field rule.
 REASON = "INVALID_ARGUMENT"
@@ -51,16 +50,14 @@ def tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
 def check(request: Any) -> None:
     """Raise INVALID_ARGUMENT for an undecodable request or a string field holding NUL."""
     if isinstance(request, Undecodable):
-        raise DomainError(grpc.StatusCode.INVALID_ARGUMENT, REASON,
-                          "the request is not a valid message: text must be UTF-8")
+        raise refused(REASON, "the request is not a valid message: text must be UTF-8")
     if not isinstance(request, Message):
         return
     fields = sorted(set(_fields_with_nul(request, "")))
     if fields:
         violations = [(field, "must not contain NUL characters") for field in fields]
-        raise DomainError(grpc.StatusCode.INVALID_ARGUMENT, REASON,
-                          "; ".join(f"{field}: {description}" for field, description in violations),
-                          field_violations=violations)
+        raise refused(REASON, "; ".join(f"{field}: {description}" for field, description in violations),
+                      field_violations=violations)
 
 
 def _fields_with_nul(message: Message, prefix: str) -> Iterator[str]:

@@ -9,9 +9,7 @@ import base64
 import json
 from typing import Any
 
-import grpc
-
-from common.errors import DomainError
+from common.errors import DomainError, refused
 
 DEFAULT_PAGE_SIZE = 50
 PAGE_SIZE_MAX = 500
@@ -20,8 +18,8 @@ TOKEN_LENGTH_MAX = 512
 
 def page_size(requested: int) -> int:
     if requested < 0:
-        raise DomainError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", "page_size must not be negative",
-                          field_violations=[("page_size", "must be >= 0")])
+        raise refused("INVALID_PAGE_SIZE", "page_size must not be negative",
+                      field_violations=[("page_size", "must be >= 0")])
     return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, PAGE_SIZE_MAX)
 
 
@@ -30,8 +28,8 @@ def encode_token(key: list[Any]) -> str:
 
 
 def invalid_token() -> DomainError:
-    return DomainError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not valid",
-                       field_violations=[("page_token", "not a token this list returned")])
+    return refused("INVALID_PAGE_TOKEN", "page_token is not valid",
+                   field_violations=[("page_token", "not a token this list returned")])
 
 
 def decode_token(token: str, length: int) -> list[Any] | None:

@@ -29,12 +29,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import redis.asyncio as redis
 from prometheus_client import Counter
 
 from common import redisdb
-from common.errors import DomainError
+from common.errors import DomainError, refused
 
 log = logging.getLogger("ratelimit")
 
@@ -243,9 +242,8 @@ class SlidingWindow:
 
 def rate_limited(retry_after_s: float) -> DomainError:
     """The refusal: RESOURCE_EXHAUSTED (429 through Envoy), reason RATE_LIMITED, with RetryInfo."""
-    return DomainError(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED",
-                       f"too many failed attempts; retry in {math.ceil(retry_after_s)} s",
-                       retry_after_s=retry_after_s)
+    return refused("RATE_LIMITED", f"too many failed attempts; retry in {math.ceil(retry_after_s)} s",
+                   retry_after_s=retry_after_s)
 
 
 # --- the client's address -------------------------------------------------------------------

@@ -17,8 +17,9 @@ from common.consumer import EventConsumer, EventMeta, Route
 from common.events import TRANSFER_TOPIC
 from common.grpcutil import service_name
 from svc_account import service
-from svc_account.service import AccountUseCases, AccountView
-from svc_account.store import Activity, ActivityStore
+from svc_account.clients import CustomerClient, LedgerClient
+from svc_account.service import AccountView
+from svc_account.store import AccountStore, Activity, ActivityStore
 
 CONSUMER_GROUP_ID = "svc_account"
 
@@ -37,38 +38,46 @@ def _account(view: AccountView) -> account_pb2.Account:
 
 
 class AccountService(account_pb2_grpc.AccountServiceServicer):
-    def __init__(self, use_cases: AccountUseCases) -> None:
-        self._uc = use_cases
+    def __init__(self, accounts: AccountStore, ledger: LedgerClient, customers: CustomerClient,
+                 activity: ActivityStore) -> None:
+        self._accounts = accounts
+        self._ledger = ledger
+        self._customers = customers
+        self._activity = activity
 
     async def CreateAccount(self, request: account_pb2.CreateAccountRequest,
                             context: grpc.aio.ServicerContext) -> account_pb2.Account:
-        return _account(await self._uc.create_account(auth.current(), request.currency))
+        return _account(await service.create_account(self._accounts, self._ledger, self._customers, auth.current(),
+                                                     request.currency))
 
     async def GetAccount(self, request: account_pb2.GetAccountRequest,
                          context: grpc.aio.ServicerContext) -> account_pb2.Account:
-        return _account(await self._uc.get_account(auth.current(), request.account_id))
+        return _account(await service.get_account(self._accounts, self._ledger, auth.current(), request.account_id))
 
     async def ListAccounts(self, request: account_pb2.ListAccountsRequest,
                            context: grpc.aio.ServicerContext) -> account_pb2.ListAccountsResponse:
-        views, token = await self._uc.list_accounts(auth.current(), request.page_size, request.page_token)
+        views, token = await service.list_accounts(self._accounts, self._ledger, auth.current(), request.page_size,
+                                                   request.page_token)
         return account_pb2.ListAccountsResponse(accounts=[_account(v) for v in views], next_page_token=token)
 
     async def CloseAccount(self, request: account_pb2.CloseAccountRequest,
                            context: grpc.aio.ServicerContext) -> account_pb2.Account:
-        return _account(await self._uc.close_account(auth.current(), request.account_id))
+        return _account(await service.close_account(self._accounts, self._ledger, auth.current(), request.account_id))
 
     async def FreezeAccount(self, request: account_pb2.FreezeAccountRequest,
                             context: grpc.aio.ServicerContext) -> account_pb2.Account:
-        return _account(await self._uc.freeze_account(auth.current(), request.account_id, frozen=True))
+        return _account(await service.freeze_account(self._accounts, self._ledger, auth.current(), request.account_id,
+                                                     frozen=True))
 
     async def UnfreezeAccount(self, request: account_pb2.UnfreezeAccountRequest,
                               context: grpc.aio.ServicerContext) -> account_pb2.Account:
-        return _account(await self._uc.freeze_account(auth.current(), request.account_id, frozen=False))
+        return _account(await service.freeze_account(self._accounts, self._ledger, auth.current(), request.account_id,
+                                                     frozen=False))
 
     async def ListAccountActivity(self, request: account_pb2.ListAccountActivityRequest,
                                   context: grpc.aio.ServicerContext) -> account_pb2.ListAccountActivityResponse:
-        lines, token = await self._uc.list_activity(auth.current(), request.account_id, request.page_size,
-                                                    request.page_token)
+        lines, token = await service.list_activity(self._accounts, self._activity, auth.current(), request.account_id,
+                                                   request.page_size, request.page_token)
         return account_pb2.ListAccountActivityResponse(activities=[_activity(a) for a in lines], next_page_token=token)
 
 
@@ -114,8 +123,8 @@ def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[
     activity = ActivityStore(s, resources.pool)
     # Started in this order, stopped in reverse: the consumer stops before the store closes.
     resources.workers.extend([_Channels(ledger, customers), activity, _statements_consumer(s, activity)])
-    use_cases = AccountUseCases(resources.pool, ledger, customers, activity)
-    account_pb2_grpc.add_AccountServiceServicer_to_server(AccountService(use_cases), grpc_server)
+    servicer = AccountService(AccountStore(resources.pool), LedgerClient(ledger), CustomerClient(customers), activity)
+    account_pb2_grpc.add_AccountServiceServicer_to_server(servicer, grpc_server)
     return [service_name(account_pb2, "AccountService")]
 
 

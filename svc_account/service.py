@@ -1,7 +1,9 @@
-"""svc_account's use cases. Balances and the status that movements obey live in the ledger of
-svc_transfer; svc_account keeps who owns which account and asks the ledger (internal gRPC) to
-open accounts, change their status and read balances. Opening the ledger account first means
-a transfer never needs a call to svc_account."""
+"""svc_account's use cases, one async function per RPC (docs/decisions/0018). Balances and the
+status that movements obey live in the ledger of svc_transfer; svc_account keeps who owns which
+account and asks the ledger (through clients.LedgerClient) to open accounts, change their
+status and read balances. Opening the ledger account first means a transfer never needs a call
+to svc_account. The use cases take their stores and clients as parameters and raise domain
+errors by reason; they speak neither SQL nor gRPC."""
 
 from __future__ import annotations
 
@@ -13,26 +15,49 @@ from enum import StrEnum
 from typing import Protocol
 from uuid import UUID
 
-import grpc
-from bank.customer.v1 import customer_internal_pb2, customer_internal_pb2_grpc
 from bank.events.v1 import events_pb2
-from bank.transfer.v1 import ledger_pb2, ledger_pb2_grpc
-from psycopg_pool import AsyncConnectionPool
 
 from common import auth, cassandra, pagination
-from common.clients import INTERNAL_TIMEOUT_S, InternalChannel, call
 from common.consumer import BadEvent, EventMeta, StorageUnavailable
 from common.currencies import SUPPORTED_CURRENCIES
-from common.errors import DomainError
+from common.errors import DomainError, refused
 from common.ids import parse_uuid, uuid7
 from common.logging import fields
 from common.retry import Backoff, retry
 from svc_account import store
+from svc_account.clients import LedgerState
 
 log = logging.getLogger("account")
 
-STATUS_NAMES = {ledger_pb2.LedgerAccount.ACTIVE: "ACTIVE", ledger_pb2.LedgerAccount.FROZEN: "FROZEN",
-                ledger_pb2.LedgerAccount.CLOSED: "CLOSED"}
+
+
+class Accounts(Protocol):
+    """Who owns which account: store.AccountStore, or the fake of tests/unit."""
+
+    async def insert_account(self, account_id: UUID, customer_id: UUID, currency: str) -> store.Account: ...
+
+    async def get_account(self, account_id: UUID) -> store.Account | None: ...
+
+    async def list_accounts(self, customer_id: UUID, after: tuple[datetime, UUID] | None,
+                            limit: int) -> list[store.Account]: ...
+
+    async def set_status(self, account_id: UUID, status: str) -> None: ...
+
+
+class Ledger(Protocol):
+    """The ledger's side of accounts: clients.LedgerClient (svc_transfer), or a fake in tests/unit."""
+
+    async def open_account(self, account_id: str, customer_id: str, currency: str) -> None: ...
+
+    async def set_status(self, account_id: str, status: str) -> LedgerState: ...
+
+    async def states(self, account_ids: list[str]) -> dict[str, LedgerState]: ...
+
+
+class Customers(Protocol):
+    """What svc_account asks of svc_customer: clients.CustomerClient, or a fake in tests/unit."""
+
+    async def email_verified(self, customer_id: str) -> bool: ...
 
 
 class Activities(Protocol):
@@ -54,127 +79,111 @@ class AccountView:
 
 
 def _not_found() -> DomainError:
-    return DomainError(grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", "no such account")
+    return refused("ACCOUNT_NOT_FOUND", "no such account")
 
 
-class AccountUseCases:
-    def __init__(self, pool: AsyncConnectionPool, ledger: InternalChannel, customers: InternalChannel,
-                 activity: Activities) -> None:
-        self._pool = pool
-        self._activity = activity
-        self._ledger_channel = ledger
-        self._ledger = ledger_pb2_grpc.LedgerServiceStub(ledger.channel)
-        self._customers_channel = customers
-        self._customers = customer_internal_pb2_grpc.CustomerInternalServiceStub(customers.channel)
+async def create_account(accounts: Accounts, ledger: Ledger, customers: Customers, caller: auth.Caller,
+                         currency: str) -> AccountView:
+    if caller.customer_id is None:
+        raise refused("CUSTOMER_ONLY", "only customers open accounts")
+    currency = currency.strip().upper()
+    if currency not in SUPPORTED_CURRENCIES:
+        raise refused("UNSUPPORTED_CURRENCY", f"currency must be one of {', '.join(sorted(SUPPORTED_CURRENCIES))}",
+                      field_violations=[("currency", "unsupported ISO 4217 code")])
+    if not await customers.email_verified(caller.customer_id):
+        raise refused("EMAIL_NOT_VERIFIED", "verify your email before opening an account")
+    account_id = uuid7()
+    # The ledger first: if the local insert then fails, an empty ledger account nobody can
+    # see is left behind, which is harmless; the other order could show an account the
+    # ledger does not know.
+    await ledger.open_account(str(account_id), caller.customer_id, currency)
+    account = await accounts.insert_account(account_id, UUID(caller.customer_id), currency)
+    return AccountView(account, 0, "ACTIVE")
 
-    async def create_account(self, caller: auth.Caller, currency: str) -> AccountView:
-        if caller.customer_id is None:
-            raise DomainError(grpc.StatusCode.PERMISSION_DENIED, "CUSTOMER_ONLY", "only customers open accounts")
-        currency = currency.strip().upper()
-        if currency not in SUPPORTED_CURRENCIES:
-            raise DomainError(grpc.StatusCode.INVALID_ARGUMENT, "UNSUPPORTED_CURRENCY",
-                              f"currency must be one of {', '.join(sorted(SUPPORTED_CURRENCIES))}",
-                              field_violations=[("currency", "unsupported ISO 4217 code")])
-        profile = await call(self._customers.GetCustomerProfile(
-            customer_internal_pb2.GetCustomerProfileRequest(customer_id=caller.customer_id),
-            metadata=self._customers_channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
-        if not profile.email_verified:
-            raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "EMAIL_NOT_VERIFIED",
-                              "verify your email before opening an account")
-        account_id = uuid7()
-        # The ledger first: if the local insert then fails, an empty ledger account nobody can
-        # see is left behind, which is harmless; the other order could show an account the
-        # ledger does not know.
-        await call(self._ledger.OpenLedgerAccount(
-            ledger_pb2.OpenLedgerAccountRequest(account_id=str(account_id), customer_id=caller.customer_id,
-                                                currency=currency),
-            metadata=self._ledger_channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
-        async with self._pool.connection() as conn:
-            account = await store.insert_account(conn, account_id, UUID(caller.customer_id), currency)
-        return AccountView(account, 0, "ACTIVE")
 
-    async def _owned(self, caller: auth.Caller, account_id: str) -> store.Account:
-        aid = parse_uuid(account_id)
-        async with self._pool.connection() as conn:
-            account = await store.get_account(conn, aid) if aid else None
-        # Another customer's account is not found, exactly as a missing one.
-        if account is None or not (caller.is_teller or str(account.customer_id) == caller.customer_id):
-            raise _not_found()
-        return account
+async def _owned(accounts: Accounts, caller: auth.Caller, account_id: str) -> store.Account:
+    aid = parse_uuid(account_id)
+    account = await accounts.get_account(aid) if aid else None
+    # Another customer's account is not found, exactly as a missing one.
+    if account is None or not (caller.is_teller or str(account.customer_id) == caller.customer_id):
+        raise _not_found()
+    return account
 
-    async def _with_ledger(self, accounts: list[store.Account]) -> list[AccountView]:
-        if not accounts:
-            return []
-        reply = await call(self._ledger.BatchGetLedgerAccounts(
-            ledger_pb2.BatchGetLedgerAccountsRequest(account_ids=[str(a.account_id) for a in accounts]),
-            metadata=self._ledger_channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
-        by_id = {entry.account_id: entry for entry in reply.ledger_accounts}
-        views = []
-        for account in accounts:
-            entry = by_id.get(str(account.account_id))
-            if entry is None:  # the ledger is the source of truth; a local row without it is a bug
-                raise RuntimeError(f"account {account.account_id} has no ledger account")
-            views.append(AccountView(account, entry.balance, STATUS_NAMES[entry.status]))
-        return views
 
-    async def get_account(self, caller: auth.Caller, account_id: str) -> AccountView:
-        return (await self._with_ledger([await self._owned(caller, account_id)]))[0]
+async def _with_ledger(ledger: Ledger, page: list[store.Account]) -> list[AccountView]:
+    if not page:
+        return []
+    states = await ledger.states([str(a.account_id) for a in page])
+    views = []
+    for account in page:
+        state = states.get(str(account.account_id))
+        if state is None:  # the ledger is the source of truth; a local row without it is a bug
+            raise RuntimeError(f"account {account.account_id} has no ledger account")
+        views.append(AccountView(account, state.balance, state.status))
+    return views
 
-    async def list_accounts(self, caller: auth.Caller, page_size: int, page_token: str) -> tuple[list[AccountView], str]:
-        size = pagination.page_size(page_size)
-        key = pagination.decode_token(page_token, 2)
-        if caller.customer_id is None:
-            return [], ""  # a teller owns no accounts
-        after = None
-        if key is not None:
-            try:
-                after = (datetime.fromisoformat(key[0]), UUID(key[1]))
-            except (TypeError, ValueError) as exc:
-                raise pagination.invalid_token() from exc
-        async with self._pool.connection() as conn:
-            rows = await store.list_accounts(conn, UUID(caller.customer_id), after, size + 1)
-        page, more = rows[:size], len(rows) > size
-        token = pagination.encode_token([page[-1].create_time.isoformat(), str(page[-1].account_id)]) if more else ""
-        return await self._with_ledger(page), token
 
-    async def _set_status(self, account: store.Account, status: int) -> AccountView:
-        reply = await call(self._ledger.SetLedgerAccountStatus(
-            ledger_pb2.SetLedgerAccountStatusRequest(account_id=str(account.account_id), status=status),  # type: ignore[arg-type]
-            metadata=self._ledger_channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
-        async with self._pool.connection() as conn:
-            await store.set_status(conn, account.account_id, STATUS_NAMES[reply.status])
-        return AccountView(account, reply.balance, STATUS_NAMES[reply.status])
+async def get_account(accounts: Accounts, ledger: Ledger, caller: auth.Caller, account_id: str) -> AccountView:
+    return (await _with_ledger(ledger, [await _owned(accounts, caller, account_id)]))[0]
 
-    async def close_account(self, caller: auth.Caller, account_id: str) -> AccountView:
-        account = await self._owned(caller, account_id)
-        if caller.customer_id is None:
-            raise _not_found()  # closing is the owner's act
-        return await self._set_status(account, ledger_pb2.LedgerAccount.CLOSED)
 
-    async def freeze_account(self, caller: auth.Caller, account_id: str, frozen: bool) -> AccountView:
-        account = await self._owned(caller, account_id)
-        return await self._set_status(account, ledger_pb2.LedgerAccount.FROZEN if frozen else ledger_pb2.LedgerAccount.ACTIVE)
-
-    async def list_activity(self, caller: auth.Caller, account_id: str, page_size: int,
-                            page_token: str) -> tuple[list[store.Activity], str]:
-        """The account's statement, newest first, across its months (own accounts; tellers any)."""
-        size = pagination.page_size(page_size)
-        after = _activity_page_key(page_token)
-        account = await self._owned(caller, account_id)
+async def list_accounts(accounts: Accounts, ledger: Ledger, caller: auth.Caller, page_size: int,
+                        page_token: str) -> tuple[list[AccountView], str]:
+    size = pagination.page_size(page_size)
+    key = pagination.decode_token(page_token, 2)
+    if caller.customer_id is None:
+        return [], ""  # a teller owns no accounts
+    after = None
+    if key is not None:
         try:
-            lines = await _read_statement(self._activity, account.account_id, size + 1, after)
-        except store.TRANSIENT_ERRORS as exc:
-            log.warning("history store unavailable", extra=fields(error=f"{type(exc).__name__}: {exc}"))
-            raise DomainError(grpc.StatusCode.UNAVAILABLE, "ACTIVITY_UNAVAILABLE",
-                              "account activity cannot be read now; retry") from exc
-        page = lines[:size]
-        token = ""
-        if len(lines) > size:  # one more than asked was read: a next page exists
-            last = page[-1]
-            # Integer milliseconds, exactly: a float could round past a line and skip it.
-            token = pagination.encode_token([last.month, (last.create_time - EPOCH) // timedelta(milliseconds=1),
-                                             str(last.activity_id)])
-        return page, token
+            after = (datetime.fromisoformat(key[0]), UUID(key[1]))
+        except (TypeError, ValueError) as exc:
+            raise pagination.invalid_token() from exc
+    rows = await accounts.list_accounts(UUID(caller.customer_id), after, size + 1)
+    page, more = rows[:size], len(rows) > size
+    token = pagination.encode_token([page[-1].create_time.isoformat(), str(page[-1].account_id)]) if more else ""
+    return await _with_ledger(ledger, page), token
+
+
+async def _set_status(accounts: Accounts, ledger: Ledger, account: store.Account, status: str) -> AccountView:
+    state = await ledger.set_status(str(account.account_id), status)
+    assert state.status == status, f"the ledger set {state.status}, not {status}"
+    await accounts.set_status(account.account_id, state.status)
+    return AccountView(account, state.balance, state.status)
+
+
+async def close_account(accounts: Accounts, ledger: Ledger, caller: auth.Caller, account_id: str) -> AccountView:
+    account = await _owned(accounts, caller, account_id)
+    if caller.customer_id is None:
+        raise _not_found()  # closing is the owner's act
+    return await _set_status(accounts, ledger, account, "CLOSED")
+
+
+async def freeze_account(accounts: Accounts, ledger: Ledger, caller: auth.Caller, account_id: str,
+                         frozen: bool) -> AccountView:
+    account = await _owned(accounts, caller, account_id)
+    return await _set_status(accounts, ledger, account, "FROZEN" if frozen else "ACTIVE")
+
+
+async def list_activity(accounts: Accounts, activity: Activities, caller: auth.Caller, account_id: str,
+                        page_size: int, page_token: str) -> tuple[list[store.Activity], str]:
+    """The account's statement, newest first, across its months (own accounts; tellers any)."""
+    size = pagination.page_size(page_size)
+    after = _activity_page_key(page_token)
+    account = await _owned(accounts, caller, account_id)
+    try:
+        lines = await _read_statement(activity, account.account_id, size + 1, after)
+    except store.TRANSIENT_ERRORS as exc:
+        log.warning("history store unavailable", extra=fields(error=f"{type(exc).__name__}: {exc}"))
+        raise refused("ACTIVITY_UNAVAILABLE", "account activity cannot be read now; retry") from exc
+    page = lines[:size]
+    token = ""
+    if len(lines) > size:  # one more than asked was read: a next page exists
+        last = page[-1]
+        # Integer milliseconds, exactly: a float could round past a line and skip it.
+        token = pagination.encode_token([last.month, (last.create_time - EPOCH) // timedelta(milliseconds=1),
+                                         str(last.activity_id)])
+    return page, token
 
 
 # --- statements: the projection of MoneyMoved, and its reading ------------------------------
@@ -230,8 +239,11 @@ def statement_lines(event: events_pb2.MoneyMoved, meta: EventMeta) -> list[store
     MoneyMoved = events_pb2.MoneyMoved
     if event.kind == MoneyMoved.TRANSFER:
         source, target = _account_id(event.from_account_id, "from"), _account_id(event.to_account_id, "to")
-        return [line(source, "TRANSFER_SENT", -event.amount, event.from_balance_after, event.to_account_id),
-                line(target, "TRANSFER_RECEIVED", event.amount, event.to_balance_after, event.from_account_id)]
+        lines = [line(source, "TRANSFER_SENT", -event.amount, event.from_balance_after, event.to_account_id),
+                 line(target, "TRANSFER_RECEIVED", event.amount, event.to_balance_after, event.from_account_id)]
+        # Double entry: the two sides of a transfer sum to zero, and are two lines, not one twice.
+        assert sum(a.amount for a in lines) == 0 and lines[0].activity_id != lines[1].activity_id
+        return lines
     if event.kind == MoneyMoved.DEPOSIT:
         return [line(_account_id(event.to_account_id, "to"), "DEPOSIT", event.amount, event.to_balance_after, "")]
     if event.kind == MoneyMoved.WITHDRAWAL:

@@ -12,7 +12,6 @@ from uuid import UUID
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Cluster, Session
 from cassandra.query import PreparedStatement
-from psycopg import AsyncConnection
 from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -29,50 +28,56 @@ class Account:
     create_time: datetime
 
 
+class AccountStore:
+    """Who owns which account (Postgres, schema account). The use cases take it, or the fake of
+    tests/unit; each call takes a pooled connection for one statement."""
 
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
 
-async def insert_account(conn: AsyncConnection, account_id: UUID, customer_id: UUID, currency: str) -> Account:
-    cursor = conn.cursor(row_factory=class_row(Account))
-    await cursor.execute(
-        "INSERT INTO accounts (account_id, customer_id, currency) VALUES (%s, %s, %s)"
-        " RETURNING account_id, customer_id, currency, status, create_time",
-        (account_id, customer_id, currency),
-    )
-    row = await cursor.fetchone()
-    assert row is not None
-    return row
+    async def insert_account(self, account_id: UUID, customer_id: UUID, currency: str) -> Account:
+        async with self._pool.connection() as conn:
+            cursor = conn.cursor(row_factory=class_row(Account))
+            await cursor.execute(
+                "INSERT INTO accounts (account_id, customer_id, currency) VALUES (%s, %s, %s)"
+                " RETURNING account_id, customer_id, currency, status, create_time",
+                (account_id, customer_id, currency),
+            )
+            row = await cursor.fetchone()
+        assert row is not None, "INSERT ... RETURNING returned no row"
+        return row
 
+    async def get_account(self, account_id: UUID) -> Account | None:
+        async with self._pool.connection() as conn:
+            cursor = conn.cursor(row_factory=class_row(Account))
+            await cursor.execute(
+                "SELECT account_id, customer_id, currency, status, create_time FROM accounts WHERE account_id = %s",
+                (account_id,),
+            )
+            return await cursor.fetchone()
 
-async def get_account(conn: AsyncConnection, account_id: UUID) -> Account | None:
-    cursor = conn.cursor(row_factory=class_row(Account))
-    await cursor.execute(
-        "SELECT account_id, customer_id, currency, status, create_time FROM accounts WHERE account_id = %s", (account_id,)
-    )
-    return await cursor.fetchone()
+    async def list_accounts(self, customer_id: UUID, after: tuple[datetime, UUID] | None, limit: int) -> list[Account]:
+        """A customer's accounts, newest first, after the keyset (create_time, account_id)."""
+        async with self._pool.connection() as conn:
+            cursor = conn.cursor(row_factory=class_row(Account))
+            if after is None:
+                await cursor.execute(
+                    "SELECT account_id, customer_id, currency, status, create_time FROM accounts WHERE customer_id = %s"
+                    " ORDER BY create_time DESC, account_id DESC LIMIT %s",
+                    (customer_id, limit),
+                )
+            else:
+                await cursor.execute(
+                    "SELECT account_id, customer_id, currency, status, create_time FROM accounts"
+                    " WHERE customer_id = %s AND (create_time, account_id) < (%s, %s)"
+                    " ORDER BY create_time DESC, account_id DESC LIMIT %s",
+                    (customer_id, after[0], after[1], limit),
+                )
+            return await cursor.fetchall()
 
-
-async def list_accounts(conn: AsyncConnection, customer_id: UUID, after: tuple[datetime, UUID] | None,
-                        limit: int) -> list[Account]:
-    """A customer's accounts, newest first, after the keyset (create_time, account_id)."""
-    cursor = conn.cursor(row_factory=class_row(Account))
-    if after is None:
-        await cursor.execute(
-            "SELECT account_id, customer_id, currency, status, create_time FROM accounts WHERE customer_id = %s"
-            " ORDER BY create_time DESC, account_id DESC LIMIT %s",
-            (customer_id, limit),
-        )
-    else:
-        await cursor.execute(
-            "SELECT account_id, customer_id, currency, status, create_time FROM accounts"
-            " WHERE customer_id = %s AND (create_time, account_id) < (%s, %s)"
-            " ORDER BY create_time DESC, account_id DESC LIMIT %s",
-            (customer_id, after[0], after[1], limit),
-        )
-    return await cursor.fetchall()
-
-
-async def set_status(conn: AsyncConnection, account_id: UUID, status: str) -> None:
-    await conn.execute("UPDATE accounts SET status = %s WHERE account_id = %s", (status, account_id))
+    async def set_status(self, account_id: UUID, status: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute("UPDATE accounts SET status = %s WHERE account_id = %s", (status, account_id))
 
 
 # --- Cassandra: statements (keyspace bank_account) -------------------------------------------

@@ -15,13 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-import grpc
 from prometheus_client import Counter
 
-from common import events, pagination
+from common import errors, events, pagination
 from common.auth import Caller, Role
 from common.currencies import SUPPORTED_CURRENCIES
-from common.errors import DomainError
+from common.errors import DomainError, invalid
 from common.ids import REQUEST_ID_LENGTH_MAX, parse_uuid
 from svc_transfer import store
 from svc_transfer.store import AccountChange, LedgerAccount, Movement, MovementRequest, Transfer, VisibleTransfer
@@ -54,33 +53,25 @@ class Ledger(Protocol):
                                 limit: int) -> list[Transfer]: ...
 
 
-# Each reason the ledger can answer, with its gRPC code (docs/decisions/0005) and message.
-REASONS: dict[str, tuple[grpc.StatusCode, str]] = {
-    "INVALID_AMOUNT": (grpc.StatusCode.INVALID_ARGUMENT, "amount must be > 0, and the resulting balances must fit in int64"),
-    "SAME_ACCOUNT": (grpc.StatusCode.INVALID_ARGUMENT, "from_account_id and to_account_id are the same account"),
-    "UNSUPPORTED_CURRENCY": (grpc.StatusCode.INVALID_ARGUMENT, "the currency is not supported"),
-    "CURRENCY_MISMATCH": (grpc.StatusCode.FAILED_PRECONDITION, "currency differs from the account's currency"),
-    "INSUFFICIENT_FUNDS": (grpc.StatusCode.FAILED_PRECONDITION, "the source account's balance is too low"),
-    "ACCOUNT_INACTIVE": (grpc.StatusCode.FAILED_PRECONDITION, "the account is frozen or closed"),
-    "ACCOUNT_NOT_EMPTY": (grpc.StatusCode.FAILED_PRECONDITION, "only an account with a zero balance can be closed"),
-    "ACCOUNT_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "account not found"),
-    "TRANSFER_NOT_FOUND": (grpc.StatusCode.NOT_FOUND, "transfer not found"),
-    "IDEMPOTENCY_KEY_REUSED": (grpc.StatusCode.ALREADY_EXISTS,
-                               "this request_id was already used with different parameters"),
-    "ACCOUNT_ALREADY_EXISTS": (grpc.StatusCode.ALREADY_EXISTS,
-                               "the account_id exists with another customer_id or currency"),
-    "LEDGER_BUSY": (grpc.StatusCode.UNAVAILABLE, "the ledger is busy; retry with the same request_id"),
+# What each reason the ledger can answer tells the caller (its gRPC code: common/errors.CODES).
+MESSAGES: dict[str, str] = {
+    "INVALID_AMOUNT": "amount must be > 0, and the resulting balances must fit in int64",
+    "SAME_ACCOUNT": "from_account_id and to_account_id are the same account",
+    "UNSUPPORTED_CURRENCY": "the currency is not supported",
+    "CURRENCY_MISMATCH": "currency differs from the account's currency",
+    "INSUFFICIENT_FUNDS": "the source account's balance is too low",
+    "ACCOUNT_INACTIVE": "the account is frozen or closed",
+    "ACCOUNT_NOT_EMPTY": "only an account with a zero balance can be closed",
+    "ACCOUNT_NOT_FOUND": "account not found",
+    "TRANSFER_NOT_FOUND": "transfer not found",
+    "IDEMPOTENCY_KEY_REUSED": "this request_id was already used with different parameters",
+    "ACCOUNT_ALREADY_EXISTS": "the account_id exists with another customer_id or currency",
+    "LEDGER_BUSY": "the ledger is busy; retry with the same request_id",
 }
 
 
 def refused(reason: str) -> DomainError:
-    code, message = REASONS[reason]
-    return DomainError(code, reason, message)
-
-
-def invalid(field: str, description: str) -> DomainError:
-    return DomainError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", f"{field}: {description}",
-                       field_violations=[(field, description)])
+    return errors.refused(reason, MESSAGES[reason])
 
 
 def initiator(caller: Caller) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.fakes import FakeActivityStore, FakeLedger
+from tests.unit.fakes import FakeAccounts, FakeActivityStore, FakeCustomers, FakeLedger, FakeLedgerClient
 
 
 @pytest.fixture
@@ -17,3 +17,18 @@ def ledger() -> FakeLedger:
 @pytest.fixture
 def activity() -> FakeActivityStore:
     return FakeActivityStore()
+
+
+@pytest.fixture
+def accounts() -> FakeAccounts:
+    return FakeAccounts()
+
+
+@pytest.fixture
+def ledger_client(ledger: FakeLedger) -> FakeLedgerClient:
+    return FakeLedgerClient(ledger)
+
+
+@pytest.fixture
+def customers() -> FakeCustomers:
+    return FakeCustomers()

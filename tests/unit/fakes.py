@@ -7,16 +7,21 @@ behaviour under concurrency and faults, are tested against the stack (tests/test
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import grpc
 from cassandra import OperationTimedOut
 
 from common.currencies import SUPPORTED_CURRENCIES
-from svc_account.store import Activity
+from common.errors import DomainError, dependency_unavailable
+from svc_account.clients import LedgerState
+from svc_account.store import Account, Activity
+from svc_transfer import service as ledger_service
 from svc_transfer.store import (
     AccountChange,
     LedgerAccount,
@@ -175,3 +180,73 @@ class FakeActivityStore:
         if after is not None:
             lines = [a for a in lines if (a.create_time, a.activity_id) < after]
         return lines[:limit]
+
+
+class FakeAccounts:
+    """svc_account's store.AccountStore: who owns which account."""
+
+    def __init__(self) -> None:
+        self.rows: dict[UUID, Account] = {}
+        self._clock = START
+
+    async def insert_account(self, account_id: UUID, customer_id: UUID, currency: str) -> Account:
+        assert account_id not in self.rows, "account ids are new UUIDv7s"
+        self._clock += timedelta(milliseconds=1)
+        self.rows[account_id] = Account(account_id, customer_id, currency, "ACTIVE", self._clock)
+        return self.rows[account_id]
+
+    async def get_account(self, account_id: UUID) -> Account | None:
+        return self.rows.get(account_id)
+
+    async def list_accounts(self, customer_id: UUID, after: tuple[datetime, UUID] | None, limit: int) -> list[Account]:
+        mine = sorted((a for a in self.rows.values() if a.customer_id == customer_id),
+                      key=lambda a: (a.create_time, a.account_id), reverse=True)
+        return [a for a in mine if after is None or (a.create_time, a.account_id) < after][:limit]
+
+    async def set_status(self, account_id: UUID, status: str) -> None:
+        self.rows[account_id] = dataclasses.replace(self.rows[account_id], status=status)
+
+
+@contextlib.contextmanager
+def _as_an_internal_call() -> Iterator[None]:
+    """What common/clients.call makes of a refusal on the wire: the same reason, except that an
+    unavailable service is DEPENDENCY_UNAVAILABLE to the caller."""
+    try:
+        yield
+    except DomainError as exc:
+        if exc.code is grpc.StatusCode.UNAVAILABLE:
+            raise dependency_unavailable() from exc
+        raise
+
+
+class FakeLedgerClient:
+    """svc_account's clients.LedgerClient, answered by svc_transfer's own use cases on a
+    FakeLedger: the refusals a real call would pass through (ACCOUNT_NOT_EMPTY, ...) by reason."""
+
+    def __init__(self, ledger: FakeLedger) -> None:
+        self.ledger = ledger
+
+    async def open_account(self, account_id: str, customer_id: str, currency: str) -> None:
+        with _as_an_internal_call():
+            await ledger_service.open_ledger_account(self.ledger, account_id=account_id, customer_id=customer_id,
+                                                     currency=currency)
+
+    async def set_status(self, account_id: str, status: str) -> LedgerState:
+        with _as_an_internal_call():
+            account = await ledger_service.set_ledger_account_status(self.ledger, account_id=account_id, status=status)
+        return LedgerState(account.balance, account.status)
+
+    async def states(self, account_ids: list[str]) -> dict[str, LedgerState]:
+        with _as_an_internal_call():
+            found = await ledger_service.batch_get_ledger_accounts(self.ledger, account_ids)
+        return {a.account_id: LedgerState(a.balance, a.status) for a in found}
+
+
+class FakeCustomers:
+    """svc_account's clients.CustomerClient: which customers verified their email."""
+
+    def __init__(self) -> None:
+        self.verified: set[str] = set()
+
+    async def email_verified(self, customer_id: str) -> bool:
+        return customer_id in self.verified

@@ -7,9 +7,10 @@ import asyncio
 import re
 from pathlib import Path
 
+import grpc
 import pytest
 
-from common import pagination, server
+from common import errors, pagination, server
 from common.currencies import SUPPORTED_CURRENCIES
 from common.errors import DomainError
 from common.retry import Backoff, retry
@@ -99,3 +100,13 @@ async def test_a_shutdown_step_that_hangs_is_cut_off_and_the_shutdown_goes_on() 
     await server._bounded("hung stop", hangs(), 0.01)
     await server._bounded("quick stop", quick(), 1.0)
     assert finished == ["quick"]
+
+
+def test_every_reason_a_use_case_raises_has_its_code() -> None:
+    from svc_transfer import service as transfer_service
+
+    for reason in transfer_service.MESSAGES:
+        assert errors.refused(reason, "m").code == errors.CODES[reason]
+    with pytest.raises(AssertionError):
+        errors.refused("NO_SUCH_REASON", "m")
+    assert errors.CODES["ACCOUNT_NOT_EMPTY"] is grpc.StatusCode.FAILED_PRECONDITION  # decision 0005
