@@ -262,6 +262,7 @@ class _Progress:
 
 
 RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+PROCESSES_RESERVED = 4
 
 
 def reserve_service_ports(settings: Settings) -> None:
@@ -269,8 +270,10 @@ def reserve_service_ports(settings: Settings) -> None:
     which holds 50051 and up): otherwise an outgoing connection of an earlier component (to
     Kafka, Cassandra, ...) can be given, say, 50054 as its local port, and svc_notify then fails
     to bind it (seen: "Address already in use" with nothing listening). Needs root; without it,
-    or on another OS, nothing changes."""
-    ports = [port for name in SERVICES for i in range(settings.processes(name))
+    or on another OS, nothing changes. The ports of PROCESSES_RESERVED processes of each service
+    are kept whatever runs now, so that scaling one up later (BANK_NOTIFY_PROCESSES=2, say)
+    finds its ports free."""
+    ports = [port for name in SERVICES for i in range(max(PROCESSES_RESERVED, settings.processes(name)))
              for port in (int(getattr(settings, f"{name}_grpc_port")), settings.private_grpc_port(name, i))]
     wanted = f"{min(ports)}-{max(ports)}"
     try:

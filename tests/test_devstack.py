@@ -14,7 +14,7 @@ import pytest
 from common import config
 from devstack import proc
 from devstack.components import SERVICES
-from devstack.stack import RESERVED_PORTS, Stack, StackError
+from devstack.stack import PROCESSES_RESERVED, RESERVED_PORTS, Stack, StackError
 
 
 def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
@@ -87,6 +87,7 @@ def test_service_ports_are_kept_out_of_the_ephemeral_range(stack: Stack, setting
         low, _, high = part.partition("-")
         reserved.append((int(low), int(high or low)))
     for name in SERVICES:
-        for i in range(settings.processes(name)):
+        # Those of the processes that run, and of more of them (a service scaled up later).
+        for i in range(max(PROCESSES_RESERVED, settings.processes(name))):
             for port in (int(getattr(settings, f"{name}_grpc_port")), settings.private_grpc_port(name, i)):
                 assert any(low <= port <= high for low, high in reserved), f"{name} port {port} is not reserved"
