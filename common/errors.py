@@ -30,15 +30,18 @@ CODES: dict[str, grpc.StatusCode] = {
     **dict.fromkeys(("INVALID_ARGUMENT", "INVALID_AMOUNT", "SAME_ACCOUNT", "UNSUPPORTED_CURRENCY", "INVALID_CODE",
                      "WEAK_PASSWORD", "INVALID_PAGE_SIZE", "INVALID_PAGE_TOKEN"), _C.INVALID_ARGUMENT),
     **dict.fromkeys(("CURRENCY_MISMATCH", "INSUFFICIENT_FUNDS", "ACCOUNT_INACTIVE", "ACCOUNT_NOT_EMPTY",
-                     "EMAIL_NOT_VERIFIED", "CODE_EXPIRED"), _C.FAILED_PRECONDITION),
-    **dict.fromkeys(("ACCOUNT_NOT_FOUND", "TRANSFER_NOT_FOUND"), _C.NOT_FOUND),
-    **dict.fromkeys(("IDEMPOTENCY_KEY_REUSED", "ACCOUNT_ALREADY_EXISTS", "EMAIL_TAKEN", "USERNAME_TAKEN"),
-                    _C.ALREADY_EXISTS),
+                     "EMAIL_NOT_VERIFIED", "CODE_EXPIRED", "ALREADY_VERIFIED", "NO_EMAIL_CHANGE"),
+                    _C.FAILED_PRECONDITION),
+    **dict.fromkeys(("ACCOUNT_NOT_FOUND", "TRANSFER_NOT_FOUND", "CUSTOMER_NOT_FOUND", "SESSION_NOT_FOUND"),
+                    _C.NOT_FOUND),
+    **dict.fromkeys(("IDEMPOTENCY_KEY_REUSED", "ACCOUNT_ALREADY_EXISTS", "EMAIL_TAKEN", "USERNAME_TAKEN",
+                     "CREDENTIAL_EXISTS"), _C.ALREADY_EXISTS),
     **dict.fromkeys(("CUSTOMER_ONLY", "TELLER_ONLY", "SERVICE_ONLY"), _C.PERMISSION_DENIED),
-    **dict.fromkeys(("UNAUTHENTICATED", "INVALID_TOKEN", "TOKEN_EXPIRED", "SESSION_REVOKED"), _C.UNAUTHENTICATED),
+    **dict.fromkeys(("UNAUTHENTICATED", "INVALID_TOKEN", "TOKEN_EXPIRED", "SESSION_REVOKED", "SESSION_EXPIRED",
+                     "BAD_CREDENTIALS", "INVALID_ENROLLMENT_TOKEN", "INVALID_REFRESH_TOKEN"), _C.UNAUTHENTICATED),
     **dict.fromkeys(("LEDGER_BUSY", "STORAGE_UNAVAILABLE", "DEPENDENCY_UNAVAILABLE", "ACTIVITY_UNAVAILABLE",
-                     "AUTH_UNAVAILABLE"), _C.UNAVAILABLE),
-    "RATE_LIMITED": _C.RESOURCE_EXHAUSTED,
+                     "AUTH_UNAVAILABLE", "NOTIFICATIONS_UNAVAILABLE"), _C.UNAVAILABLE),
+    **dict.fromkeys(("RATE_LIMITED", "TOO_MANY_ATTEMPTS"), _C.RESOURCE_EXHAUSTED),
     "NOT_IMPLEMENTED": _C.UNIMPLEMENTED,
     "INTERNAL": _C.INTERNAL,
 }
@@ -47,8 +50,8 @@ CODES: dict[str, grpc.StatusCode] = {
 class DomainError(Exception):
     """A refusal or failure the caller is told about, by reason. `code` None: the reason's code
     in CODES (what refused() makes); a code is passed only where the status comes from
-    elsewhere (an internal call's, passed through by common/clients.py) and, until they move
-    to refused(), by svc_customer and svc_notify."""
+    elsewhere: an internal call's, passed through by common/clients.py, and a proto rule's
+    (common/interceptors.check_rules: always INVALID_ARGUMENT, whatever reason the rule names)."""
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from common import auth, ratelimit, server
 from common.grpcutil import service_name
+from common.logging import fields
 from common.outbox import OutboxRelay
 from svc_customer import store
 from svc_customer.service import SWEEP_EVERY_S, CustomerUseCases, IssuedSession, Throttle
@@ -190,12 +191,13 @@ class Sweeper:
                 await self._task
 
     async def _run(self) -> None:
+        # Until stop() cancels it: a sweep every SWEEP_EVERY_S for the life of the process.
         while True:
             try:
                 registrations, resets = await self._uc.sweep()
                 if registrations or resets:
-                    log.info("swept stale rows", extra={"fields": {"unverified_registrations": registrations,
-                                                                   "password_resets": resets}})
+                    log.info("swept stale rows", extra=fields(unverified_registrations=registrations,
+                                                                   password_resets=resets))
             except Exception:
                 log.exception("sweep failed; trying again later")
             await asyncio.sleep(SWEEP_EVERY_S)

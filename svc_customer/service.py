@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import grpc
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from bank.events.v1 import events_pb2
@@ -37,20 +36,21 @@ from psycopg_pool import AsyncConnectionPool
 
 from common import auth, events, pagination, ratelimit
 from common.config import Settings
-from common.errors import DomainError
+from common.errors import DomainError, refused
 from common.ids import new_id, parse_uuid, uuid7
+from common.logging import fields
 from svc_customer import store
 
 log = logging.getLogger("customer")
 
 CODE_TTL = timedelta(minutes=15)
 ENROLLMENT_TTL = timedelta(minutes=15)
-MAX_CODE_ATTEMPTS = 5
+CODE_ATTEMPTS_MAX = 5
 CODE_DIGITS = 6
 EMAIL_MAX_LENGTH = 254
-FULL_NAME_MAX_LENGTH = 100
-PASSWORD_MIN_LENGTH = 10
-PASSWORD_MAX_LENGTH = 128  # argon2 takes any length; a bound keeps a request from buying CPU
+FULL_NAME_LENGTH_MAX = 100
+PASSWORD_LENGTH_MIN = 10
+PASSWORD_LENGTH_MAX = 128  # argon2 takes any length; a bound keeps a request from buying CPU
 # Password verifications and hashes at once per process: argon2id is CPU-bound (more than the
 # cores only queue) and 19 MiB each. Guesses are capped by the throttle's reservations instead.
 LOGINS_IN_FLIGHT_MAX = 8
@@ -94,8 +94,7 @@ _DUMMY_HASH = HASHER.hash(secrets.token_urlsafe(16))
 
 
 def _invalid(field: str, description: str, reason: str = "INVALID_ARGUMENT") -> DomainError:
-    return DomainError(grpc.StatusCode.INVALID_ARGUMENT, reason, f"{field}: {description}",
-                       field_violations=[(field, description)])
+    return refused(reason, f"{field}: {description}", field_violations=[(field, description)])
 
 
 def _load_common_passwords(path: Path) -> frozenset[str]:
@@ -122,8 +121,8 @@ def _normal_email(email: str) -> str:
 
 def _too_many_attempts(remedy: str) -> DomainError:
     """The code is void for good (no RetryInfo: waiting does not help); the message says what does."""
-    return DomainError(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ATTEMPTS",
-                       f"too many wrong codes; this code no longer works: {remedy}")
+    return refused("TOO_MANY_ATTEMPTS",
+                   f"too many wrong codes; this code no longer works: {remedy}")
 
 
 @contextlib.asynccontextmanager
@@ -140,15 +139,15 @@ async def _answer_no_sooner_than(floor_s: float) -> AsyncIterator[None]:
 
 
 def _bad_credentials() -> DomainError:
-    return DomainError(grpc.StatusCode.UNAUTHENTICATED, "BAD_CREDENTIALS", "wrong username or password")
+    return refused("BAD_CREDENTIALS", "wrong username or password")
 
 
 def _email_taken() -> DomainError:
-    return DomainError(grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN", "a customer with this email already exists")
+    return refused("EMAIL_TAKEN", "a customer with this email already exists")
 
 
 def _not_found() -> DomainError:
-    return DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+    return refused("CUSTOMER_NOT_FOUND", "no such customer")
 
 
 def _sha256(value: str) -> bytes:
@@ -259,8 +258,8 @@ class CustomerUseCases:
     async def register_customer(self, email: str, full_name: str, phone_number: str) -> store.Customer:
         email = _normal_email(email)
         full_name = " ".join(full_name.split())
-        if not 1 <= len(full_name) <= FULL_NAME_MAX_LENGTH:
-            raise _invalid("full_name", f"must be 1 to {FULL_NAME_MAX_LENGTH} characters")
+        if not 1 <= len(full_name) <= FULL_NAME_LENGTH_MAX:
+            raise _invalid("full_name", f"must be 1 to {FULL_NAME_LENGTH_MAX} characters")
         phone = phone_number.strip() or None
         if phone is not None and not E164.match(phone):
             raise _invalid("phone_number", "must be in E.164 form, e.g. +14155550123")
@@ -273,16 +272,16 @@ class CustomerUseCases:
             # meet the unique index: each discards the one before it, unless it was verified.
             holder = await store.lock_registration(conn, email)
             if holder is not None and holder.email_verified:
-                raise DomainError(grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN",
-                                  "a customer with this email already exists")
+                raise refused("EMAIL_TAKEN",
+                              "a customer with this email already exists")
             if holder is not None:
                 # Never verified: not taken. Only the address's owner can verify the new one.
                 await store.delete_unverified_customer(conn, holder.customer_id)
             try:
                 customer = await store.insert_customer(conn, customer_id, email, full_name, phone)
             except store.Conflict as exc:  # an email change confirmed to this address meanwhile
-                raise DomainError(grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN",
-                                  "a customer with this email already exists") from exc
+                raise refused("EMAIL_TAKEN",
+                              "a customer with this email already exists") from exc
             await store.set_verification_code(conn, customer_id, self._code_hash(customer_id, code), now + CODE_TTL)
             event = events_pb2.CustomerRegistered(
                 event_id=new_id(), customer_id=str(customer_id), email=email, full_name=full_name,
@@ -294,7 +293,7 @@ class CustomerUseCases:
     async def verify_email(self, customer_id: str, code: str, client_address: str) -> tuple[store.Customer, str]:
         cid = parse_uuid(customer_id)
         if cid is None:
-            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+            raise refused("CUSTOMER_NOT_FOUND", "no such customer")
         if not code.isdigit() or len(code) != CODE_DIGITS:
             raise _invalid("code", f"must be the {CODE_DIGITS}-digit code from the email", "INVALID_CODE")
         # Wrong codes per customer are capped in Postgres (TOO_MANY_ATTEMPTS, for good); per client
@@ -311,14 +310,14 @@ class CustomerUseCases:
         async with self._pool.connection() as conn, conn.transaction():
             row = await store.lock_verification_code(conn, cid)
             if row is None:
-                raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+                raise refused("CUSTOMER_NOT_FOUND", "no such customer")
             if row.used_time is not None:
-                raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_VERIFIED", "the email is already verified")
-            if row.failed_attempts >= MAX_CODE_ATTEMPTS:
+                raise refused("ALREADY_VERIFIED", "the email is already verified")
+            if row.failed_attempts >= CODE_ATTEMPTS_MAX:
                 raise _too_many_attempts("ask for a new code (POST /v1/customers:resendVerificationCode) or "
                                          "register again")
             if row.expire_time <= datetime.now(UTC):
-                raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "CODE_EXPIRED", "the code has expired")
+                raise refused("CODE_EXPIRED", "the code has expired")
             if not hmac.compare_digest(row.code_hash, self._code_hash(cid, code)):
                 # Counted in this transaction, which commits: the error is raised after it.
                 await store.count_failed_attempt(conn, cid)
@@ -339,11 +338,11 @@ class CustomerUseCases:
         cid = parse_uuid(customer_id)
         # Another customer's record is never revealed: not found, as if it did not exist.
         if cid is None or not (caller.is_teller or caller.customer_id == str(cid)):
-            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+            raise refused("CUSTOMER_NOT_FOUND", "no such customer")
         async with self._pool.connection() as conn:
             customer = await store.get_customer(conn, cid)
         if customer is None:
-            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+            raise refused("CUSTOMER_NOT_FOUND", "no such customer")
         return customer
 
     # --- credentials ----------------------------------------------------------------------
@@ -351,8 +350,8 @@ class CustomerUseCases:
     def check_password(self, username: str | None, password: str, field: str = "password") -> None:
         """WEAK_PASSWORD unless the password is strong enough; username None: every rule but
         "does not contain the username" (for a caller not yet proven to own one)."""
-        if not PASSWORD_MIN_LENGTH <= len(password) <= PASSWORD_MAX_LENGTH:
-            raise _invalid(field, f"must be {PASSWORD_MIN_LENGTH} to {PASSWORD_MAX_LENGTH} characters",
+        if not PASSWORD_LENGTH_MIN <= len(password) <= PASSWORD_LENGTH_MAX:
+            raise _invalid(field, f"must be {PASSWORD_LENGTH_MIN} to {PASSWORD_LENGTH_MAX} characters",
                            "WEAK_PASSWORD")
         lowered = password.lower()
         if lowered in self._common_passwords or len(set(lowered)) <= 2 or (username and username in lowered):
@@ -366,14 +365,14 @@ class CustomerUseCases:
                            "or digit")
         self.check_password(username, password)
         if not enrollment_token or len(enrollment_token) > 256:
-            raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_ENROLLMENT_TOKEN",
-                              "the enrollment token is not valid")
+            raise refused("INVALID_ENROLLMENT_TOKEN",
+                          "the enrollment token is not valid")
         token_hash = _sha256(enrollment_token)
         async with self._pool.connection() as conn:
             live = await store.enrollment_token_is_live(conn, token_hash)
         if not live:
-            raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_ENROLLMENT_TOKEN",
-                              "the enrollment token is not valid, used, or expired")
+            raise refused("INVALID_ENROLLMENT_TOKEN",
+                          "the enrollment token is not valid, used, or expired")
         # Only a live token buys a password hash (argon2id: ~20 ms of a core and 19 MiB), and no
         # more hashes run at once than password checks do.
         async with self._login_slots:
@@ -382,16 +381,16 @@ class CustomerUseCases:
             # Still the deciding step: a use racing this one may have spent the token meanwhile.
             customer_id = await store.use_enrollment_token(conn, token_hash)
             if customer_id is None:
-                raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_ENROLLMENT_TOKEN",
-                                  "the enrollment token is not valid, used, or expired")
+                raise refused("INVALID_ENROLLMENT_TOKEN",
+                              "the enrollment token is not valid, used, or expired")
             try:
                 await store.insert_credential(conn, uuid7(), username, customer_id, "customer", password_hash)
             except store.Conflict as exc:
                 if exc.what == "username":
-                    raise DomainError(grpc.StatusCode.ALREADY_EXISTS, "USERNAME_TAKEN",
-                                      "this username is taken") from exc
-                raise DomainError(grpc.StatusCode.ALREADY_EXISTS, "CREDENTIAL_EXISTS",
-                                  "this customer already has credentials") from exc
+                    raise refused("USERNAME_TAKEN",
+                                  "this username is taken") from exc
+                raise refused("CREDENTIAL_EXISTS",
+                              "this customer already has credentials") from exc
         return str(customer_id), username
 
     async def ensure_teller(self, username: str, password: str) -> None:
@@ -408,7 +407,7 @@ class CustomerUseCases:
         password_hash = await asyncio.to_thread(HASHER.hash, password)
         async with self._pool.connection() as conn, conn.transaction():
             await store.upsert_teller(conn, uuid7(), username, password_hash)
-        log.info("teller login ready", extra={"fields": {"username": username}})
+        log.info("teller login ready", extra=fields(username=username))
 
     # --- sessions -------------------------------------------------------------------------
 
@@ -448,8 +447,8 @@ class CustomerUseCases:
         decided = False
         try:
             async with self._login_slots:
-                if len(username) > 64 or len(password) > PASSWORD_MAX_LENGTH:
-                    ok = await asyncio.to_thread(_verifies, _DUMMY_HASH, password[:PASSWORD_MAX_LENGTH])
+                if len(username) > 64 or len(password) > PASSWORD_LENGTH_MAX:
+                    ok = await asyncio.to_thread(_verifies, _DUMMY_HASH, password[:PASSWORD_LENGTH_MAX])
                 else:
                     async with self._pool.connection() as conn:
                         credential = await store.get_credential(conn, username)
@@ -463,7 +462,7 @@ class CustomerUseCases:
         return credential, ok
 
     async def refresh_session(self, refresh_token: str) -> IssuedSession:
-        invalid = DomainError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_REFRESH_TOKEN", "the refresh token is not valid")
+        invalid = refused("INVALID_REFRESH_TOKEN", "the refresh token is not valid")
         if not refresh_token or len(refresh_token) > 256:
             raise invalid
         presented = _sha256(refresh_token)
@@ -481,11 +480,11 @@ class CustomerUseCases:
                 await store.rotate_refresh_token(conn, presented, _sha256(new_token), state.session_id)
         if revoked is not None:
             await self._revocations.revoke(str(revoked))
-            log.warning("refresh token reused; session revoked", extra={"fields": {"session_id": str(revoked)}})
+            log.warning("refresh token reused; session revoked", extra=fields(session_id=str(revoked)))
         if state.revoked_time is not None or revoked is not None:
-            raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "SESSION_REVOKED", "the session has been revoked")
+            raise refused("SESSION_REVOKED", "the session has been revoked")
         if state.refresh_expire_time <= datetime.now(UTC):
-            raise DomainError(grpc.StatusCode.UNAUTHENTICATED, "SESSION_EXPIRED", "the session has expired; log in again")
+            raise refused("SESSION_EXPIRED", "the session has expired; log in again")
         role = auth.Role(state.role)
         access = self._issuer.issue(state.subject, role, str(state.session_id))
         return IssuedSession(str(state.session_id), state.subject if role is auth.Role.CUSTOMER else "", access,
@@ -496,7 +495,7 @@ class CustomerUseCases:
         async with self._pool.connection() as conn, conn.transaction():
             session = await store.get_session(conn, sid) if sid else None
             if session is None or session.subject != caller.subject or session.role != caller.role.value:
-                raise DomainError(grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND", "no such session")
+                raise refused("SESSION_NOT_FOUND", "no such session")
             assert sid is not None
             await store.revoke_session(conn, sid, "logout")
         # After commit: from here on every token of the session is refused by every service.
@@ -509,7 +508,7 @@ class CustomerUseCases:
         key = pagination.decode_token(page_token, 2)
         cid = parse_uuid(customer_id)
         if cid is None or caller.customer_id != str(cid):
-            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+            raise refused("CUSTOMER_NOT_FOUND", "no such customer")
         after = None
         if key is not None:
             after_id = parse_uuid(key[1]) if isinstance(key[1], str) else None
@@ -594,7 +593,7 @@ class CustomerUseCases:
                 async with self._pool.connection() as conn, conn.transaction():
                     row = await store.lock_password_reset(conn, email)
                     target = await store.reset_target(conn, email)
-                    if row is not None and row.failed_attempts >= MAX_CODE_ATTEMPTS:
+                    if row is not None and row.failed_attempts >= CODE_ATTEMPTS_MAX:
                         raise _too_many_attempts("ask for a new one (POST /v1/credentials:requestPasswordReset)")
                     wrong = row is None or not hmac.compare_digest(row.code_hash, code_hash)
                     if row is not None and wrong:
@@ -606,7 +605,7 @@ class CustomerUseCases:
         assert row is not None
         # Only the holder of the right code learns that it expired.
         if row.expire_time <= datetime.now(UTC):
-            raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "CODE_EXPIRED", "the code has expired")
+            raise refused("CODE_EXPIRED", "the code has expired")
         if target is None or row.customer_id != target[0]:
             # The address changed hands since the code was sent: the code is of no use.
             raise _invalid("code", "is not the code we sent", "INVALID_CODE")
@@ -631,7 +630,7 @@ class CustomerUseCases:
     async def change_password(self, caller: auth.Caller, current_password: str, new_password: str,
                               client_address: str) -> None:
         if caller.role is not auth.Role.CUSTOMER or caller.customer_id is None:
-            raise DomainError(grpc.StatusCode.PERMISSION_DENIED, "CUSTOMER_ONLY", "only customers change passwords here")
+            raise refused("CUSTOMER_ONLY", "only customers change passwords here")
         customer_id = UUID(caller.customer_id)
         async with self._pool.connection() as conn:
             credential = await store.get_customer_credential(conn, customer_id)
@@ -687,8 +686,8 @@ class CustomerUseCases:
         changes: dict[str, str | None] = {}
         if "full_name" in paths:
             name = " ".join(full_name.split())
-            if not 1 <= len(name) <= FULL_NAME_MAX_LENGTH:
-                raise _invalid("customer.full_name", f"must be 1 to {FULL_NAME_MAX_LENGTH} characters")
+            if not 1 <= len(name) <= FULL_NAME_LENGTH_MAX:
+                raise _invalid("customer.full_name", f"must be 1 to {FULL_NAME_LENGTH_MAX} characters")
             changes["full_name"] = name
         if "phone_number" in paths:
             phone = phone_number.strip() or None
@@ -746,12 +745,12 @@ class CustomerUseCases:
         async with self._pool.connection() as conn, conn.transaction():
             pending = await store.lock_email_change(conn, cid)
             if pending is None:
-                raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "NO_EMAIL_CHANGE",
-                                  "no change of email is pending; ask for one first")
-            if pending.failed_attempts >= MAX_CODE_ATTEMPTS:
+                raise refused("NO_EMAIL_CHANGE",
+                              "no change of email is pending; ask for one first")
+            if pending.failed_attempts >= CODE_ATTEMPTS_MAX:
                 raise _too_many_attempts("ask for a new one (POST /v1/customers/{customer_id}:changeEmail)")
             if pending.expire_time <= datetime.now(UTC):
-                raise DomainError(grpc.StatusCode.FAILED_PRECONDITION, "CODE_EXPIRED", "the code has expired")
+                raise refused("CODE_EXPIRED", "the code has expired")
             if not hmac.compare_digest(pending.code_hash, self._email_change_code_hash(cid, code)):
                 await store.count_failed_email_change(conn, cid)  # committed: raised after the block
                 failure = _invalid("code", "is not the code we sent", "INVALID_CODE")
@@ -785,7 +784,7 @@ class CustomerUseCases:
         async with self._pool.connection() as conn:
             customer = await store.get_customer(conn, cid) if cid else None
         if customer is None:
-            raise DomainError(grpc.StatusCode.NOT_FOUND, "CUSTOMER_NOT_FOUND", "no such customer")
+            raise refused("CUSTOMER_NOT_FOUND", "no such customer")
         return customer
 
 

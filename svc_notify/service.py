@@ -27,12 +27,11 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TypeVar
 
-import grpc
 from bank.events.v1 import events_pb2
 
 from common import auth, cassandra, ids, pagination
 from common.consumer import BadEvent, EventMeta, StorageUnavailable
-from common.errors import DomainError
+from common.errors import refused
 from common.logging import fields
 from common.retry import Backoff, retry
 from svc_notify import mailer
@@ -49,8 +48,8 @@ VERIFICATION_SUBJECT = "Verify your email"
 PASSWORD_RESET_SUBJECT = "Reset your password"
 PASSWORD_CHANGED_SUBJECT = "Your password was changed"
 EMAIL_CHANGED_SUBJECT = "Your email address was changed"
-MAX_EMAIL_LENGTH = 320
-MAX_NAME_LENGTH = 200
+EMAIL_LENGTH_MAX = 320
+NAME_LENGTH_MAX = 200
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 MAIL_BACKOFF = Backoff(tries=5, initial_s=0.2, max_s=5.0)
@@ -126,7 +125,7 @@ def _customer_id(value: str) -> uuid.UUID:
 
 
 def _email_address(value: str) -> str:
-    if not value or len(value) > MAX_EMAIL_LENGTH or "@" not in value:
+    if not value or len(value) > EMAIL_LENGTH_MAX or "@" not in value:
         raise BadEvent("email is not an address")
     return value
 
@@ -143,7 +142,7 @@ async def customer_registered(store: Store, sender: Mailer, event: events_pb2.Cu
     """Project the new customer, then email them their verification code, once."""
     customer_id = _customer_id(event.customer_id)
     email = _email_address(event.email)
-    full_name = event.full_name[:MAX_NAME_LENGTH]
+    full_name = event.full_name[:NAME_LENGTH_MAX]
     if not event.verification_code:
         raise BadEvent("verification_code is empty")
     await _storage(lambda: store.upsert_registered_contact(customer_id, email, full_name, _event_time(event, meta)),
@@ -203,7 +202,7 @@ def _code(value: str, what: str) -> str:
 
 async def verification_code_resent(store: Store, sender: Mailer, event: events_pb2.VerificationCodeResent,
                                    meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
-    text = _verification_text(event.full_name[:MAX_NAME_LENGTH], _code(event.verification_code, "verification_code"),
+    text = _verification_text(event.full_name[:NAME_LENGTH_MAX], _code(event.verification_code, "verification_code"),
                               "Here is a new code for Simple Bank; the earlier ones no longer work.")
     return await _send_once(store, sender, meta, _customer_id(event.customer_id), Kind.EMAIL_VERIFICATION,
                             _email_address(event.email), VERIFICATION_SUBJECT, text, redeliver_on_mail_outage)
@@ -313,7 +312,7 @@ async def _deliver(store: Store, sender: Mailer, notification: Notification, fou
 
 # Digits after the decimal point per ISO 4217 currency (API.md: the supported ones).
 CURRENCY_DECIMALS = {"USD": 2, "EUR": 2, "GBP": 2, "JPY": 0}
-MAX_DESCRIPTION_LENGTH = 200
+DESCRIPTION_LENGTH_MAX = 200
 
 
 def format_amount(amount: int, currency: str) -> str:
@@ -342,7 +341,7 @@ def _parties(event: events_pb2.MoneyMoved) -> list[_Party]:
     if event.amount <= 0:
         raise BadEvent("amount is not positive")
     amount = format_amount(event.amount, event.currency)
-    description = " ".join(event.description.split())[:MAX_DESCRIPTION_LENGTH]
+    description = " ".join(event.description.split())[:DESCRIPTION_LENGTH_MAX]
     about = f"Description: {description}\n" if description else ""
     footer = f"Reference: {event.transfer_id}\n\nSimple Bank\n"
     MoneyMoved = events_pb2.MoneyMoved
@@ -447,8 +446,8 @@ async def list_notifications(store: Store, caller: auth.Caller, page_size: int, 
         rows = await store.list_customer_notifications(customer_id, size + 1, after)
     except UNAVAILABLE_ERRORS as exc:
         log.warning("notification log unavailable", extra=fields(error=f"{type(exc).__name__}: {exc}"))
-        raise DomainError(grpc.StatusCode.UNAVAILABLE, "NOTIFICATIONS_UNAVAILABLE",
-                          "notifications cannot be read now; retry") from exc
+        raise refused("NOTIFICATIONS_UNAVAILABLE",
+                      "notifications cannot be read now; retry") from exc
     page = rows[:size]
     token = ""
     if len(rows) > size:

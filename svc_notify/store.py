@@ -11,20 +11,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Cluster, Session
 from cassandra.query import PreparedStatement
 from psycopg_pool import AsyncConnectionPool
 
-from common import cassandra
+from common import cassandra, db
 from common.config import Settings
 
 KEYSPACE = "bank_notify"  # spelled out in every statement below and in cql/: no session-wide USE
 # 1 on the local single-node stack; a real cluster wants 3 (then LOCAL_QUORUM is 2 of 3).
 CQL_DIR = Path(__file__).parent / "cql"
 
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*cassandra.TRANSIENT_ERRORS, psycopg.OperationalError)
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*cassandra.TRANSIENT_ERRORS, *db.TRANSIENT_ERRORS)
 
 
 class NotReady(Exception):
