@@ -55,9 +55,9 @@ from typing import Any
 import psycopg
 
 from common import config
-from common.auth import test_tokens
 from common.ids import new_id
 from devstack.stack import Stack
+from tests.tokens import test_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 

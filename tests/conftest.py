@@ -20,6 +20,7 @@ from devstack.components import Paths
 from devstack.stack import Stack
 from tests import secret_scan
 from tests.ledger_support import Bank
+from tests.tokens import TestTokens, test_tokens
 
 _log_sizes: dict[Path, int] = {}
 
@@ -37,6 +38,12 @@ def stack(settings: config.Settings) -> Iterator[Stack]:
         yield s
     finally:
         s.down(started)
+
+
+@pytest.fixture(scope="module")
+def tokens(stack: Stack, settings: config.Settings) -> TestTokens:
+    """Real tokens minted with the stack's keys (tests/tokens.py)."""
+    return test_tokens(settings)
 
 
 @pytest.fixture(scope="module")

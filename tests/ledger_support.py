@@ -14,9 +14,9 @@ import psycopg
 import pytest
 from bank.transfer.v1 import ledger_pb2, ledger_pb2_grpc, transfer_pb2, transfer_pb2_grpc
 
-from common.auth import test_tokens
 from common.config import Settings
 from common.errors import reason_of
+from tests.tokens import test_tokens
 
 Metadata = list[tuple[str, str]]
 TIMEOUT_S = 10.0

@@ -30,6 +30,7 @@ from tests.support import (
     verify,
     wait_for_verification_code,
 )
+from tests.tokens import test_tokens
 
 
 def test_the_whole_journey_by_rest(stack: Stack, settings: Settings) -> None:
@@ -232,7 +233,7 @@ def test_tampered_expired_foreign_and_missing_tokens_are_refused(stack: Stack, s
     assert refused.status == 401 and refused.reason == "INVALID_TOKEN"
 
     # An expired token (a real one, with a one-second lifetime).
-    short = auth.test_tokens(dataclasses.replace(settings, access_token_ttl_s=1)).customer(customer.customer_id)
+    short = test_tokens(dataclasses.replace(settings, access_token_ttl_s=1)).customer(customer.customer_id)
     time.sleep(2.1)
     expired = rest(settings, "GET", "/v1/accounts", token=short)
     assert expired.status == 401 and expired.reason == "TOKEN_EXPIRED"
@@ -250,7 +251,7 @@ def test_account_rules(stack: Stack, settings: Settings) -> None:
     # A customer whose email is not verified cannot open accounts (the public flow cannot even
     # give such a customer a session: the token here is minted with the bank's own key).
     unverified = register(settings)
-    token = auth.test_tokens(settings).customer(unverified["customer_id"])
+    token = test_tokens(settings).customer(unverified["customer_id"])
     refused = rest(settings, "POST", "/v1/accounts", {"currency": "USD"}, token=token)
     assert refused.status == 400 and refused.reason == "EMAIL_NOT_VERIFIED"
 

@@ -18,12 +18,12 @@ from aiokafka.errors import TopicAlreadyExistsError
 from bank.events.v1 import events_pb2
 from bank.notify.v1 import notify_pb2, notify_pb2_grpc
 
-from common import auth
 from common.config import Settings
 from common.errors import reason_of
 from common.events import CUSTOMER_TOPIC, TOPICS
 from devstack.stack import Stack
 from tests.support import mailpit_messages, mailpit_text, unique_email
+from tests.tokens import TestTokens
 
 WAIT_S = 15.0
 T = TypeVar("T")
@@ -74,11 +74,6 @@ def _verified(customer_id: str, email: str) -> events_pb2.EmailVerified:
     return event
 
 
-@pytest.fixture(scope="module")
-def tokens(settings: Settings) -> auth.TestTokens:
-    return auth.test_tokens(settings)
-
-
 @pytest.fixture
 async def notify(stack: Stack, settings: Settings) -> AsyncIterator[notify_pb2_grpc.NotificationServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.notify_grpc_port}") as channel:
@@ -119,7 +114,7 @@ async def _sent(stub: notify_pb2_grpc.NotificationServiceStub, token: str, count
 # --- tests ----------------------------------------------------------------------------------
 
 async def test_registration_event_sends_one_verification_email_and_lists_it(
-        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: auth.TestTokens) -> None:
+        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: TestTokens) -> None:
     customer_id, email = str(uuid.uuid4()), unique_email("notify")
     event = _registered(customer_id, email, code="482913")
     started = time.monotonic()
@@ -149,7 +144,7 @@ async def test_registration_event_sends_one_verification_email_and_lists_it(
 
 
 async def test_a_redelivered_event_sends_nothing_more(
-        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: auth.TestTokens) -> None:
+        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: TestTokens) -> None:
     customer_id, email = str(uuid.uuid4()), unique_email("notify-dup")
     registered = _registered(customer_id, email)
     # The same event twice (what the relay does after a crash), then a later event of the same
@@ -177,7 +172,7 @@ async def test_a_redelivered_event_sends_nothing_more(
 
 
 async def test_unknown_and_malformed_events_are_skipped_not_blocking(
-        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: auth.TestTokens) -> None:
+        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: TestTokens) -> None:
     customer_id, email = str(uuid.uuid4()), unique_email("notify-skip")
     await _ensure_topic(settings)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
@@ -199,7 +194,7 @@ async def test_unknown_and_malformed_events_are_skipped_not_blocking(
 
 
 async def test_a_customer_sees_only_their_own_notifications(
-        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: auth.TestTokens) -> None:
+        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: TestTokens) -> None:
     owner, other = str(uuid.uuid4()), str(uuid.uuid4())
     await _produce(settings, owner, _registered(owner, unique_email("notify-own")))
     await _sent(notify, tokens.customer(owner), 1)
@@ -213,7 +208,7 @@ async def test_a_customer_sees_only_their_own_notifications(
 
 
 async def test_notifications_page_newest_first(
-        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: auth.TestTokens) -> None:
+        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: TestTokens) -> None:
     customer_id = str(uuid.uuid4())
     token = tokens.customer(customer_id)
     events = [_registered(customer_id, unique_email(f"notify-page{i}")) for i in range(5)]
@@ -246,7 +241,7 @@ async def test_notifications_page_newest_first(
     (0, "WzEsIjEyMyJd", "INVALID_PAGE_TOKEN"),  # [1,"123"]: not a notification id
 ])
 async def test_bad_paging_input_is_invalid_argument(
-        notify: notify_pb2_grpc.NotificationServiceStub, tokens: auth.TestTokens,
+        notify: notify_pb2_grpc.NotificationServiceStub, tokens: TestTokens,
         page_size: int, page_token: str, reason: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _list(notify, tokens.customer(str(uuid.uuid4())), page_size=page_size, page_token=page_token)

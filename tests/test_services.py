@@ -17,10 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from common.auth import test_tokens
 from common.config import REPO_ROOT, Settings
 from devstack.stack import Stack
 from tests.support import rest
+from tests.tokens import test_tokens
 
 EXPECTED_SERVICES = {
     "customer": {"bank.customer.v1.CustomerService", "bank.auth.v1.AuthService",

@@ -22,11 +22,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from common.auth import test_tokens
 from common.config import Settings
 from common.errors import reason_of
 from devstack.stack import Stack
 from tests.ledger_support import TIMEOUT_S, Metadata, new_request_id
+from tests.tokens import test_tokens
 
 CURRENCIES = ("USD", "EUR")
 ACCOUNT_CURRENCIES = ("USD", "USD", "USD", "USD", "USD", "EUR")

@@ -30,12 +30,12 @@ from buf.validate import validate_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 
-from common.auth import TestTokens, test_tokens
 from common.config import Settings
 from common.errors import error_info, status_of
 from common.interceptors import check_rules
 from devstack.stack import Stack
 from tests.support import Response, rest
+from tests.tokens import TestTokens
 
 BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 TOO_LONG_ID = "x" * 65
@@ -43,11 +43,6 @@ TOO_LONG_ID = "x" * 65
 BODY_LIMIT_BYTES = 64 * 1024
 HEADERS_LIMIT_BYTES = 16 * 1024
 HEADER_COUNT_LIMIT = 64
-
-
-@pytest.fixture(scope="module")
-def tokens(stack: Stack, settings: Settings) -> TestTokens:
-    return test_tokens(settings)
 
 
 def bearer(token: str) -> list[tuple[str, str]]:

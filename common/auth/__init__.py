@@ -39,13 +39,12 @@ from common.auth.keys import (
     signing_key_name,
 )
 from common.auth.revocations import REVOKED_KEY, Revocations, redis_client
-from common.auth.testing import TestTokens, test_tokens
 from common.auth.tokens import TOKEN_LENGTH_MAX, AccessToken, TokenIssuer, TokenVerifier
 
 __all__ = [
     "ALWAYS_PUBLIC", "AUTHORIZATION_HEADER", "PRIVATE_SUFFIX", "PUBLIC_SUFFIX", "REVOKED_KEY", "SERVICE_NAME_HEADER",
     "SERVICE_TOKEN_HEADER", "TOKEN_LENGTH_MAX", "Access", "AccessToken", "Authenticator", "Caller", "KeyFolderError",
-    "KeyRing", "KeyWatch", "Revocations", "Role", "Rotation", "TestTokens", "TokenIssuer", "TokenVerifier", "current",
+    "KeyRing", "KeyWatch", "Revocations", "Role", "Rotation", "TokenIssuer", "TokenVerifier", "current",
     "ensure_local_keys", "load_keys", "redis_client", "reset_current", "retire", "rotate", "service_metadata",
-    "set_current", "signing_key_name", "test_tokens", "unauthenticated",
+    "set_current", "signing_key_name", "unauthenticated",
 ]

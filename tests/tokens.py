@@ -1,13 +1,11 @@
-"""Tokens for tests and tools, minted with the local keys. Never used by a service."""
+"""Real access tokens for tests and benchmarks, minted with the local keys (the stack's key
+folder). Test code only: no service imports it, and it is not in the service image's code."""
 
 from __future__ import annotations
 
 import uuid
 
-from common.auth.access import service_metadata
-from common.auth.caller import Role
-from common.auth.keys import load_keys
-from common.auth.tokens import TokenIssuer
+from common.auth import Role, TokenIssuer, load_keys, service_metadata
 from common.config import Settings
 
 
