@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -110,6 +111,19 @@ def until(probe: Callable[[], T | None], what: str, timeout_s: float = 20.0, int
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout_s}s")
         time.sleep(interval_s)
+
+
+async def until_async(probe: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 20.0,
+                      interval_s: float = 0.1) -> T:
+    """until() for a probe that is a coroutine on the test's event loop (a grpc.aio call)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await probe()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s}s")
+        await asyncio.sleep(interval_s)
 
 
 def wait_for_verification_code(settings: Settings, email: str, timeout_s: float = 20.0) -> str:

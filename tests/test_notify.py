@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 import psycopg
@@ -22,11 +21,10 @@ from common.config import Settings
 from common.errors import reason_of
 from common.events import CUSTOMER_TOPIC, TOPICS
 from devstack.stack import Stack
-from tests.support import mailpit_messages, mailpit_text, unique_email
+from tests.support import mailpit_messages, mailpit_text, unique_email, until_async
 from tests.tokens import TestTokens
 
 WAIT_S = 15.0
-T = TypeVar("T")
 
 Notification = notify_pb2.Notification
 
@@ -88,17 +86,6 @@ async def _list(stub: notify_pb2_grpc.NotificationServiceStub, token: str | None
     return response
 
 
-async def _until(probe: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = WAIT_S) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s}s")
-        await asyncio.sleep(0.1)
-
-
 async def _mails(settings: Settings, email: str) -> list[dict[str, object]]:
     return await asyncio.to_thread(mailpit_messages, settings, f'to:"{email}"')
 
@@ -108,7 +95,7 @@ async def _sent(stub: notify_pb2_grpc.NotificationServiceStub, token: str, count
     async def probe() -> list[Notification] | None:
         found = list((await _list(stub, token, page_size=500)).notifications)
         return found if len(found) == count and all(n.status == Notification.SENT for n in found) else None
-    return await _until(probe, f"{count} SENT notifications")
+    return await until_async(probe, f"{count} SENT notifications", WAIT_S)
 
 
 # --- tests ----------------------------------------------------------------------------------
@@ -122,7 +109,7 @@ async def test_registration_event_sends_one_verification_email_and_lists_it(
 
     async def arrived() -> list[dict[str, object]] | None:
         return await _mails(settings, email) or None
-    mails = await _until(arrived, "verification email in Mailpit")
+    mails = await until_async(arrived, "verification email in Mailpit", WAIT_S)
     elapsed_s = time.monotonic() - started
     print(f"produce -> Mailpit: {elapsed_s * 1000:.0f} ms")
 
@@ -159,7 +146,7 @@ async def test_a_redelivered_event_sends_nothing_more(
 
     async def verified() -> bool | None:
         return True if await asyncio.to_thread(projection_verified) else None
-    await _until(verified, "EmailVerified applied to the projection")
+    await until_async(verified, "EmailVerified applied to the projection", WAIT_S)
 
     assert len(await _mails(settings, email)) == 1
     assert len(await _sent(notify, tokens.customer(customer_id), 1)) == 1
