@@ -6,6 +6,8 @@ code. The consuming itself (commits, batches, pauses, dead letters) is common/co
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
 
@@ -20,52 +22,36 @@ GROUP_ID = "svc_notify"
 TRANSFER_GROUP_ID = "svc_notify.transfer"
 
 
+# The use cases that email someone: (store, sender, event, meta, *, redeliver_on_mail_outage).
+_MAILING: dict[type[Message], Callable[..., Awaitable[str]]] = {
+    events_pb2.CustomerRegistered: service.customer_registered,
+    events_pb2.VerificationCodeResent: service.verification_code_resent,
+    events_pb2.PasswordResetRequested: service.password_reset_requested,
+    events_pb2.PasswordChanged: service.password_changed,
+    events_pb2.EmailChangeRequested: service.email_change_requested,
+    events_pb2.EmailChanged: service.email_changed,
+    events_pb2.MoneyMoved: service.money_moved,
+}
+
+
 def new_consumers(settings: Settings, store: Store, sender: Mailer) -> list[EventConsumer]:
-    async def customer_registered(message: Message, meta: EventMeta) -> str:
-        assert isinstance(message, events_pb2.CustomerRegistered)
-        return await service.customer_registered(store, sender, message, meta, redeliver_on_mail_outage=True)
+    def mailing(event_type: type[Message]) -> Route:
+        use_case = _MAILING[event_type]
+
+        async def handle(message: Message, meta: EventMeta) -> str:
+            assert isinstance(message, event_type)
+            # A mail outage leaves the event undone: it comes again after the consumer's pause.
+            return await use_case(store, sender, message, meta, redeliver_on_mail_outage=True)
+        return Route(event_type, handle)
 
     async def email_verified(message: Message, meta: EventMeta) -> str:
         assert isinstance(message, events_pb2.EmailVerified)
         return await service.email_verified(store, message, meta)
 
-    async def verification_code_resent(message: Message, meta: EventMeta) -> str:
-        assert isinstance(message, events_pb2.VerificationCodeResent)
-        return await service.verification_code_resent(store, sender, message, meta, redeliver_on_mail_outage=True)
-
-    async def password_reset_requested(message: Message, meta: EventMeta) -> str:
-        assert isinstance(message, events_pb2.PasswordResetRequested)
-        return await service.password_reset_requested(store, sender, message, meta, redeliver_on_mail_outage=True)
-
-    async def password_changed(message: Message, meta: EventMeta) -> str:
-        assert isinstance(message, events_pb2.PasswordChanged)
-        return await service.password_changed(store, sender, message, meta, redeliver_on_mail_outage=True)
-
-    async def email_change_requested(message: Message, meta: EventMeta) -> str:
-        assert isinstance(message, events_pb2.EmailChangeRequested)
-        return await service.email_change_requested(store, sender, message, meta, redeliver_on_mail_outage=True)
-
-    async def email_changed(message: Message, meta: EventMeta) -> str:
-        assert isinstance(message, events_pb2.EmailChanged)
-        return await service.email_changed(store, sender, message, meta, redeliver_on_mail_outage=True)
-
-    async def money_moved(message: Message, meta: EventMeta) -> str:
-        assert isinstance(message, events_pb2.MoneyMoved)
-        return await service.money_moved(store, sender, message, meta, redeliver_on_mail_outage=True)
-
-    customer_routes = {
-        events_pb2.CustomerRegistered.DESCRIPTOR.full_name: Route(events_pb2.CustomerRegistered, customer_registered),
-        events_pb2.EmailVerified.DESCRIPTOR.full_name: Route(events_pb2.EmailVerified, email_verified),
-        events_pb2.VerificationCodeResent.DESCRIPTOR.full_name: Route(events_pb2.VerificationCodeResent,
-                                                                      verification_code_resent),
-        events_pb2.PasswordResetRequested.DESCRIPTOR.full_name: Route(events_pb2.PasswordResetRequested,
-                                                                      password_reset_requested),
-        events_pb2.PasswordChanged.DESCRIPTOR.full_name: Route(events_pb2.PasswordChanged, password_changed),
-        events_pb2.EmailChangeRequested.DESCRIPTOR.full_name: Route(events_pb2.EmailChangeRequested,
-                                                                    email_change_requested),
-        events_pb2.EmailChanged.DESCRIPTOR.full_name: Route(events_pb2.EmailChanged, email_changed),
-    }
-    transfer_routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: Route(events_pb2.MoneyMoved, money_moved)}
+    customer_routes = {event_type.DESCRIPTOR.full_name: mailing(event_type)
+                       for event_type in _MAILING if event_type is not events_pb2.MoneyMoved}
+    customer_routes[events_pb2.EmailVerified.DESCRIPTOR.full_name] = Route(events_pb2.EmailVerified, email_verified)
+    transfer_routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: mailing(events_pb2.MoneyMoved)}
     return [
         EventConsumer(settings, group_id=GROUP_ID, topics=[CUSTOMER_TOPIC], routes=customer_routes,
                       event_worst_case_s=service.EVENT_WORST_CASE_S),
