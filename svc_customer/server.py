@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -18,8 +19,9 @@ from common import auth, ratelimit, server
 from common.grpcutil import service_name
 from common.logging import fields
 from common.outbox import OutboxRelay
-from svc_customer import store
-from svc_customer.service import SWEEP_EVERY_S, CustomerUseCases, IssuedSession, Throttle
+from svc_customer import service, store
+from svc_customer.service import SWEEP_EVERY_S, Codes, IssuedSession, Passwords, Throttle
+from svc_customer.store import CustomerStore
 
 log = logging.getLogger("customer")
 
@@ -67,95 +69,118 @@ def _session_info(row: store.ActiveSession, caller: auth.Caller) -> auth_pb2.Ses
 
 
 class CustomerService(customer_pb2_grpc.CustomerServiceServicer):
-    def __init__(self, use_cases: CustomerUseCases) -> None:
-        self._uc = use_cases
+    def __init__(self, customers: CustomerStore, codes: Codes, throttle: Throttle) -> None:
+        self._customers = customers
+        self._codes = codes
+        self._throttle = throttle
 
     async def RegisterCustomer(self, request: customer_pb2.RegisterCustomerRequest,
                                context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
-        return _customer(await self._uc.register_customer(request.email, request.full_name, request.phone_number))
+        return _customer(await service.register_customer(self._customers, self._codes, request.email,
+                                                         request.full_name, request.phone_number))
 
     async def VerifyEmail(self, request: customer_pb2.VerifyEmailRequest,
                           context: grpc.aio.ServicerContext) -> customer_pb2.VerifyEmailResponse:
-        customer, token = await self._uc.verify_email(request.customer_id, request.code, _client_address(context))
+        customer, token = await service.verify_email(self._customers, self._codes, self._throttle,
+                                                     request.customer_id, request.code, _client_address(context))
         return customer_pb2.VerifyEmailResponse(customer=_customer(customer), enrollment_token=token)
 
     async def GetCustomer(self, request: customer_pb2.GetCustomerRequest,
                           context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
-        return _customer(await self._uc.get_customer(auth.current(), request.customer_id))
+        return _customer(await service.get_customer(self._customers, auth.current(), request.customer_id))
 
     async def ResendVerificationCode(self, request: customer_pb2.ResendVerificationCodeRequest,
                                      context: grpc.aio.ServicerContext) -> customer_pb2.ResendVerificationCodeResponse:
-        await self._uc.resend_verification_code(request.email, _client_address(context))
+        await service.resend_verification_code(self._customers, self._codes, self._throttle, request.email,
+                                               _client_address(context))
         return customer_pb2.ResendVerificationCodeResponse()
 
     async def UpdateCustomer(self, request: customer_pb2.UpdateCustomerRequest,
                              context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
-        return _customer(await self._uc.update_customer(
-            auth.current(), request.customer.customer_id, list(request.update_mask.paths), request.customer.full_name,
-            request.customer.phone_number))
+        return _customer(await service.update_customer(
+            self._customers, auth.current(), request.customer.customer_id, list(request.update_mask.paths),
+            request.customer.full_name, request.customer.phone_number))
 
     async def ChangeEmail(self, request: customer_pb2.ChangeEmailRequest,
                           context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
-        return _customer(await self._uc.change_email(auth.current(), request.customer_id, request.new_email))
+        return _customer(await service.change_email(self._customers, self._codes, self._throttle, auth.current(),
+                                                    request.customer_id, request.new_email))
 
     async def ConfirmEmailChange(self, request: customer_pb2.ConfirmEmailChangeRequest,
                                  context: grpc.aio.ServicerContext) -> customer_pb2.Customer:
-        return _customer(await self._uc.confirm_email_change(auth.current(), request.customer_id, request.code,
-                                                             _client_address(context)))
+        return _customer(await service.confirm_email_change(self._customers, self._codes, self._throttle,
+                                                            auth.current(), request.customer_id, request.code,
+                                                            _client_address(context)))
 
 
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, use_cases: CustomerUseCases) -> None:
-        self._uc = use_cases
+    def __init__(self, customers: CustomerStore, codes: Codes, passwords: Passwords, throttle: Throttle,
+                 revocations: auth.Revocations, issuer: auth.TokenIssuer, refresh_ttl: timedelta) -> None:
+        self._customers = customers
+        self._codes = codes
+        self._passwords = passwords
+        self._throttle = throttle
+        self._revocations = revocations
+        self._issuer = issuer
+        self._refresh_ttl = refresh_ttl
 
     async def CreateCredential(self, request: auth_pb2.CreateCredentialRequest,
                                context: grpc.aio.ServicerContext) -> auth_pb2.Credential:
-        customer_id, username = await self._uc.create_credential(request.enrollment_token, request.username,
-                                                                 request.password)
+        customer_id, username = await service.create_credential(self._customers, self._passwords,
+                                                                request.enrollment_token, request.username,
+                                                                request.password)
         return auth_pb2.Credential(customer_id=customer_id, username=username)
 
     async def Login(self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext) -> auth_pb2.Session:
-        return _session(await self._uc.login(request.username, request.password, _client_address(context)))
+        return _session(await service.login(self._customers, self._passwords, self._throttle, self._issuer,
+                                            request.username, request.password, _client_address(context),
+                                            refresh_ttl=self._refresh_ttl))
 
     async def RefreshSession(self, request: auth_pb2.RefreshSessionRequest,
                              context: grpc.aio.ServicerContext) -> auth_pb2.Session:
-        return _session(await self._uc.refresh_session(request.refresh_token))
+        return _session(await service.refresh_session(self._customers, self._revocations, self._issuer,
+                                                      request.refresh_token))
 
     async def Logout(self, request: auth_pb2.LogoutRequest, context: grpc.aio.ServicerContext) -> auth_pb2.LogoutResponse:
-        await self._uc.logout(auth.current(), request.session_id)
+        await service.logout(self._customers, self._revocations, auth.current(), request.session_id)
         return auth_pb2.LogoutResponse()
 
     async def ListSessions(self, request: auth_pb2.ListSessionsRequest,
                            context: grpc.aio.ServicerContext) -> auth_pb2.ListSessionsResponse:
         caller = auth.current()
-        rows, token = await self._uc.list_sessions(caller, request.customer_id, request.page_size, request.page_token)
+        rows, token = await service.list_sessions(self._customers, caller, request.customer_id, request.page_size,
+                                                  request.page_token)
         return auth_pb2.ListSessionsResponse(sessions=[_session_info(row, caller) for row in rows],
                                              next_page_token=token)
 
     async def RequestPasswordReset(self, request: auth_pb2.RequestPasswordResetRequest,
                                    context: grpc.aio.ServicerContext) -> auth_pb2.RequestPasswordResetResponse:
-        await self._uc.request_password_reset(request.email, _client_address(context))
+        await service.request_password_reset(self._customers, self._codes, self._throttle, request.email,
+                                             _client_address(context))
         return auth_pb2.RequestPasswordResetResponse()
 
     async def ResetPassword(self, request: auth_pb2.ResetPasswordRequest,
                             context: grpc.aio.ServicerContext) -> auth_pb2.ResetPasswordResponse:
-        await self._uc.reset_password(request.email, request.code, request.new_password, _client_address(context))
+        await service.reset_password(self._customers, self._codes, self._passwords, self._throttle,
+                                     self._revocations, request.email, request.code, request.new_password,
+                                     _client_address(context))
         return auth_pb2.ResetPasswordResponse()
 
     async def ChangePassword(self, request: auth_pb2.ChangePasswordRequest,
                              context: grpc.aio.ServicerContext) -> auth_pb2.ChangePasswordResponse:
-        await self._uc.change_password(auth.current(), request.current_password, request.new_password,
-                                       _client_address(context))
+        await service.change_password(self._customers, self._passwords, self._throttle, self._revocations,
+                                      auth.current(), request.current_password, request.new_password,
+                                      _client_address(context))
         return auth_pb2.ChangePasswordResponse()
 
 
 class CustomerInternalService(customer_internal_pb2_grpc.CustomerInternalServiceServicer):
-    def __init__(self, use_cases: CustomerUseCases) -> None:
-        self._uc = use_cases
+    def __init__(self, customers: CustomerStore) -> None:
+        self._customers = customers
 
     async def GetCustomerProfile(self, request: customer_internal_pb2.GetCustomerProfileRequest,
                                  context: grpc.aio.ServicerContext) -> customer_internal_pb2.CustomerProfile:
-        row = await self._uc.customer_profile(request.customer_id)
+        row = await service.customer_profile(self._customers, request.customer_id)
         return customer_internal_pb2.CustomerProfile(customer_id=str(row.customer_id), email=row.email,
                                                      full_name=row.full_name, email_verified=row.email_verified)
 
@@ -163,11 +188,12 @@ class CustomerInternalService(customer_internal_pb2_grpc.CustomerInternalService
 class TellerBootstrap:
     """Creates or updates the local teller login (BANK_TELLER_USERNAME/PASSWORD) at start."""
 
-    def __init__(self, use_cases: CustomerUseCases, username: str, password: str) -> None:
-        self._uc, self._username, self._password = use_cases, username, password
+    def __init__(self, customers: CustomerStore, passwords: Passwords, username: str, password: str) -> None:
+        self._customers, self._passwords = customers, passwords
+        self._username, self._password = username, password
 
     async def start(self) -> None:
-        await self._uc.ensure_teller(self._username, self._password)
+        await service.ensure_teller(self._customers, self._passwords, self._username, self._password)
 
     async def stop(self) -> None:
         pass
@@ -177,8 +203,8 @@ class Sweeper:
     """Removes stale unverified registrations and password reset rows, at start and every
     SWEEP_EVERY_S; a failed sweep is logged and tried again next time."""
 
-    def __init__(self, use_cases: CustomerUseCases) -> None:
-        self._uc = use_cases
+    def __init__(self, customers: CustomerStore) -> None:
+        self._customers = customers
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -194,7 +220,7 @@ class Sweeper:
         # Until stop() cancels it: a sweep every SWEEP_EVERY_S for the life of the process.
         while True:
             try:
-                registrations, resets = await self._uc.sweep()
+                registrations, resets = await service.sweep(self._customers)
                 if registrations or resets:
                     log.info("swept stale rows", extra=fields(unverified_registrations=registrations,
                                                                    password_resets=resets))
@@ -206,15 +232,19 @@ class Sweeper:
 def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[str]:
     s = resources.settings
     throttle = Throttle.from_settings(ratelimit.SlidingWindow(resources.redis), s)
-    use_cases = CustomerUseCases(resources.pool, resources.keys, resources.revocations, throttle,
-                                 s.access_token_ttl_s, s.refresh_token_ttl_s)
-    customer_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(use_cases), grpc_server)
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(use_cases), grpc_server)
-    customer_internal_pb2_grpc.add_CustomerInternalServiceServicer_to_server(CustomerInternalService(use_cases),
+    customers = CustomerStore(resources.pool)
+    codes = Codes(resources.keys.service_token)
+    passwords = Passwords()
+    issuer = auth.TokenIssuer(resources.keys, s.access_token_ttl_s)
+    customer_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(customers, codes, throttle), grpc_server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(
+        AuthService(customers, codes, passwords, throttle, resources.revocations, issuer,
+                    timedelta(seconds=s.refresh_token_ttl_s)), grpc_server)
+    customer_internal_pb2_grpc.add_CustomerInternalServiceServicer_to_server(CustomerInternalService(customers),
                                                                             grpc_server)
-    resources.workers.append(TellerBootstrap(use_cases, s.teller_username, s.teller_password))
+    resources.workers.append(TellerBootstrap(customers, passwords, s.teller_username, s.teller_password))
     resources.workers.append(OutboxRelay(s, resources.pool, "customer"))
-    resources.workers.append(Sweeper(use_cases))
+    resources.workers.append(Sweeper(customers))
     return [
         service_name(customer_pb2, "CustomerService"),
         service_name(auth_pb2, "AuthService"),

@@ -12,14 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from argon2 import PasswordHasher
 from pyseto import Key
 
-from common import auth, db, ratelimit
+from common import auth, db
 from common.config import Settings
 from common.errors import DomainError
 from devstack.stack import Stack
 from svc_customer import service as customer_service
-from svc_customer.service import CustomerUseCases, Throttle
+from svc_customer.service import Passwords
+from svc_customer.store import CustomerStore
 from tests.support import (
     STRONG_PASSWORD,
     login,
@@ -332,38 +334,37 @@ def test_accounts_are_paginated(stack: Stack, settings: Settings) -> None:
     assert rest(settings, "GET", "/v1/accounts?page_size=-1", token=customer.token).status == 400
 
 
-async def test_only_a_live_enrollment_token_buys_a_password_hash(stack: Stack, settings: Settings,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_only_a_live_enrollment_token_buys_a_password_hash(stack: Stack, settings: Settings) -> None:
     """CreateCredential needs no login, and an argon2id hash costs ~20 ms of a core and 19 MiB:
     a made-up, used or expired token is refused before hashing, so it cannot buy CPU. (A spy
-    counts the hashes of the use case, built as svc_customer builds it on the real stores.)"""
+    counts the hashes of the use case, called as svc_customer calls it, on the real store.)"""
     pool = await db.open_pool(settings, "customer")
-    redis_client = auth.redis_client(settings)
     try:
-        use_cases = CustomerUseCases(pool, auth.load_keys(settings, signing=True),
-                                     auth.Revocations(redis_client, settings.access_token_ttl_s),
-                                     Throttle.from_settings(ratelimit.SlidingWindow(redis_client), settings),
-                                     settings.access_token_ttl_s, settings.refresh_token_ttl_s)
+        customers = CustomerStore(pool)
         hashed: list[str] = []
+
+        class CountingHasher(PasswordHasher):
+            def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+                hashed.append(str(password))
+                return super().hash(password, salt=salt)
+
         real = customer_service.HASHER
-
-        class CountingHasher:
-            def hash(self, password: str) -> str:
-                hashed.append(password)
-                return real.hash(password)
-
-        monkeypatch.setattr(customer_service, "HASHER", CountingHasher())
+        passwords = Passwords(hasher=CountingHasher(real.time_cost, real.memory_cost, real.parallelism,
+                                                    real.hash_len, real.salt_len))
+        hashed.clear()  # the hash made at start, to verify against for unknown usernames
         for token in ["made-up", "x" * 200]:
             with pytest.raises(DomainError) as refused:
-                await use_cases.create_credential(token, f"u{uuid.uuid4().hex[:12]}", STRONG_PASSWORD)
+                await customer_service.create_credential(customers, passwords, token,
+                                                         f"u{uuid.uuid4().hex[:12]}", STRONG_PASSWORD)
             assert refused.value.reason == "INVALID_ENROLLMENT_TOKEN"
         assert hashed == []
         live = verify(settings, register(settings))
-        await use_cases.create_credential(live, f"u{uuid.uuid4().hex[:12]}", STRONG_PASSWORD)
+        await customer_service.create_credential(customers, passwords, live, f"u{uuid.uuid4().hex[:12]}",
+                                                 STRONG_PASSWORD)
         assert hashed == [STRONG_PASSWORD]
         with pytest.raises(DomainError) as spent:  # used now: refused before a second hash
-            await use_cases.create_credential(live, f"u{uuid.uuid4().hex[:12]}", STRONG_PASSWORD)
+            await customer_service.create_credential(customers, passwords, live, f"u{uuid.uuid4().hex[:12]}",
+                                                     STRONG_PASSWORD)
         assert spent.value.reason == "INVALID_ENROLLMENT_TOKEN" and hashed == [STRONG_PASSWORD]
     finally:
-        await redis_client.aclose()
         await pool.close()

@@ -8,19 +8,26 @@ behaviour under concurrency and faults, are tested against the stack (tests/test
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 from uuid import UUID
 
 import grpc
 from cassandra import OperationTimedOut
+from google.protobuf.message import Message
 
+from common import ratelimit
 from common.currencies import SUPPORTED_CURRENCIES
 from common.errors import DomainError, dependency_unavailable
+from common.events import OutboxEvent
 from svc_account.clients import LedgerState
 from svc_account.store import Account, Activity
+from svc_customer import store as customer_store
 from svc_transfer import service as ledger_service
 from svc_transfer.store import (
     AccountChange,
@@ -31,6 +38,8 @@ from svc_transfer.store import (
     Transfer,
     VisibleTransfer,
 )
+
+M = TypeVar("M", bound=Message)
 
 INT64_MAX = 2**63 - 1
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -250,3 +259,340 @@ class FakeCustomers:
 
     async def email_verified(self, customer_id: str) -> bool:
         return customer_id in self.verified
+
+
+# --- svc_customer -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _SessionRow:
+    session_id: UUID
+    credential_id: UUID
+    subject: str
+    role: str
+    refresh_expire_time: datetime
+    create_time: datetime
+    revoked_time: datetime | None = None
+    revoke_reason: str = ""
+
+
+@dataclasses.dataclass
+class _Tables:
+    """svc_customer's tables (migrations/), as plain dicts keyed as their primary keys."""
+
+    customers: dict[UUID, customer_store.Customer] = dataclasses.field(default_factory=dict)
+    verification_codes: dict[UUID, customer_store.VerificationCode] = dataclasses.field(default_factory=dict)
+    enrollment_tokens: dict[bytes, tuple[UUID, datetime, datetime | None]] = dataclasses.field(default_factory=dict)
+    credentials: dict[UUID, customer_store.Credential] = dataclasses.field(default_factory=dict)
+    sessions: dict[UUID, _SessionRow] = dataclasses.field(default_factory=dict)
+    # token hash -> (session id, create time, rotated time)
+    refresh_tokens: dict[bytes, tuple[UUID, datetime, datetime | None]] = dataclasses.field(default_factory=dict)
+    # email -> (the pending code, its create time, its used time)
+    password_resets: dict[str, tuple[customer_store.PendingCode, datetime, datetime | None]] = \
+        dataclasses.field(default_factory=dict)
+    email_changes: dict[UUID, customer_store.PendingCode] = dataclasses.field(default_factory=dict)
+    outbox: list[Message] = dataclasses.field(default_factory=list)
+
+
+class FakeCustomerTx:
+    """svc_customer's store.Tx: the same methods, on the tables of a FakeCustomerStore. The locks
+    of the real one (FOR UPDATE, the email's advisory lock) have nothing to guard here: the fake
+    runs one use case step at a time."""
+
+    def __init__(self, tables: _Tables) -> None:
+        self.t = tables
+
+    @staticmethod
+    def _now() -> datetime:
+        return datetime.now(UTC)
+
+    async def append_event(self, event: OutboxEvent) -> None:
+        self.t.outbox.append(event.message)
+
+    async def insert_customer(self, customer_id: UUID, email: str, full_name: str,
+                              phone_number: str | None) -> customer_store.Customer:
+        if any(c.email == email for c in self.t.customers.values()):
+            raise customer_store.Conflict("email")
+        customer = customer_store.Customer(customer_id, email, full_name, False, self._now(), phone_number)
+        self.t.customers[customer_id] = customer
+        return customer
+
+    async def get_customer(self, customer_id: UUID) -> customer_store.Customer | None:
+        return self.t.customers.get(customer_id)
+
+    async def set_verification_code(self, customer_id: UUID, code_hash: bytes, expire_time: datetime) -> None:
+        self.t.verification_codes[customer_id] = customer_store.VerificationCode(customer_id, code_hash, expire_time,
+                                                                                 0, None)
+
+    async def lock_verification_code(self, customer_id: UUID) -> customer_store.VerificationCode | None:
+        return self.t.verification_codes.get(customer_id)
+
+    async def count_failed_attempt(self, customer_id: UUID) -> None:
+        row = self.t.verification_codes[customer_id]
+        self.t.verification_codes[customer_id] = dataclasses.replace(row, failed_attempts=row.failed_attempts + 1)
+
+    async def mark_email_verified(self, customer_id: UUID) -> customer_store.Customer:
+        code = self.t.verification_codes[customer_id]
+        self.t.verification_codes[customer_id] = dataclasses.replace(code, used_time=self._now())
+        self.t.customers[customer_id] = dataclasses.replace(self.t.customers[customer_id], email_verified=True)
+        return self.t.customers[customer_id]
+
+    async def insert_enrollment_token(self, token_hash: bytes, customer_id: UUID, expire_time: datetime) -> None:
+        self.t.enrollment_tokens[token_hash] = (customer_id, expire_time, None)
+
+    async def enrollment_token_is_live(self, token_hash: bytes) -> bool:
+        row = self.t.enrollment_tokens.get(token_hash)
+        return row is not None and row[2] is None and row[1] > self._now()
+
+    async def use_enrollment_token(self, token_hash: bytes) -> UUID | None:
+        if not await self.enrollment_token_is_live(token_hash):
+            return None
+        customer_id, expire_time, _ = self.t.enrollment_tokens[token_hash]
+        self.t.enrollment_tokens[token_hash] = (customer_id, expire_time, self._now())
+        return customer_id
+
+    async def insert_credential(self, credential_id: UUID, username: str, customer_id: UUID | None, role: str,
+                                password_hash: str) -> None:
+        for existing in self.t.credentials.values():
+            if existing.username == username:
+                raise customer_store.Conflict("username")
+            if customer_id is not None and existing.customer_id == customer_id:
+                raise customer_store.Conflict("customer")
+        self.t.credentials[credential_id] = customer_store.Credential(credential_id, username, customer_id, role,
+                                                                      password_hash)
+
+    async def upsert_teller(self, credential_id: UUID, username: str, password_hash: str) -> None:
+        existing = await self.get_credential(username)
+        if existing is None:
+            await self.insert_credential(credential_id, username, None, "teller", password_hash)
+        elif existing.role == "teller":
+            await self.update_password_hash(existing.credential_id, password_hash)
+
+    async def get_credential(self, username: str) -> customer_store.Credential | None:
+        return next((c for c in self.t.credentials.values() if c.username == username), None)
+
+    async def update_password_hash(self, credential_id: UUID, password_hash: str) -> None:
+        self.t.credentials[credential_id] = dataclasses.replace(self.t.credentials[credential_id],
+                                                                password_hash=password_hash)
+
+    async def insert_session(self, session_id: UUID, credential_id: UUID, subject: str, role: str,
+                             refresh_hash: bytes, refresh_expire_time: datetime) -> None:
+        now = self._now()
+        self.t.sessions[session_id] = _SessionRow(session_id, credential_id, subject, role, refresh_expire_time, now)
+        self.t.refresh_tokens[refresh_hash] = (session_id, now, None)
+
+    async def lock_refresh_token(self, token_hash: bytes) -> customer_store.RefreshTokenState | None:
+        token = self.t.refresh_tokens.get(token_hash)
+        if token is None:
+            return None
+        s = self.t.sessions[token[0]]
+        return customer_store.RefreshTokenState(s.session_id, token[2], s.revoked_time, s.refresh_expire_time,
+                                                s.subject, s.role)
+
+    async def rotate_refresh_token(self, old_hash: bytes, new_hash: bytes, session_id: UUID) -> None:
+        session, create_time, _ = self.t.refresh_tokens[old_hash]
+        self.t.refresh_tokens[old_hash] = (session, create_time, self._now())
+        self.t.refresh_tokens[new_hash] = (session_id, self._now(), None)
+
+    async def get_session(self, session_id: UUID) -> customer_store.Session | None:
+        s = self.t.sessions.get(session_id)
+        return None if s is None else customer_store.Session(s.session_id, s.subject, s.role, s.revoked_time)
+
+    async def revoke_session(self, session_id: UUID, reason: str) -> None:
+        s = self.t.sessions[session_id]
+        if s.revoked_time is None:
+            s.revoked_time, s.revoke_reason = self._now(), reason
+
+    def _live_sessions(self, customer_id: UUID) -> list[_SessionRow]:
+        mine = {c.credential_id for c in self.t.credentials.values() if c.customer_id == customer_id}
+        return [s for s in self.t.sessions.values()
+                if s.credential_id in mine and s.revoked_time is None and s.refresh_expire_time > self._now()]
+
+    async def list_active_sessions(self, customer_id: UUID, after: tuple[datetime, UUID] | None,
+                                   limit: int) -> list[customer_store.ActiveSession]:
+        rows = sorted(self._live_sessions(customer_id), key=lambda s: (s.create_time, s.session_id), reverse=True)
+        rows = [s for s in rows if after is None or (s.create_time, s.session_id) < after]
+        page = []
+        for s in rows[:limit]:
+            refreshed = max(t[1] for t in self.t.refresh_tokens.values() if t[0] == s.session_id)
+            page.append(customer_store.ActiveSession(s.session_id, s.create_time,
+                                                     refreshed if refreshed != s.create_time else None,
+                                                     s.refresh_expire_time))
+        return page
+
+    async def lock_registration(self, email: str) -> customer_store.Customer | None:
+        return await self.get_customer_by_email(email)
+
+    async def delete_unverified_customer(self, customer_id: UUID) -> bool:
+        customer = self.t.customers.get(customer_id)
+        if customer is None or customer.email_verified:
+            return False
+        del self.t.customers[customer_id]
+        # ON DELETE CASCADE (migrations/0003): what was the customer's goes with it.
+        self.t.verification_codes.pop(customer_id, None)
+        self.t.email_changes.pop(customer_id, None)
+        self.t.enrollment_tokens = {k: v for k, v in self.t.enrollment_tokens.items() if v[0] != customer_id}
+        self.t.password_resets = {k: v for k, v in self.t.password_resets.items()
+                                  if v[0].customer_id != customer_id}
+        return True
+
+    async def delete_stale_registrations(self, older_than: datetime, limit: int) -> int:
+        stale = sorted((c for c in self.t.customers.values() if not c.email_verified and c.create_time < older_than),
+                       key=lambda c: c.create_time)[:limit]
+        return sum([await self.delete_unverified_customer(c.customer_id) for c in stale])
+
+    async def delete_stale_password_resets(self, older_than: datetime, limit: int) -> int:
+        stale = sorted((e for e, r in self.t.password_resets.items() if r[1] < older_than),
+                       key=lambda e: self.t.password_resets[e][1])[:limit]
+        for email in stale:
+            del self.t.password_resets[email]
+        return len(stale)
+
+    async def get_customer_by_email(self, email: str) -> customer_store.Customer | None:
+        return next((c for c in self.t.customers.values() if c.email == email), None)
+
+    async def get_customer_credential(self, customer_id: UUID) -> customer_store.Credential | None:
+        return next((c for c in self.t.credentials.values() if c.customer_id == customer_id), None)
+
+    async def reset_target(self, email: str) -> tuple[UUID, str] | None:
+        customer = await self.get_customer_by_email(email)
+        if customer is None or not customer.email_verified:
+            return None
+        credential = await self.get_customer_credential(customer.customer_id)
+        return None if credential is None else (customer.customer_id, credential.username)
+
+    async def set_password_reset(self, email: str, customer_id: UUID | None, code_hash: bytes,
+                                 expire_time: datetime) -> None:
+        self.t.password_resets[email] = (customer_store.PendingCode(customer_id, code_hash, expire_time, 0),
+                                         self._now(), None)
+
+    async def lock_password_reset(self, email: str) -> customer_store.PendingCode | None:
+        row = self.t.password_resets.get(email)
+        return row[0] if row is not None and row[2] is None else None
+
+    async def count_failed_reset(self, email: str) -> None:
+        pending, create_time, used_time = self.t.password_resets[email]
+        self.t.password_resets[email] = (dataclasses.replace(pending, failed_attempts=pending.failed_attempts + 1),
+                                         create_time, used_time)
+
+    async def use_password_reset(self, email: str) -> None:
+        pending, create_time, _ = self.t.password_resets[email]
+        self.t.password_resets[email] = (pending, create_time, self._now())
+
+    async def set_password(self, customer_id: UUID, password_hash: str) -> None:
+        credential = await self.get_customer_credential(customer_id)
+        if credential is not None:
+            await self.update_password_hash(credential.credential_id, password_hash)
+
+    async def revoke_customer_sessions(self, customer_id: UUID, reason: str, keep: UUID | None = None) -> list[UUID]:
+        revoked = []
+        for s in self._live_sessions(customer_id):
+            if s.session_id != keep:
+                await self.revoke_session(s.session_id, reason)
+                revoked.append(s.session_id)
+        return revoked
+
+    async def update_profile(self, customer_id: UUID, changes: dict[str, str | None]) -> customer_store.Customer | None:
+        assert changes and set(changes) <= {"full_name", "phone_number"}, changes
+        customer = self.t.customers.get(customer_id)
+        if customer is None:
+            return None
+        self.t.customers[customer_id] = dataclasses.replace(customer, **changes)  # type: ignore[arg-type]
+        return self.t.customers[customer_id]
+
+    async def set_email_change(self, customer_id: UUID, new_email: str, code_hash: bytes,
+                               expire_time: datetime) -> None:
+        self.t.email_changes[customer_id] = customer_store.PendingCode(customer_id, code_hash, expire_time, 0,
+                                                                       new_email)
+
+    async def lock_email_change(self, customer_id: UUID) -> customer_store.PendingCode | None:
+        return self.t.email_changes.get(customer_id)
+
+    async def count_failed_email_change(self, customer_id: UUID) -> None:
+        pending = self.t.email_changes[customer_id]
+        self.t.email_changes[customer_id] = dataclasses.replace(pending, failed_attempts=pending.failed_attempts + 1)
+
+    async def apply_email_change(self, customer_id: UUID, new_email: str) -> customer_store.Customer:
+        del self.t.email_changes[customer_id]
+        if any(c.email == new_email for c in self.t.customers.values()):
+            raise customer_store.Conflict("email")  # the unique index: a programmer error if reached
+        self.t.customers[customer_id] = dataclasses.replace(self.t.customers[customer_id], email=new_email)
+        return self.t.customers[customer_id]
+
+
+class FakeCustomerStore:
+    """svc_customer's store.CustomerStore: a transaction works on a copy of the tables, kept at
+    the end of the block and dropped if it raises (cosmicpython's FakeUnitOfWork: commit or
+    rollback), so a use case that counts a wrong code and then refuses is seen to have counted."""
+
+    def __init__(self) -> None:
+        self.tables = _Tables()
+        self.commits = 0
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[FakeCustomerTx]:
+        work = copy.deepcopy(self.tables)
+        yield FakeCustomerTx(work)
+        self.tables = work  # reached only when the block did not raise: committed
+        self.commits += 1
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[FakeCustomerTx]:
+        yield FakeCustomerTx(self.tables)
+
+    def events(self, kind: type[M]) -> list[M]:
+        """The events of this type in the outbox, oldest first."""
+        return [e for e in self.tables.outbox if isinstance(e, kind)]
+
+
+class FakeLimiter:
+    """common/ratelimit.SlidingWindow: events per count within each window; a reservation is an
+    event until settled, and stays one only if its attempt failed."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[tuple[float, str]]] = {}  # count key -> (monotonic time, attempt)
+
+    def _live(self, count: ratelimit.Count) -> list[tuple[float, str]]:
+        since = time.monotonic() - count.limit.window_s
+        self.events[count.key] = [e for e in self.events.get(count.key, []) if e[0] > since]
+        return self.events[count.key]
+
+    async def retry_after_s(self, counts: Sequence[ratelimit.Count]) -> float:
+        waits = [self._live(c)[0][0] + c.limit.window_s - time.monotonic() for c in counts
+                 if c.limit.enabled and len(self._live(c)) >= c.limit.max_events]
+        return max(waits, default=0.0)
+
+    async def record(self, counts: Sequence[ratelimit.Count]) -> None:
+        for count in counts:
+            self._live(count).append((time.monotonic(), ""))
+
+    async def clear(self, counts: Sequence[ratelimit.Count]) -> None:
+        for count in counts:
+            self.events.pop(count.key, None)
+
+    async def reserve(self, counts: Sequence[ratelimit.Count]) -> tuple[str, float]:
+        wait = await self.retry_after_s(counts)
+        if wait > 0:
+            return "", wait
+        attempt = uuid.uuid4().hex
+        for count in counts:
+            self._live(count).append((time.monotonic(), attempt))
+        return attempt, 0.0
+
+    async def settle(self, counts: Sequence[ratelimit.Count], attempt: str, *, failed: bool) -> None:
+        if attempt and not failed:
+            for count in counts:
+                self.events[count.key] = [e for e in self._live(count) if e[1] != attempt]
+
+    def count(self, limit: ratelimit.Limit, subject: str) -> int:
+        return len(self._live(ratelimit.Count(limit, subject)))
+
+
+class FakeRevocations:
+    """common/auth.Revocations: the sessions revoked, in order."""
+
+    def __init__(self) -> None:
+        self.revoked: list[str] = []
+
+    async def revoke(self, session_id: str) -> None:
+        self.revoked.append(session_id)
+
