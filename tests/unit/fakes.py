@@ -28,6 +28,8 @@ from common.events import OutboxEvent
 from svc_account.clients import LedgerState
 from svc_account.store import Account, Activity
 from svc_customer import store as customer_store
+from svc_notify import store as notify_store
+from svc_notify.mailer import Email
 from svc_transfer import service as ledger_service
 from svc_transfer.store import (
     AccountChange,
@@ -596,3 +598,79 @@ class FakeRevocations:
     async def revoke(self, session_id: str) -> None:
         self.revoked.append(session_id)
 
+
+# --- svc_notify ---------------------------------------------------------------------------------
+
+class FakeNotifyStore:
+    """svc_notify's store.Store: the customer_contacts projection (Postgres) and the notification
+    records and customers' lists (Cassandra), with Cassandra's upserts (a write overwrites)."""
+
+    def __init__(self) -> None:
+        self.contacts: dict[UUID, tuple[str, str, bool, datetime]] = {}  # email, full name, verified, event time
+        self.records: dict[UUID, notify_store.Notification] = {}
+        self.lists: dict[UUID, dict[UUID, notify_store.Notification]] = {}
+        self.failures_to_come = 0  # the next calls that fail as Cassandra's timeouts do
+        self.calls = 0
+
+    def _call(self) -> None:
+        self.calls += 1
+        if self.failures_to_come > 0:
+            self.failures_to_come -= 1
+            raise OperationTimedOut(errors={}, last_host="fake")
+
+    async def upsert_registered_contact(self, customer_id: UUID, email: str, full_name: str,
+                                        event_time: datetime) -> bool:
+        self._call()
+        row = self.contacts.get(customer_id)
+        if row is not None and row[3] >= event_time:
+            return False
+        self.contacts[customer_id] = (email, full_name, False, event_time)
+        return True
+
+    async def mark_contact_verified(self, customer_id: UUID, email: str, event_time: datetime) -> bool:
+        self._call()
+        row = self.contacts.get(customer_id)
+        if row is not None and row[3] >= event_time:
+            return False
+        self.contacts[customer_id] = (email, row[1] if row else "", True, event_time)
+        return True
+
+    async def get_contacts(self, customer_ids: list[UUID]) -> dict[UUID, str]:
+        self._call()
+        return {c: self.contacts[c][0] for c in customer_ids if c in self.contacts}
+
+    async def get_notifications(self, notification_ids: list[UUID]) -> dict[UUID, notify_store.Notification]:
+        self._call()
+        return {n: self.records[n] for n in notification_ids if n in self.records}
+
+    async def put_notification(self, notification: notify_store.Notification, update_time: datetime) -> None:
+        self._call()
+        self.records[notification.notification_id] = notification
+        self.lists.setdefault(notification.customer_id, {})[notification.notification_id] = notification
+
+    async def put_in_customer_log(self, notification: notify_store.Notification) -> None:
+        self._call()
+        self.lists.setdefault(notification.customer_id, {})[notification.notification_id] = notification
+
+    async def list_customer_notifications(self, customer_id: UUID, limit: int,
+                                          after: tuple[datetime, UUID] | None) -> list[notify_store.Notification]:
+        self._call()
+        rows = sorted(self.lists.get(customer_id, {}).values(), key=lambda n: (n.create_time, n.notification_id),
+                      reverse=True)
+        return [n for n in rows if after is None or (n.create_time, n.notification_id) < after][:limit]
+
+
+class FakeMailer:
+    """svc_notify's mailer.Mailer: the emails accepted, and the failures to answer the next
+    attempts with (TransientMailError, PermanentMailError), in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[Email] = []
+        self.failures: list[Exception] = []
+        self.attempts = 0
+
+    async def send(self, email: Email) -> None:
+        self.attempts += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        self.sent.append(email)
