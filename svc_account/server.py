@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from common import auth, server
 from common.clients import InternalChannel
 from common.config import Settings
-from common.consumer import EventConsumer, EventMeta, Route
+from common.consumer import EventConsumer, EventMeta, Route, member_name
 from common.events import TRANSFER_TOPIC
 from common.grpcutil import service_name
 from svc_account import service
@@ -99,7 +99,8 @@ def _statements_consumer(settings: Settings, activity: ActivityStore) -> EventCo
     routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: Route(events_pb2.MoneyMoved, money_moved)}
     # Statement lines are independent idempotent upserts: a batch is written all at once.
     return EventConsumer(settings, group_id=CONSUMER_GROUP_ID, topics=[TRANSFER_TOPIC], routes=routes,
-                         event_worst_case_s=service.EVENT_WORST_CASE_S, ordered=False, batch_max_records=500)
+                         event_worst_case_s=service.EVENT_WORST_CASE_S, ordered=False, batch_max_records=500,
+                         static_member=member_name(settings, CONSUMER_GROUP_ID))
 
 
 class _Channels:

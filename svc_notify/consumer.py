@@ -12,7 +12,7 @@ from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
 
 from common.config import Settings
-from common.consumer import EventConsumer, EventMeta, Route
+from common.consumer import EventConsumer, EventMeta, Route, member_name
 from common.events import CUSTOMER_TOPIC, TRANSFER_TOPIC
 from svc_notify import service
 from svc_notify.mailer import Mailer
@@ -54,9 +54,10 @@ def new_consumers(settings: Settings, store: Store, sender: Mailer) -> list[Even
     transfer_routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: mailing(events_pb2.MoneyMoved)}
     return [
         EventConsumer(settings, group_id=GROUP_ID, topics=[CUSTOMER_TOPIC], routes=customer_routes,
-                      event_worst_case_s=service.EVENT_WORST_CASE_S),
+                      event_worst_case_s=service.EVENT_WORST_CASE_S, static_member=member_name(settings, GROUP_ID)),
         # Each transfer is its own key (one event per transfer id), so there is no order to keep:
         # the records of a batch are worked on together (at most BATCH_MAX_RECORDS emails at once).
         EventConsumer(settings, group_id=TRANSFER_GROUP_ID, topics=[TRANSFER_TOPIC], routes=transfer_routes,
-                      event_worst_case_s=service.EVENT_WORST_CASE_S, ordered=False, batch_max_records=200),
+                      event_worst_case_s=service.EVENT_WORST_CASE_S, ordered=False, batch_max_records=200,
+                      static_member=member_name(settings, TRANSFER_GROUP_ID)),
     ]

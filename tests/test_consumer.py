@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import uuid
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
 
-from common import config
+from common import config, consumer
 from common.config import Settings
 from common.consumer import EventConsumer, EventMeta, Route
 from common.events import TOPICS
@@ -20,6 +22,7 @@ from devstack.components import TEMPLATES, render
 from devstack.stack import Stack
 from tests.events_support import publish, scratch_topic
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORDS_PER_PARTITION = 3
 HANDLING_S = 2.0  # per record: a batch of one partition takes 6 s, long enough to be mid-batch
 
@@ -67,6 +70,82 @@ async def test_a_member_joining_mid_batch_never_works_the_same_records_twice(sta
             await first.stop()
         counts = Counter(event_id for _, event_id in handled)
         assert set(counts.values()) == {1}, handled
+
+
+# A member process of its own, to be killed: prints each event it handled, then commits it.
+MEMBER_PROCESS = """
+import asyncio, sys
+from bank.events.v1 import events_pb2
+from common import config, consumer
+consumer.SESSION_TIMEOUT_MS = int(sys.argv[4])
+
+async def main():
+    async def handle(message, meta):
+        print("handled", meta.event_id, flush=True)
+        return "applied"
+    routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: consumer.Route(events_pb2.MoneyMoved, handle)}
+    member = consumer.EventConsumer(config.load(), group_id=sys.argv[1], topics=[sys.argv[2]], routes=routes,
+                                    event_worst_case_s=1.0, static_member=sys.argv[3])
+    await member.start()
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+DEAD_MEMBER_SESSION_S = 60  # how long the broker keeps a silent dynamic member in the group
+
+
+async def test_a_restarted_process_takes_its_own_place_at_once(stack: Stack, settings: Settings,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer process is killed (SIGKILL: no goodbye to the broker) and started again. As a
+    static member under the same name it gets its partition back at once and goes on from the
+    committed offset. A dynamic member would first wait for the dead one to be given up (the
+    session timeout; up to the whole rebalance timeout when the broker restarted meanwhile)."""
+    group = f"test-static-{uuid.uuid4().hex[:8]}"
+    name = f"{group}-host-0"
+    async with scratch_topic(settings, "test.static") as topic:
+        await publish(settings, topic, events_pb2.MoneyMoved(event_id="before", transfer_id="t-1"))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", MEMBER_PROCESS, group, topic, name, str(DEAD_MEMBER_SESSION_S * 1000),
+            cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE)
+        try:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            assert line.split() == [b"handled", b"before"], line
+            admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+            await admin.start()
+            try:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                while not any(o.offset == 1 for o in (await admin.list_consumer_group_offsets(group)).values()):
+                    assert loop.time() < deadline, "the first member never committed"
+                    await asyncio.sleep(0.1)
+            finally:
+                await admin.close()
+        finally:
+            process.kill()  # SIGKILL
+            await asyncio.wait_for(process.wait(), 30)
+
+        handled: list[str] = []
+
+        async def handle(message: Message, meta: EventMeta) -> str:
+            handled.append(meta.event_id)
+            return "applied"
+
+        routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: Route(events_pb2.MoneyMoved, handle)}
+        monkeypatch.setattr(consumer, "SESSION_TIMEOUT_MS", DEAD_MEMBER_SESSION_S * 1000)
+        restarted = EventConsumer(settings, group_id=group, topics=[topic], routes=routes, event_worst_case_s=1.0,
+                                  static_member=name)
+        await publish(settings, topic, events_pb2.MoneyMoved(event_id="after", transfer_id="t-2"))
+        await restarted.start()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + DEAD_MEMBER_SESSION_S / 2  # well before the dead member could be given up
+            while not handled:
+                assert loop.time() < deadline, "the restarted member waited for its dead predecessor"
+                await asyncio.sleep(0.1)
+        finally:
+            await restarted.stop()
+        assert handled == ["after"]
 
 
 async def test_copies_of_one_event_in_a_batch_are_worked_on_once(stack: Stack, settings: Settings) -> None:
