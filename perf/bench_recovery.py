@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import json
 import random
 import statistics
@@ -38,6 +36,7 @@ from bank.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from common import auth, config, ratelimit
 from common.config import REPO_ROOT
+from svc_customer import service as customer_service
 from svc_customer.service import Throttle
 from tests.support import STRONG_PASSWORD, Customer, onboard, register, rest, unique_email
 
@@ -82,10 +81,8 @@ async def _throughput(settings: config.Settings, name: str, customers: list[Cust
 
 
 def _reset_code_hash(settings: config.Settings, email: str, code: str) -> bytes:
-    """As svc_customer stores it (CustomerUseCases._reset_code_hash)."""
-    service_token = auth.load_keys(settings, signing=False).service_token
-    key = hmac.new(service_token.encode(), b"verification-code", hashlib.sha256).digest()
-    return hmac.new(key, f"password-reset:{email}:{code}".encode(), hashlib.sha256).digest()
+    """As svc_customer stores it."""
+    return customer_service.Codes(auth.load_keys(settings, signing=False).service_token).password_reset(email, code)
 
 
 async def throughput(settings: config.Settings, customers: list[Customer]) -> list[dict[str, Any]]:

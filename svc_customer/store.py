@@ -472,8 +472,3 @@ class Tx:
         assert row is not None
         return row
 
-
-async def delete_stale_registrations(conn: AsyncConnection, older_than: datetime, limit: int) -> int:
-    """Tx.delete_stale_registrations on a connection of the caller's (tests/test_recovery.py
-    sweeps at once, on its own connection, rather than waiting an hour for the Sweeper)."""
-    return await Tx(conn).delete_stale_registrations(older_than, limit)

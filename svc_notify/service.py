@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from bank.events.v1 import events_pb2
 
@@ -35,12 +35,38 @@ from common.errors import refused
 from common.logging import fields
 from common.retry import Backoff, retry
 from svc_notify import mailer
-from svc_notify.mailer import Email, Mailer, PermanentMailError, TransientMailError
-from svc_notify.store import TRANSIENT_ERRORS, UNAVAILABLE_ERRORS, Notification, Store
+from svc_notify.mailer import Email, PermanentMailError, TransientMailError
+from svc_notify.store import TRANSIENT_ERRORS, UNAVAILABLE_ERRORS, Notification
 
 log = logging.getLogger("notify")
 
 T = TypeVar("T")
+
+
+class Notifications(Protocol):
+    """The contacts projection and the notification log: store.Store, or the fake of tests/unit."""
+
+    async def upsert_registered_contact(self, customer_id: uuid.UUID, email: str, full_name: str,
+                                        event_time: datetime) -> bool: ...
+
+    async def mark_contact_verified(self, customer_id: uuid.UUID, email: str, event_time: datetime) -> bool: ...
+
+    async def get_contacts(self, customer_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]: ...
+
+    async def get_notifications(self, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]: ...
+
+    async def put_notification(self, notification: Notification, update_time: datetime) -> None: ...
+
+    async def put_in_customer_log(self, notification: Notification) -> None: ...
+
+    async def list_customer_notifications(self, customer_id: uuid.UUID, limit: int,
+                                          after: tuple[datetime, uuid.UUID] | None) -> list[Notification]: ...
+
+
+class Sender(Protocol):
+    """Sends one email, one attempt: mailer.Mailer, or the fake of tests/unit."""
+
+    async def send(self, email: Email) -> None: ...
 
 # Derives notification ids from event ids; never change it, or redelivered events get new ids.
 NOTIFICATION_ID_NAMESPACE = uuid.UUID("5b0c2f2e-8d4a-4a53-9a43-3f6f0c1f6e10")
@@ -137,7 +163,7 @@ def _event_time(event: events_pb2.CustomerRegistered | events_pb2.EmailVerified 
 
 # --- events -------------------------------------------------------------------------------
 
-async def customer_registered(store: Store, sender: Mailer, event: events_pb2.CustomerRegistered,
+async def customer_registered(store: Notifications, sender: Sender, event: events_pb2.CustomerRegistered,
                               meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
     """Project the new customer, then email them their verification code, once."""
     customer_id = _customer_id(event.customer_id)
@@ -163,7 +189,7 @@ async def customer_registered(store: Store, sender: Mailer, event: events_pb2.Cu
                           redeliver_on_mail_outage)
 
 
-async def email_verified(store: Store, event: events_pb2.EmailVerified, meta: EventMeta) -> Outcome:
+async def email_verified(store: Notifications, event: events_pb2.EmailVerified, meta: EventMeta) -> Outcome:
     customer_id = _customer_id(event.customer_id)
     email = _email_address(event.email)
     applied = await _storage(lambda: store.mark_contact_verified(customer_id, email, _event_time(event, meta)),
@@ -175,7 +201,7 @@ async def email_verified(store: Store, event: events_pb2.EmailVerified, meta: Ev
 # Each of these events names its recipient itself (the address at that moment in svc_customer):
 # a code goes to the address it proves, and the old address is told when it stops being used.
 
-async def _send_once(store: Store, sender: Mailer, meta: EventMeta, customer_id: uuid.UUID, kind: Kind,
+async def _send_once(store: Notifications, sender: Sender, meta: EventMeta, customer_id: uuid.UUID, kind: Kind,
                      recipient: str, subject: str, text: str, redeliver_on_mail_outage: bool) -> Outcome:
     notification = Notification(
         notification_id=notification_id(meta.event_id, kind), event_id=meta.event_id, customer_id=customer_id,
@@ -200,7 +226,7 @@ def _code(value: str, what: str) -> str:
     return value
 
 
-async def verification_code_resent(store: Store, sender: Mailer, event: events_pb2.VerificationCodeResent,
+async def verification_code_resent(store: Notifications, sender: Sender, event: events_pb2.VerificationCodeResent,
                                    meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
     text = _verification_text(event.full_name[:NAME_LENGTH_MAX], _code(event.verification_code, "verification_code"),
                               "Here is a new code for Simple Bank; the earlier ones no longer work.")
@@ -208,7 +234,7 @@ async def verification_code_resent(store: Store, sender: Mailer, event: events_p
                             _email_address(event.email), VERIFICATION_SUBJECT, text, redeliver_on_mail_outage)
 
 
-async def email_change_requested(store: Store, sender: Mailer, event: events_pb2.EmailChangeRequested,
+async def email_change_requested(store: Notifications, sender: Sender, event: events_pb2.EmailChangeRequested,
                                  meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
     text = _verification_text("", _code(event.verification_code, "verification_code"),
                               "A Simple Bank customer asked to use this address from now on.")
@@ -216,7 +242,7 @@ async def email_change_requested(store: Store, sender: Mailer, event: events_pb2
                             _email_address(event.new_email), VERIFICATION_SUBJECT, text, redeliver_on_mail_outage)
 
 
-async def password_reset_requested(store: Store, sender: Mailer, event: events_pb2.PasswordResetRequested,
+async def password_reset_requested(store: Notifications, sender: Sender, event: events_pb2.PasswordResetRequested,
                                    meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
     text = ("Hello,\n\nSomeone asked to reset the password of your Simple Bank login. To choose a new "
             "password, enter this code (valid 15 minutes, once):\n\n"
@@ -226,7 +252,7 @@ async def password_reset_requested(store: Store, sender: Mailer, event: events_p
                             _email_address(event.email), PASSWORD_RESET_SUBJECT, text, redeliver_on_mail_outage)
 
 
-async def password_changed(store: Store, sender: Mailer, event: events_pb2.PasswordChanged, meta: EventMeta, *,
+async def password_changed(store: Notifications, sender: Sender, event: events_pb2.PasswordChanged, meta: EventMeta, *,
                            redeliver_on_mail_outage: bool = False) -> Outcome:
     how = ("with a reset code; every session was logged out" if event.method == events_pb2.PasswordChanged.RESET
            else "while logged in; every other session was logged out")
@@ -236,7 +262,7 @@ async def password_changed(store: Store, sender: Mailer, event: events_pb2.Passw
                             _email_address(event.email), PASSWORD_CHANGED_SUBJECT, text, redeliver_on_mail_outage)
 
 
-async def email_changed(store: Store, sender: Mailer, event: events_pb2.EmailChanged, meta: EventMeta, *,
+async def email_changed(store: Notifications, sender: Sender, event: events_pb2.EmailChanged, meta: EventMeta, *,
                         redeliver_on_mail_outage: bool = False) -> Outcome:
     """Every later email goes to the new address (the contacts projection); the old one is told."""
     customer_id = _customer_id(event.customer_id)
@@ -251,12 +277,12 @@ async def email_changed(store: Store, sender: Mailer, event: events_pb2.EmailCha
                             text, redeliver_on_mail_outage)
 
 
-async def _records(store: Store, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:
+async def _records(store: Notifications, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:
     """The records of an event's notifications, read in one request."""
     return await _storage(lambda: store.get_notifications(notification_ids), "notification read")
 
 
-async def _deliver(store: Store, sender: Mailer, notification: Notification, found: Notification | None, text: str,
+async def _deliver(store: Notifications, sender: Sender, notification: Notification, found: Notification | None, text: str,
                    redeliver_on_mail_outage: bool = False) -> Outcome:
     """Send the notification once (found: its record, read just before, if there is one). When
     the mail server stays unreachable through the bounded tries, the notification is recorded
@@ -373,7 +399,7 @@ def _parties(event: events_pb2.MoneyMoved) -> list[_Party]:
 _OUTCOME_RANK = [Outcome.FAILED, Outcome.SENT, Outcome.DUPLICATE, Outcome.NO_CONTACT]
 
 
-async def money_moved(store: Store, sender: Mailer, event: events_pb2.MoneyMoved, meta: EventMeta, *,
+async def money_moved(store: Notifications, sender: Sender, event: events_pb2.MoneyMoved, meta: EventMeta, *,
                       redeliver_on_mail_outage: bool = False) -> Outcome:
     """Email each party of a movement, once each, at the address of svc_notify's own contacts
     projection. A customer it has never heard of (no registration event) gets nothing."""
@@ -433,7 +459,7 @@ def _page_key(token: str) -> tuple[datetime, uuid.UUID] | None:
     return create_time, parsed_id
 
 
-async def list_notifications(store: Store, caller: auth.Caller, page_size: int, page_token: str) -> Page:
+async def list_notifications(store: Notifications, caller: auth.Caller, page_size: int, page_token: str) -> Page:
     """The caller's own notifications, newest first. A teller owns none: an empty list (not an
     error), the same answer as for a customer who was never notified."""
     size = pagination.page_size(page_size)

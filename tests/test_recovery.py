@@ -130,7 +130,7 @@ async def test_unverified_registrations_older_than_seven_days_are_removed(stack:
     # The sweep svc_customer runs every hour (and at start), called here at once.
     async with await psycopg.AsyncConnection.connect(settings.pg_conninfo, autocommit=True,
                                                       options="-c search_path=customer") as conn:
-        removed = await store.delete_stale_registrations(conn, datetime.now(UTC) - UNVERIFIED_TTL, 10_000)
+        removed = await store.Tx(conn).delete_stale_registrations(datetime.now(UTC) - UNVERIFIED_TTL, 10_000)
     assert removed >= 1
     left = {row[0] for row in _sql(settings, "SELECT customer_id::text FROM customer.customers WHERE customer_id"
                                              " = ANY(%s::uuid[])",

@@ -1,16 +1,11 @@
 """svc_notify's use cases (service.py) against fakes of its store and mailer: each event's email
 sent once (a redelivered event sends nothing), failures of the mail server and of storage,
-the contacts projection, movements' emails and the customer's list of notifications.
-
-svc_notify's use cases are typed with the concrete store.Store and mailer.Mailer, not with
-Protocols as svc_account's and svc_customer's are: the fakes are handed over through `typed`
-(a cast) until service.py declares what it needs of them."""
+the contacts projection, movements' emails and the customer's list of notifications."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import cast
 
 import pytest
 from bank.events.v1 import events_pb2
@@ -20,9 +15,8 @@ from common.consumer import BadEvent, EventMeta, StorageUnavailable
 from common.errors import DomainError
 from common.retry import Backoff
 from svc_notify import service
-from svc_notify.mailer import Mailer, PermanentMailError, TransientMailError
+from svc_notify.mailer import PermanentMailError, TransientMailError
 from svc_notify.service import Outcome, Status
-from svc_notify.store import Store
 from tests.unit.fakes import FakeMailer, FakeNotifyStore
 
 WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -48,10 +42,6 @@ def mailer() -> FakeMailer:
     return FakeMailer()
 
 
-def typed(store: FakeNotifyStore, mailer: FakeMailer | None = None) -> tuple[Store, Mailer]:
-    return cast(Store, store), cast(Mailer, mailer)
-
-
 def meta(event_id: str | None = None, when: datetime = WHEN) -> EventMeta:
     return EventMeta(event_id or str(uuid.uuid4()), when)
 
@@ -68,7 +58,7 @@ async def test_a_registration_is_projected_and_its_code_emailed_once(store: Fake
                                                                     mailer: FakeMailer) -> None:
     customer_id = uuid.uuid4()
     event, first = registration(customer_id, code="424242"), meta()
-    assert await service.customer_registered(*typed(store, mailer), event, first) == Outcome.SENT
+    assert await service.customer_registered(store, mailer, event, first) == Outcome.SENT
     [email] = mailer.sent
     assert (email.recipient, email.subject) == ("ada@example.com", service.VERIFICATION_SUBJECT)
     assert "Verification code: 424242" in email.text and email.text.startswith("Hello Ada Lovelace,")
@@ -78,7 +68,7 @@ async def test_a_registration_is_projected_and_its_code_emailed_once(store: Fake
     assert email.message_id.startswith(str(record.notification_id))
     # Delivered again (at least once from Kafka): nothing is sent, and the list is repaired.
     store.lists.clear()
-    assert await service.customer_registered(*typed(store, mailer), event, first) == Outcome.DUPLICATE
+    assert await service.customer_registered(store, mailer, event, first) == Outcome.DUPLICATE
     assert len(mailer.sent) == 1 and list(store.lists[customer_id].values()) == [record]
 
 
@@ -91,14 +81,14 @@ async def test_a_registration_is_projected_and_its_code_emailed_once(store: Fake
 async def test_a_registration_event_that_cannot_be_acted_on_is_a_bad_event(
         store: FakeNotifyStore, mailer: FakeMailer, event: events_pb2.CustomerRegistered) -> None:
     with pytest.raises(BadEvent):
-        await service.customer_registered(*typed(store, mailer), event, meta())
+        await service.customer_registered(store, mailer, event, meta())
     assert mailer.sent == [] and store.records == {}
 
 
 async def test_a_mail_server_that_recovers_within_the_tries_gets_the_email_sent(store: FakeNotifyStore,
                                                                                 mailer: FakeMailer) -> None:
     mailer.failures = [TransientMailError("421 busy")] * (service.MAIL_BACKOFF.tries - 1)
-    assert await service.customer_registered(*typed(store, mailer), registration(), meta()) == Outcome.SENT
+    assert await service.customer_registered(store, mailer, registration(), meta()) == Outcome.SENT
     [record] = store.records.values()
     assert (record.status, record.attempts, len(mailer.sent)) == (Status.SENT, service.MAIL_BACKOFF.tries, 1)
 
@@ -106,7 +96,7 @@ async def test_a_mail_server_that_recovers_within_the_tries_gets_the_email_sent(
 async def test_a_refused_email_is_recorded_failed_at_once_and_not_tried_again(store: FakeNotifyStore,
                                                                              mailer: FakeMailer) -> None:
     mailer.failures = [PermanentMailError("550 no such mailbox")]
-    assert await service.customer_registered(*typed(store, mailer), registration(), meta()) == Outcome.FAILED
+    assert await service.customer_registered(store, mailer, registration(), meta()) == Outcome.FAILED
     [record] = store.records.values()
     assert (record.status, record.attempts, mailer.attempts) == (Status.FAILED, 1, 1)
 
@@ -117,38 +107,38 @@ async def test_a_mail_outage_leaves_the_event_undone_and_its_redelivery_sends(st
     event, first = registration(), meta()
     mailer.failures = [TransientMailError("connection refused")] * tries
     with pytest.raises(service.MailUnavailable):
-        await service.customer_registered(*typed(store, mailer), event, first, redeliver_on_mail_outage=True)
+        await service.customer_registered(store, mailer, event, first, redeliver_on_mail_outage=True)
     [record] = store.records.values()
     assert (record.status, record.attempts) == (Status.FAILED, tries)  # recorded before the event is given back
-    assert await service.customer_registered(*typed(store, mailer), event, first,
+    assert await service.customer_registered(store, mailer, event, first,
                                              redeliver_on_mail_outage=True) == Outcome.SENT
     [record] = store.records.values()
     assert (record.status, record.attempts, len(mailer.sent)) == (Status.SENT, tries + 1, 1)
     # Without redelivery (a caller that cannot give the event back), the outage is a FAILED record.
     mailer.failures = [TransientMailError("connection refused")] * tries
-    assert await service.customer_registered(*typed(store, mailer), registration(), meta()) == Outcome.FAILED
+    assert await service.customer_registered(store, mailer, registration(), meta()) == Outcome.FAILED
 
 
 async def test_storage_is_retried_then_reported_down_and_nothing_is_sent(store: FakeNotifyStore,
                                                                          mailer: FakeMailer) -> None:
     store.failures_to_come = service.STORAGE_BACKOFF.tries - 1
-    assert await service.customer_registered(*typed(store, mailer), registration(), meta()) == Outcome.SENT
+    assert await service.customer_registered(store, mailer, registration(), meta()) == Outcome.SENT
     store.failures_to_come = service.STORAGE_BACKOFF.tries
     with pytest.raises(StorageUnavailable):
-        await service.customer_registered(*typed(store, mailer), registration(), meta())
+        await service.customer_registered(store, mailer, registration(), meta())
     assert len(mailer.sent) == 1
 
 
 async def test_the_contacts_projection_keeps_the_newest_event(store: FakeNotifyStore, mailer: FakeMailer) -> None:
     customer_id = uuid.uuid4()
-    await service.customer_registered(*typed(store, mailer), registration(customer_id), meta(when=WHEN))
+    await service.customer_registered(store, mailer, registration(customer_id), meta(when=WHEN))
     verified = events_pb2.EmailVerified(event_id="v", customer_id=str(customer_id), email="ada@example.com")
     verified.create_time.FromDatetime(WHEN + timedelta(minutes=1))
-    assert await service.email_verified(typed(store)[0], verified, meta()) == Outcome.APPLIED
-    assert await service.email_verified(typed(store)[0], verified, meta()) == Outcome.STALE
+    assert await service.email_verified(store, verified, meta()) == Outcome.APPLIED
+    assert await service.email_verified(store, verified, meta()) == Outcome.STALE
     assert store.contacts[customer_id][2] is True
     # A registration older than what the row reflects changes nothing, but its code is still sent.
-    assert await service.customer_registered(*typed(store, mailer), registration(customer_id, "old@example.com"),
+    assert await service.customer_registered(store, mailer, registration(customer_id, "old@example.com"),
                                              meta(when=WHEN)) == Outcome.SENT
     assert store.contacts[customer_id][0] == "ada@example.com"
 
@@ -163,7 +153,7 @@ async def test_recovery_emails_go_to_the_address_each_event_names(store: FakeNot
     moved = events_pb2.EmailChanged(customer_id=customer_id, old_email="ada@example.com", new_email="new@example.com")
     resent = events_pb2.VerificationCodeResent(customer_id=customer_id, email="ada@example.com", full_name="",
                                                verification_code="999999")
-    st, ml = typed(store, mailer)
+    st, ml = store, mailer
     assert await service.password_reset_requested(st, ml, reset, meta()) == Outcome.SENT
     assert await service.password_changed(st, ml, changed, meta()) == Outcome.SENT
     assert await service.email_change_requested(st, ml, asked, meta()) == Outcome.SENT
@@ -205,13 +195,13 @@ async def test_a_transfer_tells_both_sides_once_each(store: FakeNotifyStore, mai
     ada, bob = uuid.uuid4(), uuid.uuid4()
     store.contacts.update({ada: ("ada@example.com", "Ada", True, WHEN), bob: ("bob@example.com", "Bob", True, WHEN)})
     event, first = transfer(ada, bob), meta()
-    assert await service.money_moved(*typed(store, mailer), event, first) == Outcome.SENT
+    assert await service.money_moved(store, mailer, event, first) == Outcome.SENT
     by_recipient = {e.recipient: e for e in mailer.sent}
     assert by_recipient["ada@example.com"].subject == "You sent 25.00 USD"
     assert "Balance after: 75.00 USD" in by_recipient["ada@example.com"].text
     assert by_recipient["bob@example.com"].subject == "You received 25.00 USD"
     assert "Balance after: 25.00 USD" in by_recipient["bob@example.com"].text
-    assert await service.money_moved(*typed(store, mailer), event, first) == Outcome.DUPLICATE
+    assert await service.money_moved(store, mailer, event, first) == Outcome.DUPLICATE
     assert len(mailer.sent) == 2
 
 
@@ -219,12 +209,12 @@ async def test_a_party_without_a_contact_gets_nothing_and_the_other_still_does(s
                                                                              mailer: FakeMailer) -> None:
     ada, stranger = uuid.uuid4(), uuid.uuid4()
     store.contacts[ada] = ("ada@example.com", "Ada", True, WHEN)
-    assert await service.money_moved(*typed(store, mailer), transfer(ada, stranger), meta()) == Outcome.SENT
+    assert await service.money_moved(store, mailer, transfer(ada, stranger), meta()) == Outcome.SENT
     assert [e.recipient for e in mailer.sent] == ["ada@example.com"]
-    assert await service.money_moved(*typed(store, mailer), transfer(stranger, stranger, MoneyMoved.DEPOSIT),
+    assert await service.money_moved(store, mailer, transfer(stranger, stranger, MoneyMoved.DEPOSIT),
                                      meta()) == Outcome.NO_CONTACT
     with pytest.raises(BadEvent):
-        await service.money_moved(*typed(store, mailer), transfer(ada, ada, amount=0), meta())
+        await service.money_moved(store, mailer, transfer(ada, ada, amount=0), meta())
 
 
 async def test_a_deposit_tells_its_owner_only(store: FakeNotifyStore, mailer: FakeMailer) -> None:
@@ -232,7 +222,7 @@ async def test_a_deposit_tells_its_owner_only(store: FakeNotifyStore, mailer: Fa
     store.contacts[ada] = ("ada@example.com", "Ada", True, WHEN)
     event = MoneyMoved(transfer_id="t-2", kind=MoneyMoved.DEPOSIT, amount=100, currency="JPY", to_account_id="acc-b",
                        to_customer_id=str(ada), to_balance_after=100)
-    assert await service.money_moved(*typed(store, mailer), event, meta()) == Outcome.SENT
+    assert await service.money_moved(store, mailer, event, meta()) == Outcome.SENT
     [email] = mailer.sent
     assert (email.subject, "Balance after: 100 JPY" in email.text) == ("Deposit of 100 JPY", True)
 
@@ -243,27 +233,27 @@ async def test_a_customer_lists_their_own_notifications_newest_first_in_pages(st
                                                                              mailer: FakeMailer) -> None:
     ada = uuid.uuid4()
     for n in range(5):
-        await service.customer_registered(*typed(store, mailer), registration(ada, code=f"00000{n}"), meta())
-    await service.customer_registered(*typed(store, mailer), registration(), meta())  # someone else's
+        await service.customer_registered(store, mailer, registration(ada, code=f"00000{n}"), meta())
+    await service.customer_registered(store, mailer, registration(), meta())  # someone else's
     caller = Caller(str(ada), Role.CUSTOMER)
     seen, token = [], ""
     for _ in range(5):  # bounded: 5 notifications in pages of 2
-        page = await service.list_notifications(typed(store)[0], caller, 2, token)
+        page = await service.list_notifications(store, caller, 2, token)
         seen += page.notifications
         token = page.next_page_token
         if not token:
             break
     assert len({n.notification_id for n in seen}) == 5 and all(n.customer_id == ada for n in seen)
     assert [n.create_time for n in seen] == sorted((n.create_time for n in seen), reverse=True)
-    teller = await service.list_notifications(typed(store)[0], Caller("t", Role.TELLER), 2, "")
+    teller = await service.list_notifications(store, Caller("t", Role.TELLER), 2, "")
     assert (teller.notifications, teller.next_page_token) == ([], "")
     with pytest.raises(DomainError) as bad:
-        await service.list_notifications(typed(store)[0], caller, 2, "garbage")
+        await service.list_notifications(store, caller, 2, "garbage")
     assert bad.value.reason == "INVALID_PAGE_TOKEN"
 
 
 async def test_an_unreadable_list_is_unavailable_not_an_internal_error(store: FakeNotifyStore) -> None:
     store.failures_to_come = 1
     with pytest.raises(DomainError) as down:
-        await service.list_notifications(typed(store)[0], Caller(str(uuid.uuid4()), Role.CUSTOMER), 10, "")
+        await service.list_notifications(store, Caller(str(uuid.uuid4()), Role.CUSTOMER), 10, "")
     assert down.value.reason == "NOTIFICATIONS_UNAVAILABLE"
