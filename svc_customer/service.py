@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -27,7 +28,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -645,14 +646,24 @@ async def list_sessions(customers: Customers, caller: auth.Caller, customer_id: 
 # The requests without a token that name an email answer the same way for every address,
 # known or not, and do about the same work (docs/decisions/0015).
 
+# A request that names an address: (customers, codes, throttle, email, client_address).
+_AddressRequest = Callable[[Customers, Codes, Throttle, str, str], Awaitable[None]]
+
+
+def _answered_alike(use_case: _AddressRequest) -> _AddressRequest:
+    """The use case gets the address normalised, and its answer, error or not, comes no sooner
+    than ANSWER_FLOOR_S after the request."""
+    @functools.wraps(use_case)
+    async def answered(customers: Customers, codes: Codes, throttle: Throttle, email: str,
+                       client_address: str) -> None:
+        async with _answer_no_sooner_than(ANSWER_FLOOR_S):
+            await use_case(customers, codes, throttle, _normal_email(email), client_address)
+    return answered
+
+
+@_answered_alike
 async def resend_verification_code(customers: Customers, codes: Codes, throttle: Throttle, email: str,
                                    client_address: str) -> None:
-    async with _answer_no_sooner_than(ANSWER_FLOOR_S):
-        await _resend_verification_code(customers, codes, throttle, _normal_email(email), client_address)
-
-
-async def _resend_verification_code(customers: Customers, codes: Codes, throttle: Throttle, email: str,
-                                    client_address: str) -> None:
     await throttle.count_request([ratelimit.Count(throttle.resend_by_email, email),
                                   *throttle.by_address(throttle.resend_by_address, client_address)])
     code = _new_code()
@@ -669,14 +680,9 @@ async def _resend_verification_code(customers: Customers, codes: Codes, throttle
         await tx.append_event(events.OutboxEvent(events.CUSTOMER_TOPIC, str(holder.customer_id), event))
 
 
+@_answered_alike
 async def request_password_reset(customers: Customers, codes: Codes, throttle: Throttle, email: str,
                                  client_address: str) -> None:
-    async with _answer_no_sooner_than(ANSWER_FLOOR_S):
-        await _request_password_reset(customers, codes, throttle, _normal_email(email), client_address)
-
-
-async def _request_password_reset(customers: Customers, codes: Codes, throttle: Throttle, email: str,
-                                  client_address: str) -> None:
     await throttle.count_request([ratelimit.Count(throttle.reset_by_email, email),
                                   *throttle.by_address(throttle.reset_by_address, client_address)])
     code = _new_code()
