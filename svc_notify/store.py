@@ -4,7 +4,6 @@ the caller's (service.py), with TRANSIENT_ERRORS."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,10 +17,15 @@ from psycopg_pool import AsyncConnectionPool
 
 from common import cassandra, db
 from common.config import Settings
+from common.lookups import LookupCoalescer
 
 KEYSPACE = "bank_notify"  # spelled out in every statement below and in cql/: no session-wide USE
 # 1 on the local single-node stack; a real cluster wants 3 (then LOCAL_QUORUM is 2 of 3).
 CQL_DIR = Path(__file__).parent / "cql"
+CONTACT_IDS_MAX = 1000  # customer ids in one contacts query
+# Notification ids in one read of the log: a partition read each, all on the coordinator, so a
+# request stays well inside the read timeout (a consumer batch of 200 events: 4 requests).
+READ_IDS_MAX = 100
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*cassandra.TRANSIENT_ERRORS, *db.TRANSIENT_ERRORS)
 
@@ -80,9 +84,8 @@ class Store:
         self._session: Session | None = None
         self._statements: _Statements | None = None
         self._writes = cassandra.WriteCoalescer(lambda: self._cql()[0])
-        # get_contacts calls of this turn of the loop, and the queries under way.
-        self._contact_lookups: list[tuple[list[uuid.UUID], asyncio.Future[dict[uuid.UUID, str]]]] = []
-        self._lookups_running: set[asyncio.Task[None]] = set()
+        self._contacts = LookupCoalescer(self._contacts_query, CONTACT_IDS_MAX)
+        self._records = LookupCoalescer(self._notifications_query, READ_IDS_MAX)
 
     async def start(self) -> None:
         self._cluster, self._session, self._statements = await cassandra.open_keyspace(
@@ -167,40 +170,23 @@ class Store:
         """The email address of each customer the projection knows, by customer id. The lookups
         asked for in one turn of the event loop (the events of a consumer batch, side by side)
         are one query: one pool connection and round trip instead of one per event."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[dict[uuid.UUID, str]] = loop.create_future()
-        self._contact_lookups.append((customer_ids, answer))
-        if len(self._contact_lookups) == 1:
-            loop.call_soon(self._look_up_contacts)
-        found = await answer
-        return {customer_id: found[customer_id] for customer_id in customer_ids if customer_id in found}
+        return await self._contacts.get(customer_ids)
 
-    def _look_up_contacts(self) -> None:
-        lookups, self._contact_lookups = self._contact_lookups, []
-        task = asyncio.get_running_loop().create_task(self._contacts_query(lookups))
-        self._lookups_running.add(task)  # a strong reference until it is done
-        task.add_done_callback(self._lookups_running.discard)
-
-    async def _contacts_query(self, lookups: list[tuple[list[uuid.UUID], asyncio.Future[dict[uuid.UUID, str]]]]) -> None:
-        wanted = sorted({customer_id for ids, _ in lookups for customer_id in ids})
-        try:
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(
-                    "SELECT customer_id, email FROM customer_contacts WHERE customer_id = ANY(%s)", (wanted,))
-                found: dict[uuid.UUID, str] = {row[0]: row[1] for row in await cursor.fetchall()}
-        except Exception as exc:  # handed to every caller, whose retry decides
-            for _, answer in lookups:
-                if not answer.done():
-                    answer.set_exception(exc)
-            return
-        for _, answer in lookups:
-            if not answer.done():  # its caller was cancelled
-                answer.set_result(found)
+    async def _contacts_query(self, customer_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT customer_id, email FROM customer_contacts WHERE customer_id = ANY(%s)", (sorted(customer_ids),))
+            return {row[0]: row[1] for row in await cursor.fetchall()}
 
     # --- Cassandra: the notification log --------------------------------------------------
 
     async def get_notifications(self, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:
-        """The records written of these notifications (one event's: one request), by id."""
+        """The records written of these notifications, by id. The reads asked for in one turn of
+        the event loop (the events of a consumer batch) are one request per READ_IDS_MAX ids."""
+        self._cql()  # not connected: NotReady at once, nothing queued
+        return await self._records.get(notification_ids)
+
+    async def _notifications_query(self, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:
         session, statements = self._cql()
         result = await cassandra.execute(session, statements.get, (notification_ids,))
         return {row["notification_id"]: _notification(row) for row in result.current_rows}

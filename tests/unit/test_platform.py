@@ -1,5 +1,5 @@
 """common/: the retry helper's bounds, the one currency list against the ledger's cash
-accounts, page tokens."""
+accounts, page tokens, coalesced lookups."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from common import errors, pagination, server
 from common.currencies import SUPPORTED_CURRENCIES
 from common.errors import DomainError
+from common.lookups import LookupCoalescer
 from common.retry import Backoff, retry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,3 +111,33 @@ def test_every_reason_a_use_case_raises_has_its_code() -> None:
     with pytest.raises(AssertionError):
         errors.refused("NO_SUCH_REASON", "m")
     assert errors.CODES["ACCOUNT_NOT_EMPTY"] is grpc.StatusCode.FAILED_PRECONDITION  # decision 0005
+
+
+async def test_lookups_of_one_turn_are_one_query_per_chunk_and_each_caller_gets_its_own() -> None:
+    queries: list[list[int]] = []
+
+    async def fetch(keys: list[int]) -> dict[int, str]:
+        queries.append(keys)
+        return {key: f"v{key}" for key in keys if key % 2 == 0}  # odd keys are not found
+
+    lookups = LookupCoalescer(fetch, chunk_max=3)
+    answers = await asyncio.gather(lookups.get([1, 2]), lookups.get([2, 4]), lookups.get([6, 8, 10]), lookups.get([]))
+    assert list(answers) == [{2: "v2"}, {2: "v2", 4: "v4"}, {6: "v6", 8: "v8", 10: "v10"}, {}]
+    assert queries == [[1, 2, 4], [6, 8, 10]]  # each key once, in chunks of at most 3
+    assert await lookups.get([4]) == {4: "v4"}  # a later turn: a query of its own
+    assert queries[-1] == [4]
+
+
+async def test_a_failed_lookup_fails_every_caller_of_its_turn_and_the_next_turn_tries_again() -> None:
+    calls: list[list[int]] = []
+
+    async def fetch(keys: list[int]) -> dict[int, str]:
+        calls.append(keys)
+        if len(calls) == 1:
+            raise Flaky("down")
+        return {key: "found" for key in keys}
+
+    lookups = LookupCoalescer(fetch, chunk_max=10)
+    results = await asyncio.gather(lookups.get([1]), lookups.get([2]), return_exceptions=True)
+    assert [type(result) for result in results] == [Flaky, Flaky]
+    assert await lookups.get([1]) == {1: "found"}
