@@ -130,10 +130,12 @@ async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[Movemen
     rows = await _fetch(
         pool,
         # Ids as text: the caller wants strings, and uuid.UUID objects cost more to make and format.
+        # The arrays go in binary (%b): psycopg writes a text array literal with a regex per
+        # element, 3x the cost (measured: 2.4 ms against 0.7 ms for 12 arrays of 64).
         "SELECT ordinal, error, replayed, transfer_id::text, kind, request_id, from_account_id::text,"
         " to_account_id::text, amount, currency, description, create_time"
-        " FROM move_money_batch(%s::text[], %s::text[], %s::text[], %s::uuid[], %s::uuid[], %s::uuid[],"
-        " %s::bigint[], %s::text[], %s::text[], %s::jsonb[], %s::uuid[], %s::uuid[])",
+        " FROM move_money_batch(%b::text[], %b::text[], %b::text[], %b::uuid[], %b::uuid[], %b::uuid[],"
+        " %b::bigint[], %b::text[], %b::text[], %b::jsonb[], %b::uuid[], %b::uuid[])",
         [list(column) for column in columns],
     )
     assert [row[0] for row in rows] == list(range(1, len(requests) + 1)), "a movement without its result"
