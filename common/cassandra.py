@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cassandra import (
     ConsistencyLevel,
@@ -342,17 +342,43 @@ def cql_statements(text: str, keyspace: str) -> list[str]:
     return statements
 
 
-async def open_keyspace(settings: Settings, pool: AsyncConnectionPool, keyspace: str, directory: Path,
-                        prepare: Callable[[Session], Awaitable[PreparedT]]) -> tuple[Cluster, Session, PreparedT]:
-    """What a service's Cassandra store does at start: connect, apply its schema (apply_schema),
-    prepare its statements; on any failure the cluster is closed again."""
-    cluster, session = await connect(settings)
-    try:
-        await apply_schema(session, pool, settings, keyspace, directory)
-        return cluster, session, await prepare(session)
-    except BaseException:
-        await close(cluster)
-        raise
+class NotConnected(Exception):
+    """A service's keyspace is not connected yet (the service is starting)."""
+
+
+class Keyspace(Generic[PreparedT]):
+    """A service's keyspace and its prepared statements. Started as a worker of the service:
+    start() connects, applies the service's schema (apply_schema) and prepares its statements
+    (on any failure the cluster is closed again); stop() closes it."""
+
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool, keyspace: str, directory: Path,
+                 prepare: Callable[[Session], Awaitable[PreparedT]], what: str) -> None:
+        self._settings, self._pool, self._keyspace, self._directory = settings, pool, keyspace, directory
+        self._prepare = prepare
+        self._what = what  # "the notification log": says what is not connected
+        self._cluster: Cluster | None = None
+        self._connected: tuple[Session, PreparedT] | None = None
+
+    async def start(self) -> None:
+        cluster, session = await connect(self._settings)
+        try:
+            await apply_schema(session, self._pool, self._settings, self._keyspace, self._directory)
+            statements = await self._prepare(session)
+        except BaseException:
+            await close(cluster)
+            raise
+        self._cluster, self._connected = cluster, (session, statements)
+
+    async def stop(self) -> None:
+        cluster, self._cluster, self._connected = self._cluster, None, None
+        if cluster is not None:
+            await close(cluster)
+
+    def session(self) -> tuple[Session, PreparedT]:
+        """The session and the prepared statements; NotConnected before start() is done."""
+        if self._connected is None:
+            raise NotConnected(f"{self._what} is not connected yet")
+        return self._connected
 
 
 async def apply_schema(session: Session, pool: AsyncConnectionPool, settings: Settings, keyspace: str,

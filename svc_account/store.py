@@ -10,7 +10,7 @@ from typing import Any
 from uuid import UUID
 
 from cassandra import ConsistencyLevel
-from cassandra.cluster import Cluster, Session
+from cassandra.cluster import Session
 from cassandra.query import PreparedStatement
 from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
@@ -87,11 +87,7 @@ CQL_DIR = Path(__file__).parent / "cql"
 MONTHS_MEMO_MAX = 100_000  # (account, month) pairs known written; about 10 MB at most
 
 
-class NotReady(Exception):
-    """The history store is not connected yet (the service is starting)."""
-
-
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*cassandra.TRANSIENT_ERRORS, NotReady)
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*cassandra.TRANSIENT_ERRORS, cassandra.NotConnected)
 
 
 @dataclass(frozen=True)
@@ -132,22 +128,15 @@ class ActivityStore:
     """Started as a worker of the service (connects Cassandra and applies the CQL files)."""
 
     def __init__(self, settings: Settings, pool: AsyncConnectionPool) -> None:
-        self._settings = settings
-        self._pool = pool
-        self._cluster: Cluster | None = None
-        self._session: Session | None = None
-        self._statements: _Statements | None = None
+        self._keyspace = cassandra.Keyspace(settings, pool, KEYSPACE, CQL_DIR, self._prepare, "the history store")
         self._months_written: set[tuple[UUID, int]] = set()
         self._writes = cassandra.WriteCoalescer(lambda: self._cql()[0])
 
     async def start(self) -> None:
-        self._cluster, self._session, self._statements = await cassandra.open_keyspace(
-            self._settings, self._pool, KEYSPACE, CQL_DIR, self._prepare)
+        await self._keyspace.start()
 
     async def stop(self) -> None:
-        cluster, self._cluster, self._session, self._statements = self._cluster, None, None, None
-        if cluster is not None:
-            await cassandra.close(cluster)
+        await self._keyspace.stop()
 
     @staticmethod
     async def _prepare(session: Session) -> _Statements:
@@ -181,9 +170,7 @@ class ActivityStore:
         )
 
     def _cql(self) -> tuple[Session, _Statements]:
-        if self._session is None or self._statements is None:
-            raise NotReady("the history store is not connected yet")
-        return self._session, self._statements
+        return self._keyspace.session()
 
     async def put_activities(self, lines: list[Activity]) -> None:
         """Write the lines, each month first (a line is never in a month the reader cannot find);

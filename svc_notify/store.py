@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cassandra import ConsistencyLevel
-from cassandra.cluster import Cluster, Session
+from cassandra.cluster import Session
 from cassandra.query import PreparedStatement
 from psycopg_pool import AsyncConnectionPool
 
@@ -30,12 +30,8 @@ READ_IDS_MAX = 100
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (*cassandra.TRANSIENT_ERRORS, *db.TRANSIENT_ERRORS)
 
 
-class NotReady(Exception):
-    """The notification log is not connected yet (the service is starting)."""
-
-
 # Storage cannot answer now: transient errors, or not connected yet.
-UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, NotReady)
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, cassandra.NotConnected)
 
 
 @dataclass(frozen=True)
@@ -78,23 +74,17 @@ class Store:
     """Started as a worker of the service (connects Cassandra and applies the CQL files)."""
 
     def __init__(self, settings: Settings, pool: AsyncConnectionPool) -> None:
-        self._settings = settings
         self._pool = pool
-        self._cluster: Cluster | None = None
-        self._session: Session | None = None
-        self._statements: _Statements | None = None
+        self._keyspace = cassandra.Keyspace(settings, pool, KEYSPACE, CQL_DIR, self._prepare, "the notification log")
         self._writes = cassandra.WriteCoalescer(lambda: self._cql()[0])
         self._contacts = LookupCoalescer(self._contacts_query, CONTACT_IDS_MAX)
         self._records = LookupCoalescer(self._notifications_query, READ_IDS_MAX)
 
     async def start(self) -> None:
-        self._cluster, self._session, self._statements = await cassandra.open_keyspace(
-            self._settings, self._pool, KEYSPACE, CQL_DIR, self._prepare)
+        await self._keyspace.start()
 
     async def stop(self) -> None:
-        cluster, self._cluster, self._session, self._statements = self._cluster, None, None, None
-        if cluster is not None:
-            await cassandra.close(cluster)
+        await self._keyspace.stop()
 
     @staticmethod
     async def _prepare(session: Session) -> _Statements:
@@ -131,9 +121,7 @@ class Store:
         )
 
     def _cql(self) -> tuple[Session, _Statements]:
-        if self._session is None or self._statements is None:
-            raise NotReady("the notification log is not connected yet")
-        return self._session, self._statements
+        return self._keyspace.session()
 
     # --- Postgres: customer_contacts ------------------------------------------------------
 
@@ -183,7 +171,7 @@ class Store:
     async def get_notifications(self, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:
         """The records written of these notifications, by id. The reads asked for in one turn of
         the event loop (the events of a consumer batch) are one request per READ_IDS_MAX ids."""
-        self._cql()  # not connected: NotReady at once, nothing queued
+        self._cql()  # not connected: NotConnected at once, nothing queued
         return await self._records.get(notification_ids)
 
     async def _notifications_query(self, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:
