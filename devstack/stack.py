@@ -253,6 +253,7 @@ class _Progress:
         self.out.flush()
 
     async def run(self) -> None:
+        # Redraws until Stack.up cancels it, once every component has started or failed.
         while True:
             self.draw()
             await asyncio.sleep(0.2 if self.tty else 0.5)
