@@ -137,6 +137,10 @@ class Settings:
     # Set by the launcher (devstack, one value per process), never by hand.
     process_index: int = _setting("BANK_PROCESS_INDEX", 0, "which process of its service this is (0, 1, ...): picks its "
                                   "private gRPC and metrics ports; set by the launcher")
+    consumer_static_member: bool = _setting(
+        "BANK_CONSUMER_STATIC_MEMBER", False, "join the Kafka consumer groups as a static member named by host and "
+        "process index, so a restart takes its own place at once; set by the launcher, which gives every process its "
+        "own index (two live processes of one name would take each other's partitions)")
     grpc_shutdown_grace_s: float = _setting("BANK_GRPC_SHUTDOWN_GRACE_S", 5.0, "time in-flight RPCs get to finish on SIGTERM")
     teller_username: str = _setting("BANK_TELLER_USERNAME", "teller", "the local stack's teller login")
     teller_password: str = _setting(

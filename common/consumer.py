@@ -18,14 +18,16 @@
   bounded, growing backoff before polling again.
 - A batch has a deadline so the consumer polls often enough to stay in the group, whatever
   the dependencies do (checked against the handlers' worst case at construction).
-- A service's consumer is a static member of its group (`member_name`: the group, the host and
-  the process index), so a process that crashed and started again takes its own place at once,
-  with its partitions, instead of waiting for the dead member to be given up: the session
-  timeout, or, when the broker itself restarted meanwhile, the whole rebalance timeout (seen:
-  600 s without emails). The price: a static member does not leave the group when it stops, so
-  a process stopped for good hands its partitions on only after the session timeout. Two live
-  processes must never share a name (the broker fences one): the host and process index make it
-  unique on the local stack, in containers and in pods.
+- On the local stack a service's consumer is a static member of its group (`member_name`: the
+  group, the host and the process index; BANK_CONSUMER_STATIC_MEMBER, set by the launcher), so a
+  process that crashed and started again takes its own place at once, with its partitions,
+  instead of waiting for the dead member to be given up: the session timeout, or, when the
+  broker itself restarted meanwhile, the whole rebalance timeout (seen: 600 s without emails).
+  The price: a static member does not leave the group when it stops, so a process stopped for
+  good hands its partitions on only after the session timeout. Two live processes must never
+  share a name: the newer takes the older's partitions with no rebalance, while the older may
+  still be working its batch. Anything else (a process started by hand, a test, containers
+  whose host name changes when they are replaced) joins as a dynamic member (docs/decisions/0020).
 - A rebalance waits for the batch in hand: the member does not give up its partitions before
   that batch is done and committed (aiokafka awaits on_partitions_revoked before it rejoins), so
   the next owner starts after this member's work and two members never work the same records
@@ -156,9 +158,12 @@ class _FinishBatchBeforeRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         pass
 
 
-def member_name(settings: Settings, group_id: str) -> str:
-    """A service process's static member name in a group: stable across its restarts, unique
-    among live processes (the host, and which process of its service on that host it is)."""
+def member_name(settings: Settings, group_id: str) -> str | None:
+    """A service process's static member name in a group, stable across its restarts and unique
+    among live processes (the host, and which process of its service on that host it is); None
+    (a dynamic member) unless the launcher vouches for the index (BANK_CONSUMER_STATIC_MEMBER)."""
+    if not settings.consumer_static_member:
+        return None
     return f"{group_id}-{socket.gethostname()}-{settings.process_index}"
 
 
@@ -285,7 +290,9 @@ class EventConsumer:
         finally:
             self._dead_letters = None
             try:
-                await consumer.stop()  # leaves the group: its partitions move on at once
+                # A dynamic member leaves the group: its partitions move on at once. A static one
+                # is given up after the session timeout, unless it comes back first.
+                await consumer.stop()
             finally:
                 await producer.stop()
 

@@ -3,8 +3,9 @@ side by side, e.g. the events of one consumer batch) are answered by one query p
 instead of one query per caller. A round trip, a pooled connection and the driver's and the
 server's per-request work are paid once for many callers.
 
-A failed query fails every caller of its turn; each retries on its own (the retries of one turn
-are coalesced again). A caller cancelled meanwhile is simply not answered."""
+A failed query fails the callers whose keys it held (each retries on its own, and the retries of
+one turn are coalesced again); the others get their answer. A caller cancelled meanwhile is
+simply not answered."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+class LookupInterrupted(Exception):
+    """A lookup's query was cancelled, not failed (the service is stopping)."""
 
 
 class LookupCoalescer(Generic[K, V]):
@@ -49,15 +54,28 @@ class LookupCoalescer(Generic[K, V]):
     async def _answer(self, queued: list[tuple[Sequence[K], asyncio.Future[dict[K, V]]]]) -> None:
         wanted = list(dict.fromkeys(key for keys, _ in queued for key in keys))
         chunks = [wanted[i:i + self._chunk_max] for i in range(0, len(wanted), self._chunk_max)]
-        found: dict[K, V] = {}
         try:
-            for part in await asyncio.gather(*(self._fetch(chunk) for chunk in chunks)):
-                found.update(part)
-        except Exception as exc:  # handed to every caller, whose retry decides
+            results = await asyncio.gather(*(self._fetch(chunk) for chunk in chunks), return_exceptions=True)
+        except BaseException as exc:  # this task itself cancelled (shutdown): nobody is left waiting
             for _, answer in queued:
                 if not answer.done():
-                    answer.set_exception(exc)
-            return
-        for _, answer in queued:
-            if not answer.done():  # its caller was cancelled
+                    answer.set_exception(LookupInterrupted(f"lookup interrupted: {type(exc).__name__}"))
+            raise
+        found: dict[K, V] = {}
+        failed: dict[K, Exception] = {}  # the keys of a failed chunk, with its error
+        for chunk, result in zip(chunks, results, strict=True):
+            if isinstance(result, BaseException):
+                failure = result if isinstance(result, Exception) else LookupInterrupted(
+                    f"lookup interrupted: {type(result).__name__}")
+                failed.update(dict.fromkeys(chunk, failure))
+            else:
+                found.update(result)
+        for keys, answer in queued:
+            if answer.done():  # its caller was cancelled
+                continue
+            # A caller fails only when one of its own keys was in a failed chunk; its retry decides.
+            error = next((failed[key] for key in keys if key in failed), None)
+            if error is not None:
+                answer.set_exception(error)
+            else:
                 answer.set_result(found)

@@ -428,7 +428,8 @@ def _service(name: str) -> Callable[[Settings, Paths], list[str]]:
 
 
 def _process_env(index: int) -> Callable[[Settings], dict[str, str]]:
-    return lambda s: {"BANK_PROCESS_INDEX": str(index)}
+    # Static consumer-group members: this launcher gives each process of a host its own index.
+    return lambda s: {"BANK_PROCESS_INDEX": str(index), "BANK_CONSUMER_STATIC_MEMBER": "true"}
 
 
 def service_components(s: Settings) -> list[Component]:

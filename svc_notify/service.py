@@ -278,7 +278,7 @@ async def email_changed(store: Notifications, sender: Sender, event: events_pb2.
 
 
 async def _records(store: Notifications, notification_ids: list[uuid.UUID]) -> dict[uuid.UUID, Notification]:
-    """The records of an event's notifications, read in one request."""
+    """The records of an event's notifications (the reads of one loop turn are one request, store.py)."""
     return await _storage(lambda: store.get_notifications(notification_ids), "notification read")
 
 

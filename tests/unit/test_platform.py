@@ -134,10 +134,23 @@ async def test_a_failed_lookup_fails_every_caller_of_its_turn_and_the_next_turn_
     async def fetch(keys: list[int]) -> dict[int, str]:
         calls.append(keys)
         if len(calls) == 1:
-            raise Flaky("down")
+            raise Flaky("down")  # the whole turn's one chunk
         return {key: "found" for key in keys}
 
     lookups = LookupCoalescer(fetch, chunk_max=10)
     results = await asyncio.gather(lookups.get([1]), lookups.get([2]), return_exceptions=True)
     assert [type(result) for result in results] == [Flaky, Flaky]
     assert await lookups.get([1]) == {1: "found"}
+
+
+async def test_a_failed_chunk_fails_only_the_callers_of_its_keys() -> None:
+    async def fetch(keys: list[int]) -> dict[int, str]:
+        if 3 in keys:
+            raise Flaky("down")
+        return {key: "found" for key in keys}
+
+    lookups = LookupCoalescer(fetch, chunk_max=2)  # chunks [1, 2], [3, 4], [5]
+    results = await asyncio.gather(lookups.get([1, 2]), lookups.get([3]), lookups.get([4, 5]),
+                                   return_exceptions=True)
+    assert results[0] == {1: "found", 2: "found"}
+    assert isinstance(results[1], Flaky) and isinstance(results[2], Flaky)  # 4 shared the failed chunk
