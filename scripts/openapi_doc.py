@@ -99,6 +99,8 @@ RPCS = {
     "TransferService_GetTransfer": Rpc(bearer=True, statuses=(404,)),
     "TransferService_ListTransfers": Rpc(bearer=True, statuses=(404,)),
     "TransferService_CreateDeposit": Rpc(bearer=True, statuses=(403, 404, 409)),
+    "TransferService_PostTransfer": Rpc(bearer=True, statuses=(404, 409)),
+    "TransferService_VoidTransfer": Rpc(bearer=True, statuses=(404, 409)),
     "TransferService_CreateWithdrawal": Rpc(bearer=True, statuses=(403, 404, 409)),
     "NotificationService_ListNotifications": Rpc(bearer=True),
 }

@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61nk/account/v1/account.proto\x12\x0f\x62\x61nk.account.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfd\x01\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x04 \x01(\x03\x12/\n\x06status\x18\x05 \x01(\x0e\x32\x1f.bank.account.v1.Account.Status\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\n\n\x06\x46ROZEN\x10\x02\x12\n\n\x06\x43LOSED\x10\x03\"\xe7\x02\n\x08\x41\x63tivity\x12\x13\n\x0b\x61\x63tivity_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.bank.account.v1.Activity.Kind\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x15\n\rbalance_after\x18\x06 \x01(\x03\x12\x1f\n\x17\x63ounterparty_account_id\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rTRANSFER_SENT\x10\x01\x12\x15\n\x11TRANSFER_RECEIVED\x10\x02\x12\x0b\n\x07\x44\x45POSIT\x10\x03\x12\x0e\n\nWITHDRAWAL\x10\x04\"\x92\x01\n\x14\x43reateAccountRequest\x12z\n\x08\x63urrency\x18\x01 \x01(\tBh\xbaHe\xba\x01\x62\n\x14UNSUPPORTED_CURRENCY\x12$must be an ISO 4217 code such as USD\x1a$this.matches(r\'^\\s*[A-Za-z]{3}\\s*$\')\"3\n\x11GetAccountRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"\xc7\x01\n\x13ListAccountsRequest\x12M\n\tpage_size\x18\x01 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x02 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"[\n\x14ListAccountsResponse\x12*\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x18.bank.account.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x13\x43loseAccountRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"P\n\x14\x46reezeAccountRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"R\n\x16UnfreezeAccountRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"\xee\x01\n\x1aListAccountActivityRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12M\n\tpage_size\x18\x02 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x03 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"e\n\x1bListAccountActivityResponse\x12-\n\nactivities\x18\x01 \x03(\x0b\x32\x19.bank.account.v1.Activity\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfd\x06\n\x0e\x41\x63\x63ountService\x12i\n\rCreateAccount\x12%.bank.account.v1.CreateAccountRequest\x1a\x18.bank.account.v1.Account\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/accounts:\x01*\x12m\n\nGetAccount\x12\".bank.account.v1.GetAccountRequest\x1a\x18.bank.account.v1.Account\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/accounts/{account_id}\x12q\n\x0cListAccounts\x12$.bank.account.v1.ListAccountsRequest\x1a%.bank.account.v1.ListAccountsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/accounts\x12z\n\x0c\x43loseAccount\x12$.bank.account.v1.CloseAccountRequest\x1a\x18.bank.account.v1.Account\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/accounts/{account_id}:close:\x01*\x12}\n\rFreezeAccount\x12%.bank.account.v1.FreezeAccountRequest\x1a\x18.bank.account.v1.Account\"+\x82\xd3\xe4\x93\x02%\" /v1/accounts/{account_id}:freeze:\x01*\x12\x83\x01\n\x0fUnfreezeAccount\x12\'.bank.account.v1.UnfreezeAccountRequest\x1a\x18.bank.account.v1.Account\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/accounts/{account_id}:unfreeze:\x01*\x12\x9c\x01\n\x13ListAccountActivity\x12+.bank.account.v1.ListAccountActivityRequest\x1a,.bank.account.v1.ListAccountActivityResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/accounts/{account_id}/activityb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61nk/account/v1/account.proto\x12\x0f\x62\x61nk.account.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x02\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x04 \x01(\x03\x12/\n\x06status\x18\x05 \x01(\x0e\x32\x1f.bank.account.v1.Account.Status\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x61vailable_balance\x18\x07 \x01(\x03\"D\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\n\n\x06\x46ROZEN\x10\x02\x12\n\n\x06\x43LOSED\x10\x03\"\xe7\x02\n\x08\x41\x63tivity\x12\x13\n\x0b\x61\x63tivity_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.bank.account.v1.Activity.Kind\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x15\n\rbalance_after\x18\x06 \x01(\x03\x12\x1f\n\x17\x63ounterparty_account_id\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rTRANSFER_SENT\x10\x01\x12\x15\n\x11TRANSFER_RECEIVED\x10\x02\x12\x0b\n\x07\x44\x45POSIT\x10\x03\x12\x0e\n\nWITHDRAWAL\x10\x04\"\x92\x01\n\x14\x43reateAccountRequest\x12z\n\x08\x63urrency\x18\x01 \x01(\tBh\xbaHe\xba\x01\x62\n\x14UNSUPPORTED_CURRENCY\x12$must be an ISO 4217 code such as USD\x1a$this.matches(r\'^\\s*[A-Za-z]{3}\\s*$\')\"3\n\x11GetAccountRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"\xc7\x01\n\x13ListAccountsRequest\x12M\n\tpage_size\x18\x01 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x02 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"[\n\x14ListAccountsResponse\x12*\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x18.bank.account.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x13\x43loseAccountRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"P\n\x14\x46reezeAccountRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"R\n\x16UnfreezeAccountRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x18\n\x06reason\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"\xee\x01\n\x1aListAccountActivityRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12M\n\tpage_size\x18\x02 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x03 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"e\n\x1bListAccountActivityResponse\x12-\n\nactivities\x18\x01 \x03(\x0b\x32\x19.bank.account.v1.Activity\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfd\x06\n\x0e\x41\x63\x63ountService\x12i\n\rCreateAccount\x12%.bank.account.v1.CreateAccountRequest\x1a\x18.bank.account.v1.Account\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/accounts:\x01*\x12m\n\nGetAccount\x12\".bank.account.v1.GetAccountRequest\x1a\x18.bank.account.v1.Account\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/accounts/{account_id}\x12q\n\x0cListAccounts\x12$.bank.account.v1.ListAccountsRequest\x1a%.bank.account.v1.ListAccountsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/accounts\x12z\n\x0c\x43loseAccount\x12$.bank.account.v1.CloseAccountRequest\x1a\x18.bank.account.v1.Account\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/accounts/{account_id}:close:\x01*\x12}\n\rFreezeAccount\x12%.bank.account.v1.FreezeAccountRequest\x1a\x18.bank.account.v1.Account\"+\x82\xd3\xe4\x93\x02%\" /v1/accounts/{account_id}:freeze:\x01*\x12\x83\x01\n\x0fUnfreezeAccount\x12\'.bank.account.v1.UnfreezeAccountRequest\x1a\x18.bank.account.v1.Account\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/accounts/{account_id}:unfreeze:\x01*\x12\x9c\x01\n\x13ListAccountActivity\x12+.bank.account.v1.ListAccountActivityRequest\x1a,.bank.account.v1.ListAccountActivityResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/accounts/{account_id}/activityb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -73,31 +73,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCOUNTSERVICE'].methods_by_name['ListAccountActivity']._loaded_options = None
   _globals['_ACCOUNTSERVICE'].methods_by_name['ListAccountActivity']._serialized_options = b'\202\323\344\223\002$\022\"/v1/accounts/{account_id}/activity'
   _globals['_ACCOUNT']._serialized_start=143
-  _globals['_ACCOUNT']._serialized_end=396
-  _globals['_ACCOUNT_STATUS']._serialized_start=328
-  _globals['_ACCOUNT_STATUS']._serialized_end=396
-  _globals['_ACTIVITY']._serialized_start=399
-  _globals['_ACTIVITY']._serialized_end=758
-  _globals['_ACTIVITY_KIND']._serialized_start=659
-  _globals['_ACTIVITY_KIND']._serialized_end=758
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=761
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=907
-  _globals['_GETACCOUNTREQUEST']._serialized_start=909
-  _globals['_GETACCOUNTREQUEST']._serialized_end=960
-  _globals['_LISTACCOUNTSREQUEST']._serialized_start=963
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1162
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1164
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1255
-  _globals['_CLOSEACCOUNTREQUEST']._serialized_start=1257
-  _globals['_CLOSEACCOUNTREQUEST']._serialized_end=1310
-  _globals['_FREEZEACCOUNTREQUEST']._serialized_start=1312
-  _globals['_FREEZEACCOUNTREQUEST']._serialized_end=1392
-  _globals['_UNFREEZEACCOUNTREQUEST']._serialized_start=1394
-  _globals['_UNFREEZEACCOUNTREQUEST']._serialized_end=1476
-  _globals['_LISTACCOUNTACTIVITYREQUEST']._serialized_start=1479
-  _globals['_LISTACCOUNTACTIVITYREQUEST']._serialized_end=1717
-  _globals['_LISTACCOUNTACTIVITYRESPONSE']._serialized_start=1719
-  _globals['_LISTACCOUNTACTIVITYRESPONSE']._serialized_end=1820
-  _globals['_ACCOUNTSERVICE']._serialized_start=1823
-  _globals['_ACCOUNTSERVICE']._serialized_end=2716
+  _globals['_ACCOUNT']._serialized_end=423
+  _globals['_ACCOUNT_STATUS']._serialized_start=355
+  _globals['_ACCOUNT_STATUS']._serialized_end=423
+  _globals['_ACTIVITY']._serialized_start=426
+  _globals['_ACTIVITY']._serialized_end=785
+  _globals['_ACTIVITY_KIND']._serialized_start=686
+  _globals['_ACTIVITY_KIND']._serialized_end=785
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=788
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=934
+  _globals['_GETACCOUNTREQUEST']._serialized_start=936
+  _globals['_GETACCOUNTREQUEST']._serialized_end=987
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=990
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1189
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1191
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1282
+  _globals['_CLOSEACCOUNTREQUEST']._serialized_start=1284
+  _globals['_CLOSEACCOUNTREQUEST']._serialized_end=1337
+  _globals['_FREEZEACCOUNTREQUEST']._serialized_start=1339
+  _globals['_FREEZEACCOUNTREQUEST']._serialized_end=1419
+  _globals['_UNFREEZEACCOUNTREQUEST']._serialized_start=1421
+  _globals['_UNFREEZEACCOUNTREQUEST']._serialized_end=1503
+  _globals['_LISTACCOUNTACTIVITYREQUEST']._serialized_start=1506
+  _globals['_LISTACCOUNTACTIVITYREQUEST']._serialized_end=1744
+  _globals['_LISTACCOUNTACTIVITYRESPONSE']._serialized_start=1746
+  _globals['_LISTACCOUNTACTIVITYRESPONSE']._serialized_end=1847
+  _globals['_ACCOUNTSERVICE']._serialized_start=1850
+  _globals['_ACCOUNTSERVICE']._serialized_end=2743
 # @@protoc_insertion_point(module_scope)

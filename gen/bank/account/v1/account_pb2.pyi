@@ -64,6 +64,7 @@ class Account(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BALANCE_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """Opaque account id (UUIDv7), assigned by the server."""
     customer_id: _builtins.str
@@ -74,6 +75,11 @@ class Account(_message.Message):
     """Committed ledger balance in the currency's minor unit; never below zero."""
     status: Global___Account.Status.ValueType
     """Current lifecycle state."""
+    available_balance: _builtins.int
+    """balance minus the sum of the account's PENDING holds as payer (incoming holds do not
+    count until posted); never below zero. Transfers, withdrawals and new holds are checked
+    against it.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the account was opened."""
@@ -87,10 +93,11 @@ class Account(_message.Message):
         balance: _builtins.int = ...,
         status: Global___Account.Status.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        available_balance: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "create_time", b"create_time", "currency", b"currency", "customer_id", b"customer_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "available_balance", b"available_balance", "balance", b"balance", "create_time", b"create_time", "currency", b"currency", "customer_id", b"customer_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

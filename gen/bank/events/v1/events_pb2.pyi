@@ -12,7 +12,8 @@ aggregate id so one aggregate's events stay in order:
                                            VerificationCodeResent, PasswordResetRequested,
                                            PasswordChanged, EmailChangeRequested, EmailChanged
   topic bank.account.v1   key account_id   AccountOpened, AccountStatusChanged
-  topic bank.transfer.v1  key transfer_id  MoneyMoved
+  topic bank.transfer.v1  key transfer_id  MoneyMoved, HoldPlaced, HoldPosted, HoldVoided,
+                                           HoldExpired
 A topic carries several message types, so the record value is the serialized message and the
 record header `event_type` holds its full name (e.g. "bank.events.v1.MoneyMoved").
 Money is int64 in the currency's minor unit next to an ISO 4217 currency code.
@@ -579,3 +580,259 @@ class MoneyMoved(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MoneyMoved: _TypeAlias = MoneyMoved  # noqa: Y015
+
+@_typing.final
+class HoldPlaced(_message.Message):
+    """A hold was placed (svc_transfer, topic bank.transfer.v1): held_amount is reserved on
+    from_account_id until posted, voided or expired. No ledger entry exists yet.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FROM_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FROM_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    TO_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TO_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    HELD_AMOUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique id of this event; consumers drop duplicates by it."""
+    transfer_id: _builtins.str
+    """The hold (bank.transfer.v1.Transfer.transfer_id)."""
+    request_id: _builtins.str
+    """The payer's idempotency key."""
+    from_account_id: _builtins.str
+    """Account the money is reserved on (the payer's)."""
+    from_customer_id: _builtins.str
+    """Owner of from_account_id."""
+    to_account_id: _builtins.str
+    """Account to be credited when posted (the payee's)."""
+    to_customer_id: _builtins.str
+    """Owner of to_account_id."""
+    held_amount: _builtins.int
+    """Amount reserved in minor units; > 0."""
+    currency: _builtins.str
+    """ISO 4217 code of held_amount."""
+    description: _builtins.str
+    """The payer's free text."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hold lapses unless posted or voided before."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hold was placed."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        transfer_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        from_account_id: _builtins.str = ...,
+        from_customer_id: _builtins.str = ...,
+        to_account_id: _builtins.str = ...,
+        to_customer_id: _builtins.str = ...,
+        held_amount: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        description: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency", b"currency", "description", b"description", "event_id", b"event_id", "expire_time", b"expire_time", "from_account_id", b"from_account_id", "from_customer_id", b"from_customer_id", "held_amount", b"held_amount", "request_id", b"request_id", "to_account_id", b"to_account_id", "to_customer_id", b"to_customer_id", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldPlaced: _TypeAlias = HoldPlaced  # noqa: Y015
+
+@_typing.final
+class HoldPosted(_message.Message):
+    """A hold was posted (svc_transfer, topic bank.transfer.v1): amount moved and the rest of
+    held_amount was released. A MoneyMoved of the same transfer follows on the same key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    FROM_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FROM_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    TO_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TO_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    HELD_AMOUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique id of this event; consumers drop duplicates by it."""
+    transfer_id: _builtins.str
+    """The hold."""
+    from_account_id: _builtins.str
+    """The payer's account."""
+    from_customer_id: _builtins.str
+    """Owner of from_account_id."""
+    to_account_id: _builtins.str
+    """The payee's account."""
+    to_customer_id: _builtins.str
+    """Owner of to_account_id."""
+    amount: _builtins.int
+    """Amount moved in minor units; > 0 and at most held_amount."""
+    held_amount: _builtins.int
+    """Amount that was reserved."""
+    currency: _builtins.str
+    """ISO 4217 code of the amounts."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hold was posted."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        transfer_id: _builtins.str = ...,
+        from_account_id: _builtins.str = ...,
+        from_customer_id: _builtins.str = ...,
+        to_account_id: _builtins.str = ...,
+        to_customer_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        held_amount: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "currency", b"currency", "event_id", b"event_id", "from_account_id", b"from_account_id", "from_customer_id", b"from_customer_id", "held_amount", b"held_amount", "to_account_id", b"to_account_id", "to_customer_id", b"to_customer_id", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldPosted: _TypeAlias = HoldPosted  # noqa: Y015
+
+@_typing.final
+class HoldVoided(_message.Message):
+    """The payee or a teller voided a hold (svc_transfer, topic bank.transfer.v1): all of
+    held_amount is available to the payer again; nothing moved.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    FROM_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FROM_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    TO_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TO_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    HELD_AMOUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique id of this event; consumers drop duplicates by it."""
+    transfer_id: _builtins.str
+    """The hold."""
+    from_account_id: _builtins.str
+    """The payer's account."""
+    from_customer_id: _builtins.str
+    """Owner of from_account_id."""
+    to_account_id: _builtins.str
+    """The payee's account."""
+    to_customer_id: _builtins.str
+    """Owner of to_account_id."""
+    held_amount: _builtins.int
+    """Amount that was reserved and is released."""
+    currency: _builtins.str
+    """ISO 4217 code of held_amount."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hold was voided."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        transfer_id: _builtins.str = ...,
+        from_account_id: _builtins.str = ...,
+        from_customer_id: _builtins.str = ...,
+        to_account_id: _builtins.str = ...,
+        to_customer_id: _builtins.str = ...,
+        held_amount: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency", b"currency", "event_id", b"event_id", "from_account_id", b"from_account_id", "from_customer_id", b"from_customer_id", "held_amount", b"held_amount", "to_account_id", b"to_account_id", "to_customer_id", b"to_customer_id", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldVoided: _TypeAlias = HoldVoided  # noqa: Y015
+
+@_typing.final
+class HoldExpired(_message.Message):
+    """A hold lapsed and was released (svc_transfer, topic bank.transfer.v1): all of held_amount
+    is available to the payer again; nothing moved.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    FROM_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FROM_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    TO_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TO_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    HELD_AMOUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique id of this event; consumers drop duplicates by it."""
+    transfer_id: _builtins.str
+    """The hold."""
+    from_account_id: _builtins.str
+    """The payer's account."""
+    from_customer_id: _builtins.str
+    """Owner of from_account_id."""
+    to_account_id: _builtins.str
+    """The payee's account."""
+    to_customer_id: _builtins.str
+    """Owner of to_account_id."""
+    held_amount: _builtins.int
+    """Amount that was reserved and is released."""
+    currency: _builtins.str
+    """ISO 4217 code of held_amount."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hold was released: at or after expire_time."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the hold lapsed."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        transfer_id: _builtins.str = ...,
+        from_account_id: _builtins.str = ...,
+        from_customer_id: _builtins.str = ...,
+        to_account_id: _builtins.str = ...,
+        to_customer_id: _builtins.str = ...,
+        held_amount: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "currency", b"currency", "event_id", b"event_id", "expire_time", b"expire_time", "from_account_id", b"from_account_id", "from_customer_id", b"from_customer_id", "held_amount", b"held_amount", "to_account_id", b"to_account_id", "to_customer_id", b"to_customer_id", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldExpired: _TypeAlias = HoldExpired  # noqa: Y015

@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61nk/notify/v1/notify.proto\x12\x0e\x62\x61nk.notify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc8\x04\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.bank.notify.v1.Notification.Kind\x12\x35\n\x07\x63hannel\x18\x03 \x01(\x0e\x32$.bank.notify.v1.Notification.Channel\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x33\n\x06status\x18\x06 \x01(\x0e\x32#.bank.notify.v1.Notification.Status\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb8\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45MAIL_VERIFICATION\x10\x01\x12\x11\n\rTRANSFER_SENT\x10\x02\x12\x15\n\x11TRANSFER_RECEIVED\x10\x03\x12\x0b\n\x07\x44\x45POSIT\x10\x04\x12\x0e\n\nWITHDRAWAL\x10\x05\x12\x12\n\x0ePASSWORD_RESET\x10\x06\x12\x14\n\x10PASSWORD_CHANGED\x10\x07\x12\x11\n\rEMAIL_CHANGED\x10\x08\"-\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\t\n\x05\x45MAIL\x10\x01\"C\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x08\n\x04SENT\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\xcc\x01\n\x18ListNotificationsRequest\x12M\n\tpage_size\x18\x01 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x02 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"i\n\x19ListNotificationsResponse\x12\x33\n\rnotifications\x18\x01 \x03(\x0b\x32\x1c.bank.notify.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x9b\x01\n\x13NotificationService\x12\x83\x01\n\x11ListNotifications\x12(.bank.notify.v1.ListNotificationsRequest\x1a).bank.notify.v1.ListNotificationsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/notificationsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61nk/notify/v1/notify.proto\x12\x0e\x62\x61nk.notify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x04\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12/\n\x04kind\x18\x02 \x01(\x0e\x32!.bank.notify.v1.Notification.Kind\x12\x35\n\x07\x63hannel\x18\x03 \x01(\x0e\x32$.bank.notify.v1.Notification.Channel\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x33\n\x06status\x18\x06 \x01(\x0e\x32#.bank.notify.v1.Notification.Status\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45MAIL_VERIFICATION\x10\x01\x12\x11\n\rTRANSFER_SENT\x10\x02\x12\x15\n\x11TRANSFER_RECEIVED\x10\x03\x12\x0b\n\x07\x44\x45POSIT\x10\x04\x12\x0e\n\nWITHDRAWAL\x10\x05\x12\x12\n\x0ePASSWORD_RESET\x10\x06\x12\x14\n\x10PASSWORD_CHANGED\x10\x07\x12\x11\n\rEMAIL_CHANGED\x10\x08\x12\x11\n\rHOLD_RELEASED\x10\t\"-\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\t\n\x05\x45MAIL\x10\x01\"C\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x08\n\x04SENT\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\xcc\x01\n\x18ListNotificationsRequest\x12M\n\tpage_size\x18\x01 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x02 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"i\n\x19ListNotificationsResponse\x12\x33\n\rnotifications\x18\x01 \x03(\x0b\x32\x1c.bank.notify.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x9b\x01\n\x13NotificationService\x12\x83\x01\n\x11ListNotifications\x12(.bank.notify.v1.ListNotificationsRequest\x1a).bank.notify.v1.ListNotificationsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/notificationsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,17 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/notifications'
   _globals['_NOTIFICATION']._serialized_start=140
-  _globals['_NOTIFICATION']._serialized_end=724
+  _globals['_NOTIFICATION']._serialized_end=743
   _globals['_NOTIFICATION_KIND']._serialized_start=424
-  _globals['_NOTIFICATION_KIND']._serialized_end=608
-  _globals['_NOTIFICATION_CHANNEL']._serialized_start=610
-  _globals['_NOTIFICATION_CHANNEL']._serialized_end=655
-  _globals['_NOTIFICATION_STATUS']._serialized_start=657
-  _globals['_NOTIFICATION_STATUS']._serialized_end=724
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=727
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=931
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=933
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1038
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=1041
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=1196
+  _globals['_NOTIFICATION_KIND']._serialized_end=627
+  _globals['_NOTIFICATION_CHANNEL']._serialized_start=629
+  _globals['_NOTIFICATION_CHANNEL']._serialized_end=674
+  _globals['_NOTIFICATION_STATUS']._serialized_start=676
+  _globals['_NOTIFICATION_STATUS']._serialized_end=743
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=746
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=950
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=952
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1057
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=1060
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=1215
 # @@protoc_insertion_point(module_scope)

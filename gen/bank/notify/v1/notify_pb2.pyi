@@ -56,6 +56,10 @@ class Notification(_message.Message):
         """The password was reset or changed (bank.events.v1.PasswordChanged)."""
         EMAIL_CHANGED: Notification._Kind.ValueType  # 8
         """The email address changed; sent to the old address (bank.events.v1.EmailChanged)."""
+        HOLD_RELEASED: Notification._Kind.ValueType  # 9
+        """A hold on one of the customer's accounts was released without moving money: voided by
+        the payee or a teller, or expired (bank.events.v1.HoldVoided, HoldExpired).
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
         """Why it was sent. Values are bare ("EMAIL_VERIFICATION") because API.md shows them so."""
@@ -81,6 +85,10 @@ class Notification(_message.Message):
     """The password was reset or changed (bank.events.v1.PasswordChanged)."""
     EMAIL_CHANGED: Notification.Kind.ValueType  # 8
     """The email address changed; sent to the old address (bank.events.v1.EmailChanged)."""
+    HOLD_RELEASED: Notification.Kind.ValueType  # 9
+    """A hold on one of the customer's accounts was released without moving money: voided by
+    the payee or a teller, or expired (bank.events.v1.HoldVoided, HoldExpired).
+    """
 
     class _Channel:
         ValueType = _typing.NewType("ValueType", _builtins.int)

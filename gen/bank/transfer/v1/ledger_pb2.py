@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61nk/transfer/v1/ledger.proto\x12\x10\x62\x61nk.transfer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x02\n\rLedgerAccount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x36\n\x06status\x18\x04 \x01(\x0e\x32&.bank.transfer.v1.LedgerAccount.Status\x12\x0f\n\x07\x62\x61lance\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\n\n\x06\x46ROZEN\x10\x02\x12\n\n\x06\x43LOSED\x10\x03\"U\n\x18OpenLedgerAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\"k\n\x1dSetLedgerAccountStatusRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x36\n\x06status\x18\x02 \x01(\x0e\x32&.bank.transfer.v1.LedgerAccount.Status\"4\n\x1d\x42\x61tchGetLedgerAccountsRequest\x12\x13\n\x0b\x61\x63\x63ount_ids\x18\x01 \x03(\t\"Z\n\x1e\x42\x61tchGetLedgerAccountsResponse\x12\x38\n\x0fledger_accounts\x18\x01 \x03(\x0b\x32\x1f.bank.transfer.v1.LedgerAccount2\xe0\x02\n\rLedgerService\x12\x62\n\x11OpenLedgerAccount\x12*.bank.transfer.v1.OpenLedgerAccountRequest\x1a\x1f.bank.transfer.v1.LedgerAccount\"\x00\x12l\n\x16SetLedgerAccountStatus\x12/.bank.transfer.v1.SetLedgerAccountStatusRequest\x1a\x1f.bank.transfer.v1.LedgerAccount\"\x00\x12}\n\x16\x42\x61tchGetLedgerAccounts\x12/.bank.transfer.v1.BatchGetLedgerAccountsRequest\x1a\x30.bank.transfer.v1.BatchGetLedgerAccountsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61nk/transfer/v1/ledger.proto\x12\x10\x62\x61nk.transfer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x02\n\rLedgerAccount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x36\n\x06status\x18\x04 \x01(\x0e\x32&.bank.transfer.v1.LedgerAccount.Status\x12\x0f\n\x07\x62\x61lance\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x61vailable_balance\x18\x07 \x01(\x03\"D\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\n\n\x06\x46ROZEN\x10\x02\x12\n\n\x06\x43LOSED\x10\x03\"U\n\x18OpenLedgerAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\"k\n\x1dSetLedgerAccountStatusRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x36\n\x06status\x18\x02 \x01(\x0e\x32&.bank.transfer.v1.LedgerAccount.Status\"4\n\x1d\x42\x61tchGetLedgerAccountsRequest\x12\x13\n\x0b\x61\x63\x63ount_ids\x18\x01 \x03(\t\"Z\n\x1e\x42\x61tchGetLedgerAccountsResponse\x12\x38\n\x0fledger_accounts\x18\x01 \x03(\x0b\x32\x1f.bank.transfer.v1.LedgerAccount2\xe0\x02\n\rLedgerService\x12\x62\n\x11OpenLedgerAccount\x12*.bank.transfer.v1.OpenLedgerAccountRequest\x1a\x1f.bank.transfer.v1.LedgerAccount\"\x00\x12l\n\x16SetLedgerAccountStatus\x12/.bank.transfer.v1.SetLedgerAccountStatusRequest\x1a\x1f.bank.transfer.v1.LedgerAccount\"\x00\x12}\n\x16\x42\x61tchGetLedgerAccounts\x12/.bank.transfer.v1.BatchGetLedgerAccountsRequest\x1a\x30.bank.transfer.v1.BatchGetLedgerAccountsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bank.transfer.v1.ledger_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LEDGERACCOUNT']._serialized_start=85
-  _globals['_LEDGERACCOUNT']._serialized_end=351
-  _globals['_LEDGERACCOUNT_STATUS']._serialized_start=283
-  _globals['_LEDGERACCOUNT_STATUS']._serialized_end=351
-  _globals['_OPENLEDGERACCOUNTREQUEST']._serialized_start=353
-  _globals['_OPENLEDGERACCOUNTREQUEST']._serialized_end=438
-  _globals['_SETLEDGERACCOUNTSTATUSREQUEST']._serialized_start=440
-  _globals['_SETLEDGERACCOUNTSTATUSREQUEST']._serialized_end=547
-  _globals['_BATCHGETLEDGERACCOUNTSREQUEST']._serialized_start=549
-  _globals['_BATCHGETLEDGERACCOUNTSREQUEST']._serialized_end=601
-  _globals['_BATCHGETLEDGERACCOUNTSRESPONSE']._serialized_start=603
-  _globals['_BATCHGETLEDGERACCOUNTSRESPONSE']._serialized_end=693
-  _globals['_LEDGERSERVICE']._serialized_start=696
-  _globals['_LEDGERSERVICE']._serialized_end=1048
+  _globals['_LEDGERACCOUNT']._serialized_end=378
+  _globals['_LEDGERACCOUNT_STATUS']._serialized_start=310
+  _globals['_LEDGERACCOUNT_STATUS']._serialized_end=378
+  _globals['_OPENLEDGERACCOUNTREQUEST']._serialized_start=380
+  _globals['_OPENLEDGERACCOUNTREQUEST']._serialized_end=465
+  _globals['_SETLEDGERACCOUNTSTATUSREQUEST']._serialized_start=467
+  _globals['_SETLEDGERACCOUNTSTATUSREQUEST']._serialized_end=574
+  _globals['_BATCHGETLEDGERACCOUNTSREQUEST']._serialized_start=576
+  _globals['_BATCHGETLEDGERACCOUNTSREQUEST']._serialized_end=628
+  _globals['_BATCHGETLEDGERACCOUNTSRESPONSE']._serialized_start=630
+  _globals['_BATCHGETLEDGERACCOUNTSRESPONSE']._serialized_end=720
+  _globals['_LEDGERSERVICE']._serialized_start=723
+  _globals['_LEDGERSERVICE']._serialized_end=1075
 # @@protoc_insertion_point(module_scope)

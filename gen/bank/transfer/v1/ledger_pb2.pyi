@@ -65,6 +65,7 @@ class LedgerAccount(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BALANCE_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """Same id as the bank.account.v1.Account."""
     customer_id: _builtins.str
@@ -75,6 +76,10 @@ class LedgerAccount(_message.Message):
     """Whether the account takes movements."""
     balance: _builtins.int
     """Committed balance in the currency's minor unit; never below zero."""
+    available_balance: _builtins.int
+    """balance minus the account's PENDING holds as payer; never below zero. Transfers,
+    withdrawals and new holds are checked against it.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the ledger account was opened."""
@@ -88,10 +93,11 @@ class LedgerAccount(_message.Message):
         status: Global___LedgerAccount.Status.ValueType = ...,
         balance: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        available_balance: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance", b"balance", "create_time", b"create_time", "currency", b"currency", "customer_id", b"customer_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "available_balance", b"available_balance", "balance", b"balance", "create_time", b"create_time", "currency", b"currency", "customer_id", b"customer_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

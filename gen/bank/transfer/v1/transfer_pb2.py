@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61nk/transfer/v1/transfer.proto\x12\x10\x62\x61nk.transfer.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x03\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x03 \x01(\t\x12\x15\n\rto_account_id\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x31\n\x06status\x18\x08 \x01(\x0e\x32!.bank.transfer.v1.Transfer.Status\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04kind\x18\n \x01(\x0e\x32\x1f.bank.transfer.v1.Transfer.Kind\"G\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRANSFER\x10\x01\x12\x0b\n\x07\x44\x45POSIT\x10\x02\x12\x0e\n\nWITHDRAWAL\x10\x03\"/\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tCOMPLETED\x10\x01\"\x8d\x02\n\x15\x43reateTransferRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12#\n\x0f\x66rom_account_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12!\n\rto_account_id\x18\x03 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12H\n\x06\x61mount\x18\x04 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0\x12#\n\x08\x63urrency\x18\x05 \x01(\tB\x11\xbaH\x0er\x0c\x32\n^[A-Z]{3}$\x12\x1d\n\x0b\x64\x65scription\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"5\n\x12GetTransferRequest\x12\x1f\n\x0btransfer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"\xe8\x01\n\x14ListTransfersRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12M\n\tpage_size\x18\x02 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x03 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"_\n\x15ListTransfersResponse\x12-\n\ttransfers\x18\x01 \x03(\x0b\x32\x1a.bank.transfer.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe4\x01\n\x14\x43reateDepositRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x1e\n\naccount_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12H\n\x06\x61mount\x18\x03 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0\x12#\n\x08\x63urrency\x18\x04 \x01(\tB\x11\xbaH\x0er\x0c\x32\n^[A-Z]{3}$\x12\x1d\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"\xe7\x01\n\x17\x43reateWithdrawalRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x1e\n\naccount_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12H\n\x06\x61mount\x18\x03 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0\x12#\n\x08\x63urrency\x18\x04 \x01(\tB\x11\xbaH\x0er\x0c\x32\n^[A-Z]{3}$\x12\x1d\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x32\xed\x04\n\x0fTransferService\x12o\n\x0e\x43reateTransfer\x12\'.bank.transfer.v1.CreateTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/transfers:\x01*\x12t\n\x0bGetTransfer\x12$.bank.transfer.v1.GetTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/transfers/{transfer_id}\x12\x8d\x01\n\rListTransfers\x12&.bank.transfer.v1.ListTransfersRequest\x1a\'.bank.transfer.v1.ListTransfersResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/accounts/{account_id}/transfers\x12l\n\rCreateDeposit\x12&.bank.transfer.v1.CreateDepositRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/deposits:\x01*\x12u\n\x10\x43reateWithdrawal\x12).bank.transfer.v1.CreateWithdrawalRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/withdrawals:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61nk/transfer/v1/transfer.proto\x12\x10\x62\x61nk.transfer.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x04\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x03 \x01(\t\x12\x15\n\rto_account_id\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x31\n\x06status\x18\x08 \x01(\x0e\x32!.bank.transfer.v1.Transfer.Status\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04kind\x18\n \x01(\x0e\x32\x1f.bank.transfer.v1.Transfer.Kind\x12\x13\n\x0bheld_amount\x18\x0b \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08TRANSFER\x10\x01\x12\x0b\n\x07\x44\x45POSIT\x10\x02\x12\x0e\n\nWITHDRAWAL\x10\x03\"U\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\r\n\tCOMPLETED\x10\x01\x12\x0b\n\x07PENDING\x10\x02\x12\n\n\x06VOIDED\x10\x03\x12\x0b\n\x07\x45XPIRED\x10\x04\"\xc6\x02\n\x15\x43reateTransferRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12#\n\x0f\x66rom_account_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12!\n\rto_account_id\x18\x03 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12H\n\x06\x61mount\x18\x04 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0\x12#\n\x08\x63urrency\x18\x05 \x01(\tB\x11\xbaH\x0er\x0c\x32\n^[A-Z]{3}$\x12\x1d\n\x0b\x64\x65scription\x18\x06 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12&\n\x0chold_seconds\x18\x07 \x01(\x05\x42\x0b\xbaH\x08\x1a\x06\x18\x80\xf5$(<H\x00\x88\x01\x01\x42\x0f\n\r_hold_seconds\"\xb0\x01\n\x13PostTransferRequest\x12\x1f\n\x0btransfer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x1e\n\nrequest_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12M\n\x06\x61mount\x18\x03 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0H\x00\x88\x01\x01\x42\t\n\x07_amount\"V\n\x13VoidTransferRequest\x12\x1f\n\x0btransfer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x1e\n\nrequest_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"5\n\x12GetTransferRequest\x12\x1f\n\x0btransfer_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\"\xe8\x01\n\x14ListTransfersRequest\x12\x1e\n\naccount_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12M\n\tpage_size\x18\x02 \x01(\x05\x42:\xbaH7\xba\x01\x34\n\x11INVALID_PAGE_SIZE\x12\x14must not be negative\x1a\tthis >= 0\x12\x61\n\npage_token\x18\x03 \x01(\tBM\xbaHJ\xba\x01G\n\x12INVALID_PAGE_TOKEN\x12\x1emust be at most 512 characters\x1a\x11size(this) <= 512\"_\n\x15ListTransfersResponse\x12-\n\ttransfers\x18\x01 \x03(\x0b\x32\x1a.bank.transfer.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe4\x01\n\x14\x43reateDepositRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x1e\n\naccount_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12H\n\x06\x61mount\x18\x03 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0\x12#\n\x08\x63urrency\x18\x04 \x01(\tB\x11\xbaH\x0er\x0c\x32\n^[A-Z]{3}$\x12\x1d\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"\xe7\x01\n\x17\x43reateWithdrawalRequest\x12\x1e\n\nrequest_id\x18\x01 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12\x1e\n\naccount_id\x18\x02 \x01(\tB\n\xbaH\x07r\x02\x18@\xc8\x01\x01\x12H\n\x06\x61mount\x18\x03 \x01(\x03\x42\x38\xbaH5\xba\x01\x32\n\x0eINVALID_AMOUNT\x12\x16must be greater than 0\x1a\x08this > 0\x12#\n\x08\x63urrency\x18\x04 \x01(\tB\x11\xbaH\x0er\x0c\x32\n^[A-Z]{3}$\x12\x1d\n\x0b\x64\x65scription\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x32\xed\x06\n\x0fTransferService\x12o\n\x0e\x43reateTransfer\x12\'.bank.transfer.v1.CreateTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/transfers:\x01*\x12t\n\x0bGetTransfer\x12$.bank.transfer.v1.GetTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/transfers/{transfer_id}\x12\x8d\x01\n\rListTransfers\x12&.bank.transfer.v1.ListTransfersRequest\x1a\'.bank.transfer.v1.ListTransfersResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/accounts/{account_id}/transfers\x12l\n\rCreateDeposit\x12&.bank.transfer.v1.CreateDepositRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/deposits:\x01*\x12u\n\x10\x43reateWithdrawal\x12).bank.transfer.v1.CreateWithdrawalRequest\x1a\x1a.bank.transfer.v1.Transfer\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/withdrawals:\x01*\x12~\n\x0cPostTransfer\x12%.bank.transfer.v1.PostTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"+\x82\xd3\xe4\x93\x02%\" /v1/transfers/{transfer_id}:post:\x01*\x12~\n\x0cVoidTransfer\x12%.bank.transfer.v1.VoidTransferRequest\x1a\x1a.bank.transfer.v1.Transfer\"+\x82\xd3\xe4\x93\x02%\" /v1/transfers/{transfer_id}:void:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,6 +46,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATETRANSFERREQUEST'].fields_by_name['currency']._serialized_options = b'\272H\016r\0142\n^[A-Z]{3}$'
   _globals['_CREATETRANSFERREQUEST'].fields_by_name['description']._loaded_options = None
   _globals['_CREATETRANSFERREQUEST'].fields_by_name['description']._serialized_options = b'\272H\005r\003\030\310\001'
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['hold_seconds']._loaded_options = None
+  _globals['_CREATETRANSFERREQUEST'].fields_by_name['hold_seconds']._serialized_options = b'\272H\010\032\006\030\200\365$(<'
+  _globals['_POSTTRANSFERREQUEST'].fields_by_name['transfer_id']._loaded_options = None
+  _globals['_POSTTRANSFERREQUEST'].fields_by_name['transfer_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_POSTTRANSFERREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_POSTTRANSFERREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_POSTTRANSFERREQUEST'].fields_by_name['amount']._loaded_options = None
+  _globals['_POSTTRANSFERREQUEST'].fields_by_name['amount']._serialized_options = b'\272H5\272\0012\n\016INVALID_AMOUNT\022\026must be greater than 0\032\010this > 0'
+  _globals['_VOIDTRANSFERREQUEST'].fields_by_name['transfer_id']._loaded_options = None
+  _globals['_VOIDTRANSFERREQUEST'].fields_by_name['transfer_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
+  _globals['_VOIDTRANSFERREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_VOIDTRANSFERREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
   _globals['_GETTRANSFERREQUEST'].fields_by_name['transfer_id']._loaded_options = None
   _globals['_GETTRANSFERREQUEST'].fields_by_name['transfer_id']._serialized_options = b'\272H\007r\002\030@\310\001\001'
   _globals['_LISTTRANSFERSREQUEST'].fields_by_name['account_id']._loaded_options = None
@@ -84,24 +96,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSFERSERVICE'].methods_by_name['CreateDeposit']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/deposits:\001*'
   _globals['_TRANSFERSERVICE'].methods_by_name['CreateWithdrawal']._loaded_options = None
   _globals['_TRANSFERSERVICE'].methods_by_name['CreateWithdrawal']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/withdrawals:\001*'
+  _globals['_TRANSFERSERVICE'].methods_by_name['PostTransfer']._loaded_options = None
+  _globals['_TRANSFERSERVICE'].methods_by_name['PostTransfer']._serialized_options = b'\202\323\344\223\002%\" /v1/transfers/{transfer_id}:post:\001*'
+  _globals['_TRANSFERSERVICE'].methods_by_name['VoidTransfer']._loaded_options = None
+  _globals['_TRANSFERSERVICE'].methods_by_name['VoidTransfer']._serialized_options = b'\202\323\344\223\002%\" /v1/transfers/{transfer_id}:void:\001*'
   _globals['_TRANSFER']._serialized_start=146
-  _globals['_TRANSFER']._serialized_end=569
-  _globals['_TRANSFER_KIND']._serialized_start=449
-  _globals['_TRANSFER_KIND']._serialized_end=520
-  _globals['_TRANSFER_STATUS']._serialized_start=522
-  _globals['_TRANSFER_STATUS']._serialized_end=569
-  _globals['_CREATETRANSFERREQUEST']._serialized_start=572
-  _globals['_CREATETRANSFERREQUEST']._serialized_end=841
-  _globals['_GETTRANSFERREQUEST']._serialized_start=843
-  _globals['_GETTRANSFERREQUEST']._serialized_end=896
-  _globals['_LISTTRANSFERSREQUEST']._serialized_start=899
-  _globals['_LISTTRANSFERSREQUEST']._serialized_end=1131
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=1133
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=1228
-  _globals['_CREATEDEPOSITREQUEST']._serialized_start=1231
-  _globals['_CREATEDEPOSITREQUEST']._serialized_end=1459
-  _globals['_CREATEWITHDRAWALREQUEST']._serialized_start=1462
-  _globals['_CREATEWITHDRAWALREQUEST']._serialized_end=1693
-  _globals['_TRANSFERSERVICE']._serialized_start=1696
-  _globals['_TRANSFERSERVICE']._serialized_end=2317
+  _globals['_TRANSFER']._serialized_end=677
+  _globals['_TRANSFER_KIND']._serialized_start=519
+  _globals['_TRANSFER_KIND']._serialized_end=590
+  _globals['_TRANSFER_STATUS']._serialized_start=592
+  _globals['_TRANSFER_STATUS']._serialized_end=677
+  _globals['_CREATETRANSFERREQUEST']._serialized_start=680
+  _globals['_CREATETRANSFERREQUEST']._serialized_end=1006
+  _globals['_POSTTRANSFERREQUEST']._serialized_start=1009
+  _globals['_POSTTRANSFERREQUEST']._serialized_end=1185
+  _globals['_VOIDTRANSFERREQUEST']._serialized_start=1187
+  _globals['_VOIDTRANSFERREQUEST']._serialized_end=1273
+  _globals['_GETTRANSFERREQUEST']._serialized_start=1275
+  _globals['_GETTRANSFERREQUEST']._serialized_end=1328
+  _globals['_LISTTRANSFERSREQUEST']._serialized_start=1331
+  _globals['_LISTTRANSFERSREQUEST']._serialized_end=1563
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=1565
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=1660
+  _globals['_CREATEDEPOSITREQUEST']._serialized_start=1663
+  _globals['_CREATEDEPOSITREQUEST']._serialized_end=1891
+  _globals['_CREATEWITHDRAWALREQUEST']._serialized_start=1894
+  _globals['_CREATEWITHDRAWALREQUEST']._serialized_end=2125
+  _globals['_TRANSFERSERVICE']._serialized_start=2128
+  _globals['_TRANSFERSERVICE']._serialized_end=3005
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,21 @@ Rules shared by CreateTransfer, CreateDeposit and CreateWithdrawal, each with it
 - an unknown account, or (for customers) a source account that is not the caller's:
   404 NOT_FOUND ACCOUNT_NOT_FOUND.
 - description is optional, at most 200 characters.
+
+Holds (two-phase transfers, API.md "Holds"): CreateTransfer with hold_seconds (60-604800)
+reserves the amount now (status PENDING, no ledger entry, the payer's available_balance drops)
+until the payee or a teller posts it (PostTransfer, all or part; the rest is released) or
+voids it (VoidTransfer), or it lapses by itself at expire_time (EXPIRED). Rules and reasons:
+- posting or voiding anything not PENDING: 400 FAILED_PRECONDITION TRANSFER_NOT_PENDING (the
+  message names the status); at or after expire_time, released yet or not: 400
+  FAILED_PRECONDITION HOLD_EXPIRED.
+- the owner of the paying account only (not of the receiving one): 400 FAILED_PRECONDITION
+  NOT_PAYEE; a caller who owns neither: 404 NOT_FOUND TRANSFER_NOT_FOUND.
+- posting more than held: 400 FAILED_PRECONDITION EXCEEDS_HELD_AMOUNT.
+- a frozen or closed payee account at posting time: 400 ACCOUNT_INACTIVE, the hold stays
+  PENDING.
+- request_id is the idempotency key as for transfers; of a post, a void and an expiry racing
+  for one hold exactly one wins.
 """
 
 from collections import abc as _abc
@@ -38,7 +53,9 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Transfer(_message.Message):
-    """One committed movement of money: a transfer, a deposit or a withdrawal."""
+    """One movement of money: a transfer, a deposit or a withdrawal; or a hold (a transfer that
+    starts PENDING and is posted, voided or expired later).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -78,17 +95,30 @@ class Transfer(_message.Message):
         STATUS_UNSPECIFIED: Transfer._Status.ValueType  # 0
         """Never set by the server."""
         COMPLETED: Transfer._Status.ValueType  # 1
-        """Both ledger entries are committed."""
+        """Both ledger entries are committed (for a hold: it was posted)."""
+        PENDING: Transfer._Status.ValueType  # 2
+        """A hold: held_amount is reserved on from_account_id; no ledger entry yet."""
+        VOIDED: Transfer._Status.ValueType  # 3
+        """A hold the payee or a teller released; nothing moved."""
+        EXPIRED: Transfer._Status.ValueType  # 4
+        """A hold that lapsed at expire_time and was released; nothing moved."""
 
     class Status(_Status, metaclass=_StatusEnumTypeWrapper):
-        """Outcome. Movements are all-or-nothing and synchronous, so a Transfer the API returns is
-        COMPLETED; rejected requests return an error and leave no Transfer.
+        """Outcome. Movements are all-or-nothing and synchronous, so a transfer, deposit or
+        withdrawal the API returns is COMPLETED; rejected requests return an error and leave no
+        Transfer. A hold starts PENDING and is settled once: COMPLETED, VOIDED or EXPIRED.
         """
 
     STATUS_UNSPECIFIED: Transfer.Status.ValueType  # 0
     """Never set by the server."""
     COMPLETED: Transfer.Status.ValueType  # 1
-    """Both ledger entries are committed."""
+    """Both ledger entries are committed (for a hold: it was posted)."""
+    PENDING: Transfer.Status.ValueType  # 2
+    """A hold: held_amount is reserved on from_account_id; no ledger entry yet."""
+    VOIDED: Transfer.Status.ValueType  # 3
+    """A hold the payee or a teller released; nothing moved."""
+    EXPIRED: Transfer.Status.ValueType  # 4
+    """A hold that lapsed at expire_time and was released; nothing moved."""
 
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
@@ -100,6 +130,8 @@ class Transfer(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    HELD_AMOUNT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     """Opaque id (UUIDv7), assigned by the server."""
     request_id: _builtins.str
@@ -109,18 +141,28 @@ class Transfer(_message.Message):
     to_account_id: _builtins.str
     """Account credited; empty for a WITHDRAWAL (the bank's cash account is never shown)."""
     amount: _builtins.int
-    """Amount moved in minor units; always > 0."""
+    """Amount moved in minor units; always > 0. For a hold not posted: the held amount; for a
+    posted one: the amount moved (at most held_amount).
+    """
     currency: _builtins.str
     """ISO 4217 code of amount; equals both customer accounts' currency."""
     description: _builtins.str
     """Free text from the initiator; may be empty."""
     status: Global___Transfer.Status.ValueType
-    """Outcome; always COMPLETED for a returned Transfer."""
+    """Outcome: COMPLETED, or for a hold PENDING, COMPLETED, VOIDED or EXPIRED."""
     kind: Global___Transfer.Kind.ValueType
     """Transfer, deposit or withdrawal."""
+    held_amount: _builtins.int
+    """For a hold: the amount reserved when it was placed; 0 for a movement that was never a hold."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the movement was committed in the ledger."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """For a hold: create_time + hold_seconds, when it lapses unless posted or voided before;
+        unset for a movement that was never a hold.
+        """
 
     def __init__(
         self,
@@ -135,10 +177,12 @@ class Transfer(_message.Message):
         status: Global___Transfer.Status.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         kind: Global___Transfer.Kind.ValueType = ...,
+        held_amount: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "currency", b"currency", "description", b"description", "from_account_id", b"from_account_id", "kind", b"kind", "request_id", b"request_id", "status", b"status", "to_account_id", b"to_account_id", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "currency", b"currency", "description", b"description", "expire_time", b"expire_time", "from_account_id", b"from_account_id", "held_amount", b"held_amount", "kind", b"kind", "request_id", b"request_id", "status", b"status", "to_account_id", b"to_account_id", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -156,6 +200,7 @@ class CreateTransferRequest(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    HOLD_SECONDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key, 1-64 characters, unique per intended movement for this caller."""
     from_account_id: _builtins.str
@@ -168,6 +213,10 @@ class CreateTransferRequest(_message.Message):
     """ISO 4217 code; must equal both accounts' currency."""
     description: _builtins.str
     """Optional free text shown on both statements; at most 200 characters."""
+    hold_seconds: _builtins.int
+    """Makes the transfer a hold lasting this long (60 to 604800 seconds): status PENDING, the
+    amount reserved on from_account_id until posted, voided or expired. Unset: a transfer.
+    """
     def __init__(
         self,
         *,
@@ -177,14 +226,77 @@ class CreateTransferRequest(_message.Message):
         amount: _builtins.int = ...,
         currency: _builtins.str = ...,
         description: _builtins.str = ...,
+        hold_seconds: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hold_seconds", b"_hold_seconds", "hold_seconds", b"hold_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hold_seconds", b"_hold_seconds", "amount", b"amount", "currency", b"currency", "description", b"description", "from_account_id", b"from_account_id", "hold_seconds", b"hold_seconds", "request_id", b"request_id", "to_account_id", b"to_account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__hold_seconds: _TypeAlias = _typing.Literal["hold_seconds"]  # noqa: Y015
+    _WhichOneofArgType__hold_seconds: _TypeAlias = _typing.Literal["_hold_seconds", b"_hold_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hold_seconds) -> _WhichOneofReturnType__hold_seconds | None: ...
+
+Global___CreateTransferRequest: _TypeAlias = CreateTransferRequest  # noqa: Y015
+
+@_typing.final
+class PostTransferRequest(_message.Message):
+    """Input of PostTransfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    """The PENDING hold to post."""
+    request_id: _builtins.str
+    """Idempotency key, 1-64 characters, scoped to the caller as for transfers."""
+    amount: _builtins.int
+    """Amount to move in minor units, > 0 and at most the held amount; unset: the whole held
+    amount. The rest of the hold is released.
+    """
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        amount: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "amount", b"amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_amount", b"_amount", "amount", b"amount", "request_id", b"request_id", "transfer_id", b"transfer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__amount: _TypeAlias = _typing.Literal["amount"]  # noqa: Y015
+    _WhichOneofArgType__amount: _TypeAlias = _typing.Literal["_amount", b"_amount"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__amount) -> _WhichOneofReturnType__amount | None: ...
+
+Global___PostTransferRequest: _TypeAlias = PostTransferRequest  # noqa: Y015
+
+@_typing.final
+class VoidTransferRequest(_message.Message):
+    """Input of VoidTransfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    transfer_id: _builtins.str
+    """The PENDING hold to release."""
+    request_id: _builtins.str
+    """Idempotency key, 1-64 characters, scoped to the caller as for transfers."""
+    def __init__(
+        self,
+        *,
+        transfer_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "currency", b"currency", "description", b"description", "from_account_id", b"from_account_id", "request_id", b"request_id", "to_account_id", b"to_account_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CreateTransferRequest: _TypeAlias = CreateTransferRequest  # noqa: Y015
+Global___VoidTransferRequest: _TypeAlias = VoidTransferRequest  # noqa: Y015
 
 @_typing.final
 class GetTransferRequest(_message.Message):

@@ -63,6 +63,16 @@ class TransferServiceStub:
                 request_serializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.CreateWithdrawalRequest.SerializeToString,
                 response_deserializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.Transfer.FromString,
                 _registered_method=True)
+        self.PostTransfer = channel.unary_unary(
+                '/bank.transfer.v1.TransferService/PostTransfer',
+                request_serializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.PostTransferRequest.SerializeToString,
+                response_deserializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.Transfer.FromString,
+                _registered_method=True)
+        self.VoidTransfer = channel.unary_unary(
+                '/bank.transfer.v1.TransferService/VoidTransfer',
+                request_serializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.VoidTransferRequest.SerializeToString,
+                response_deserializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.Transfer.FromString,
+                _registered_method=True)
 
 
 class TransferServiceServicer:
@@ -124,6 +134,27 @@ class TransferServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PostTransfer(self, request, context):
+        """Takes a PENDING hold: moves amount (default: the whole held amount) from the payer to the
+        payee as one completed double-entry transfer and releases the rest; status COMPLETED,
+        amount = the amount moved. The payee (owner of to_account_id) or a teller.
+        Errors (see the file comment): TRANSFER_NOT_PENDING, HOLD_EXPIRED, NOT_PAYEE,
+        EXCEEDS_HELD_AMOUNT, ACCOUNT_INACTIVE, INVALID_AMOUNT, IDEMPOTENCY_KEY_REUSED;
+        404 NOT_FOUND TRANSFER_NOT_FOUND; 401 UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VoidTransfer(self, request, context):
+        """Releases the whole of a PENDING hold; status VOIDED; the payer gets a HOLD_RELEASED email.
+        The payee or a teller. Errors (see the file comment): TRANSFER_NOT_PENDING, HOLD_EXPIRED,
+        NOT_PAYEE, IDEMPOTENCY_KEY_REUSED; 404 NOT_FOUND TRANSFER_NOT_FOUND; 401 UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransferServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +181,16 @@ def add_TransferServiceServicer_to_server(servicer, server):
             'CreateWithdrawal': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateWithdrawal,
                     request_deserializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.CreateWithdrawalRequest.FromString,
+                    response_serializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.Transfer.SerializeToString,
+            ),
+            'PostTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.PostTransfer,
+                    request_deserializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.PostTransferRequest.FromString,
+                    response_serializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.Transfer.SerializeToString,
+            ),
+            'VoidTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoidTransfer,
+                    request_deserializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.VoidTransferRequest.FromString,
                     response_serializer=bank_dot_transfer_dot_v1_dot_transfer__pb2.Transfer.SerializeToString,
             ),
     }
@@ -291,6 +332,60 @@ class TransferService:
             target,
             '/bank.transfer.v1.TransferService/CreateWithdrawal',
             bank_dot_transfer_dot_v1_dot_transfer__pb2.CreateWithdrawalRequest.SerializeToString,
+            bank_dot_transfer_dot_v1_dot_transfer__pb2.Transfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PostTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.transfer.v1.TransferService/PostTransfer',
+            bank_dot_transfer_dot_v1_dot_transfer__pb2.PostTransferRequest.SerializeToString,
+            bank_dot_transfer_dot_v1_dot_transfer__pb2.Transfer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoidTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bank.transfer.v1.TransferService/VoidTransfer',
+            bank_dot_transfer_dot_v1_dot_transfer__pb2.VoidTransferRequest.SerializeToString,
             bank_dot_transfer_dot_v1_dot_transfer__pb2.Transfer.FromString,
             options,
             channel_credentials,

@@ -17,6 +17,21 @@ Rules shared by CreateTransfer, CreateDeposit and CreateWithdrawal, each with it
 - an unknown account, or (for customers) a source account that is not the caller's:
   404 NOT_FOUND ACCOUNT_NOT_FOUND.
 - description is optional, at most 200 characters.
+
+Holds (two-phase transfers, API.md "Holds"): CreateTransfer with hold_seconds (60-604800)
+reserves the amount now (status PENDING, no ledger entry, the payer's available_balance drops)
+until the payee or a teller posts it (PostTransfer, all or part; the rest is released) or
+voids it (VoidTransfer), or it lapses by itself at expire_time (EXPIRED). Rules and reasons:
+- posting or voiding anything not PENDING: 400 FAILED_PRECONDITION TRANSFER_NOT_PENDING (the
+  message names the status); at or after expire_time, released yet or not: 400
+  FAILED_PRECONDITION HOLD_EXPIRED.
+- the owner of the paying account only (not of the receiving one): 400 FAILED_PRECONDITION
+  NOT_PAYEE; a caller who owns neither: 404 NOT_FOUND TRANSFER_NOT_FOUND.
+- posting more than held: 400 FAILED_PRECONDITION EXCEEDS_HELD_AMOUNT.
+- a frozen or closed payee account at posting time: 400 ACCOUNT_INACTIVE, the hold stays
+  PENDING.
+- request_id is the idempotency key as for transfers; of a post, a void and an expiry racing
+  for one hold exactly one wins.
 """
 
 from bank.transfer.v1 import transfer_pb2 as _transfer_pb2
@@ -85,6 +100,19 @@ class TransferServiceStub:
     ACCOUNT_NOT_FOUND, IDEMPOTENCY_KEY_REUSED; 400 FAILED_PRECONDITION INSUFFICIENT_FUNDS;
     403 PERMISSION_DENIED (not a teller); 401 UNAUTHENTICATED.
     """
+    PostTransfer: _grpc.UnaryUnaryMultiCallable[_transfer_pb2.PostTransferRequest, _transfer_pb2.Transfer]
+    """Takes a PENDING hold: moves amount (default: the whole held amount) from the payer to the
+    payee as one completed double-entry transfer and releases the rest; status COMPLETED,
+    amount = the amount moved. The payee (owner of to_account_id) or a teller.
+    Errors (see the file comment): TRANSFER_NOT_PENDING, HOLD_EXPIRED, NOT_PAYEE,
+    EXCEEDS_HELD_AMOUNT, ACCOUNT_INACTIVE, INVALID_AMOUNT, IDEMPOTENCY_KEY_REUSED;
+    404 NOT_FOUND TRANSFER_NOT_FOUND; 401 UNAUTHENTICATED.
+    """
+    VoidTransfer: _grpc.UnaryUnaryMultiCallable[_transfer_pb2.VoidTransferRequest, _transfer_pb2.Transfer]
+    """Releases the whole of a PENDING hold; status VOIDED; the payer gets a HOLD_RELEASED email.
+    The payee or a teller. Errors (see the file comment): TRANSFER_NOT_PENDING, HOLD_EXPIRED,
+    NOT_PAYEE, IDEMPOTENCY_KEY_REUSED; 404 NOT_FOUND TRANSFER_NOT_FOUND; 401 UNAUTHENTICATED.
+    """
 
 @_typing.type_check_only
 class TransferServiceAsyncStub(TransferServiceStub):
@@ -126,6 +154,19 @@ class TransferServiceAsyncStub(TransferServiceStub):
     Errors (see the file comment): INVALID_AMOUNT, CURRENCY_MISMATCH, ACCOUNT_INACTIVE,
     ACCOUNT_NOT_FOUND, IDEMPOTENCY_KEY_REUSED; 400 FAILED_PRECONDITION INSUFFICIENT_FUNDS;
     403 PERMISSION_DENIED (not a teller); 401 UNAUTHENTICATED.
+    """
+    PostTransfer: _aio.UnaryUnaryMultiCallable[_transfer_pb2.PostTransferRequest, _transfer_pb2.Transfer]  # type: ignore[assignment]
+    """Takes a PENDING hold: moves amount (default: the whole held amount) from the payer to the
+    payee as one completed double-entry transfer and releases the rest; status COMPLETED,
+    amount = the amount moved. The payee (owner of to_account_id) or a teller.
+    Errors (see the file comment): TRANSFER_NOT_PENDING, HOLD_EXPIRED, NOT_PAYEE,
+    EXCEEDS_HELD_AMOUNT, ACCOUNT_INACTIVE, INVALID_AMOUNT, IDEMPOTENCY_KEY_REUSED;
+    404 NOT_FOUND TRANSFER_NOT_FOUND; 401 UNAUTHENTICATED.
+    """
+    VoidTransfer: _aio.UnaryUnaryMultiCallable[_transfer_pb2.VoidTransferRequest, _transfer_pb2.Transfer]  # type: ignore[assignment]
+    """Releases the whole of a PENDING hold; status VOIDED; the payer gets a HOLD_RELEASED email.
+    The payee or a teller. Errors (see the file comment): TRANSFER_NOT_PENDING, HOLD_EXPIRED,
+    NOT_PAYEE, IDEMPOTENCY_KEY_REUSED; 404 NOT_FOUND TRANSFER_NOT_FOUND; 401 UNAUTHENTICATED.
     """
 
 class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -195,6 +236,31 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors (see the file comment): INVALID_AMOUNT, CURRENCY_MISMATCH, ACCOUNT_INACTIVE,
         ACCOUNT_NOT_FOUND, IDEMPOTENCY_KEY_REUSED; 400 FAILED_PRECONDITION INSUFFICIENT_FUNDS;
         403 PERMISSION_DENIED (not a teller); 401 UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def PostTransfer(
+        self,
+        request: _transfer_pb2.PostTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transfer_pb2.Transfer, _abc.Awaitable[_transfer_pb2.Transfer]]:
+        """Takes a PENDING hold: moves amount (default: the whole held amount) from the payer to the
+        payee as one completed double-entry transfer and releases the rest; status COMPLETED,
+        amount = the amount moved. The payee (owner of to_account_id) or a teller.
+        Errors (see the file comment): TRANSFER_NOT_PENDING, HOLD_EXPIRED, NOT_PAYEE,
+        EXCEEDS_HELD_AMOUNT, ACCOUNT_INACTIVE, INVALID_AMOUNT, IDEMPOTENCY_KEY_REUSED;
+        404 NOT_FOUND TRANSFER_NOT_FOUND; 401 UNAUTHENTICATED.
+        """
+
+    @_abc_1.abstractmethod
+    def VoidTransfer(
+        self,
+        request: _transfer_pb2.VoidTransferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transfer_pb2.Transfer, _abc.Awaitable[_transfer_pb2.Transfer]]:
+        """Releases the whole of a PENDING hold; status VOIDED; the payer gets a HOLD_RELEASED email.
+        The payee or a teller. Errors (see the file comment): TRANSFER_NOT_PENDING, HOLD_EXPIRED,
+        NOT_PAYEE, IDEMPOTENCY_KEY_REUSED; 404 NOT_FOUND TRANSFER_NOT_FOUND; 401 UNAUTHENTICATED.
         """
 
 def add_TransferServiceServicer_to_server(servicer: TransferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
