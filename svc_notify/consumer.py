@@ -1,7 +1,7 @@
 """svc_notify's Kafka consumers: customer events (group "svc_notify") feed the contacts
 projection and the emails about the customer's own record (verification codes, password
 resets and changes, email changes); transfer events (group "svc_notify.transfer") become the
-emails after each movement. Two groups, so a burst of transfers never delays a verification
+emails after each movement and each released hold. Two groups, so a burst of transfers never delays a verification
 code. The consuming itself (commits, batches, pauses, dead letters) is common/consumer.py."""
 
 from __future__ import annotations
@@ -31,10 +31,17 @@ _MAILING: dict[type[Message], Callable[..., Awaitable[str]]] = {
     events_pb2.EmailChangeRequested: service.email_change_requested,
     events_pb2.EmailChanged: service.email_changed,
     events_pb2.MoneyMoved: service.money_moved,
+    events_pb2.HoldVoided: service.hold_released,
+    events_pb2.HoldExpired: service.hold_released,
 }
+# The mailing events of bank.transfer.v1 (group TRANSFER_GROUP_ID); the others of _MAILING are
+# customer events. HoldPlaced and HoldPosted have no route: committed past, nothing to tell (a
+# post's money comes as a MoneyMoved).
+TRANSFER_EVENTS: tuple[type[Message], ...] = (events_pb2.MoneyMoved, events_pb2.HoldVoided, events_pb2.HoldExpired)
 
 
-def new_consumers(settings: Settings, store: Store, sender: Mailer) -> list[EventConsumer]:
+def routes(store: service.Notifications, sender: service.Sender) -> dict[str, dict[str, Route]]:
+    """Each consumer group's routes, by event type name (store and sender: the real ones, or fakes)."""
     def mailing(event_type: type[Message]) -> Route:
         use_case = _MAILING[event_type]
 
@@ -49,15 +56,20 @@ def new_consumers(settings: Settings, store: Store, sender: Mailer) -> list[Even
         return await service.email_verified(store, message, meta)
 
     customer_routes = {event_type.DESCRIPTOR.full_name: mailing(event_type)
-                       for event_type in _MAILING if event_type is not events_pb2.MoneyMoved}
+                       for event_type in _MAILING if event_type not in TRANSFER_EVENTS}
     customer_routes[events_pb2.EmailVerified.DESCRIPTOR.full_name] = Route(events_pb2.EmailVerified, email_verified)
-    transfer_routes = {events_pb2.MoneyMoved.DESCRIPTOR.full_name: mailing(events_pb2.MoneyMoved)}
+    transfer_routes = {event_type.DESCRIPTOR.full_name: mailing(event_type) for event_type in TRANSFER_EVENTS}
+    return {GROUP_ID: customer_routes, TRANSFER_GROUP_ID: transfer_routes}
+
+
+def new_consumers(settings: Settings, store: Store, sender: Mailer) -> list[EventConsumer]:
+    by_group = routes(store, sender)
     return [
-        EventConsumer(settings, group_id=GROUP_ID, topics=[CUSTOMER_TOPIC], routes=customer_routes,
+        EventConsumer(settings, group_id=GROUP_ID, topics=[CUSTOMER_TOPIC], routes=by_group[GROUP_ID],
                       event_worst_case_s=service.EVENT_WORST_CASE_S, static_member=member_name(settings, GROUP_ID)),
         # Each transfer is its own key (one event per transfer id), so there is no order to keep:
         # the records of a batch are worked on together (at most BATCH_MAX_RECORDS emails at once).
-        EventConsumer(settings, group_id=TRANSFER_GROUP_ID, topics=[TRANSFER_TOPIC], routes=transfer_routes,
+        EventConsumer(settings, group_id=TRANSFER_GROUP_ID, topics=[TRANSFER_TOPIC], routes=by_group[TRANSFER_GROUP_ID],
                       event_worst_case_s=service.EVENT_WORST_CASE_S, ordered=False, batch_max_records=200,
                       static_member=member_name(settings, TRANSFER_GROUP_ID)),
     ]

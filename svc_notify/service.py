@@ -28,6 +28,7 @@ from enum import StrEnum
 from typing import Protocol, TypeVar
 
 from bank.events.v1 import events_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from common import auth, cassandra, ids, pagination
 from common.consumer import BadEvent, EventMeta, StorageUnavailable
@@ -101,6 +102,7 @@ class Kind(StrEnum):  # bank.notify.v1.Notification.Kind names
     PASSWORD_RESET = "PASSWORD_RESET"
     PASSWORD_CHANGED = "PASSWORD_CHANGED"
     EMAIL_CHANGED = "EMAIL_CHANGED"
+    HOLD_RELEASED = "HOLD_RELEASED"
 
 
 class Channel(StrEnum):
@@ -403,7 +405,12 @@ async def money_moved(store: Notifications, sender: Sender, event: events_pb2.Mo
                       redeliver_on_mail_outage: bool = False) -> Outcome:
     """Email each party of a movement, once each, at the address of svc_notify's own contacts
     projection. A customer it has never heard of (no registration event) gets nothing."""
-    parties = _parties(event)
+    return await _tell(store, sender, _parties(event), meta, redeliver_on_mail_outage)
+
+
+async def _tell(store: Notifications, sender: Sender, parties: list[_Party], meta: EventMeta,
+                redeliver_on_mail_outage: bool) -> Outcome:
+    """Email each party once, at the address of the contacts projection (none known: nothing)."""
     ids = {party.kind: notification_id(meta.event_id, party.kind) for party in parties}
     # Side by side: the addresses (Postgres) and the records (Cassandra).
     contacts, found = await asyncio.gather(
@@ -432,6 +439,35 @@ async def money_moved(store: Notifications, sender: Sender, event: events_pb2.Mo
             raise result
     outcomes = [r for r in results if isinstance(r, Outcome)]
     return min(outcomes, key=_OUTCOME_RANK.index)
+
+
+# --- holds (API.md, "Holds") ----------------------------------------------------------------
+# Only a release is news to the payer: a placement is their own request, and a post brings a
+# MoneyMoved, whose emails tell both sides (consumer.py routes neither HoldPlaced nor HoldPosted).
+
+def _when(timestamp: Timestamp) -> str:
+    return timestamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def hold_released(store: Notifications, sender: Sender, event: events_pb2.HoldVoided | events_pb2.HoldExpired,
+                        meta: EventMeta, *, redeliver_on_mail_outage: bool = False) -> Outcome:
+    """Tell the payer, once, that the money a hold reserved on their account is theirs again:
+    the hold was voided (by the payee or a teller) or it lapsed."""
+    if event.held_amount <= 0:
+        raise BadEvent("held_amount is not positive")
+    amount = format_amount(event.held_amount, event.currency)
+    if isinstance(event, events_pb2.HoldVoided):
+        # The event does not say who voided: the payee, or a teller on the bank's side.
+        why = "was voided by the payee (or by the bank)"
+    elif event.HasField("expire_time"):
+        why = f"expired at {_when(event.expire_time)} without being taken"
+    else:
+        why = "expired without being taken"
+    text = (f"The hold of {amount} on account {event.from_account_id} for account {event.to_account_id} {why}.\n"
+            f"All of it is available to you again; no money moved.\n"
+            f"Reference: {event.transfer_id}\n\nSimple Bank\n")
+    payer = _Party(_customer_id(event.from_customer_id), Kind.HOLD_RELEASED, f"A hold of {amount} was released", text)
+    return await _tell(store, sender, [payer], meta, redeliver_on_mail_outage)
 
 
 # --- ListNotifications --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from common.auth import Caller, Role
 from common.consumer import BadEvent, EventMeta, StorageUnavailable
 from common.errors import DomainError
 from common.retry import Backoff
-from svc_notify import service
+from svc_notify import consumer, service
 from svc_notify.mailer import PermanentMailError, TransientMailError
 from svc_notify.service import Outcome, Status
 from tests.unit.fakes import FakeMailer, FakeNotifyStore
@@ -225,6 +225,88 @@ async def test_a_deposit_tells_its_owner_only(store: FakeNotifyStore, mailer: Fa
     assert await service.money_moved(store, mailer, event, meta()) == Outcome.SENT
     [email] = mailer.sent
     assert (email.subject, "Balance after: 100 JPY" in email.text) == ("Deposit of 100 JPY", True)
+
+
+# --- holds --------------------------------------------------------------------------------------
+
+def voided(payer: uuid.UUID, payee: uuid.UUID, held_amount: int = 1234) -> events_pb2.HoldVoided:
+    return events_pb2.HoldVoided(event_id=str(uuid.uuid4()), transfer_id="h-1", from_account_id="acc-a",
+                                 from_customer_id=str(payer), to_account_id="acc-b", to_customer_id=str(payee),
+                                 held_amount=held_amount, currency="EUR")
+
+
+def expired(payer: uuid.UUID, payee: uuid.UUID) -> events_pb2.HoldExpired:
+    event = events_pb2.HoldExpired(event_id=str(uuid.uuid4()), transfer_id="h-2", from_account_id="acc-a",
+                                   from_customer_id=str(payer), to_account_id="acc-b", to_customer_id=str(payee),
+                                   held_amount=500, currency="USD")
+    event.expire_time.FromDatetime(WHEN)
+    event.create_time.FromDatetime(WHEN + timedelta(seconds=3))
+    return event
+
+
+def both_known(store: FakeNotifyStore) -> tuple[uuid.UUID, uuid.UUID]:
+    payer, payee = uuid.uuid4(), uuid.uuid4()
+    store.contacts.update({payer: ("ada@example.com", "Ada", True, WHEN), payee: ("bob@example.com", "Bob", True, WHEN)})
+    return payer, payee
+
+
+async def test_a_voided_hold_tells_the_payer_once_and_the_payee_nothing(store: FakeNotifyStore,
+                                                                       mailer: FakeMailer) -> None:
+    payer, payee = both_known(store)
+    event, first = voided(payer, payee), meta()
+    assert await service.hold_released(store, mailer, event, first) == Outcome.SENT
+    [email] = mailer.sent
+    assert (email.recipient, email.subject) == ("ada@example.com", "A hold of 12.34 EUR was released")
+    assert "voided by the payee" in email.text and "Reference: h-1" in email.text
+    [record] = store.records.values()
+    assert (record.kind, record.customer_id, record.status) == ("HOLD_RELEASED", payer, Status.SENT)
+    assert record.notification_id == service.notification_id(first.event_id, service.Kind.HOLD_RELEASED)
+    # Redelivered: nothing more is sent, and the payer's list still holds it once.
+    assert await service.hold_released(store, mailer, event, first) == Outcome.DUPLICATE
+    assert len(mailer.sent) == 1
+    page = await service.list_notifications(store, Caller(str(payer), Role.CUSTOMER), 10, "")
+    assert [n.kind for n in page.notifications] == ["HOLD_RELEASED"]
+    assert (await service.list_notifications(store, Caller(str(payee), Role.CUSTOMER), 10, "")).notifications == []
+
+
+async def test_an_expired_hold_tells_the_payer_once_when_it_lapsed(store: FakeNotifyStore,
+                                                                  mailer: FakeMailer) -> None:
+    payer, payee = both_known(store)
+    event, first = expired(payer, payee), meta()
+    assert await service.hold_released(store, mailer, event, first) == Outcome.SENT
+    assert await service.hold_released(store, mailer, event, first) == Outcome.DUPLICATE
+    [email] = mailer.sent
+    assert (email.recipient, email.subject) == ("ada@example.com", "A hold of 5.00 USD was released")
+    assert "expired at 2026-03-01 12:00:00 UTC" in email.text
+    [record] = store.records.values()
+    assert (record.kind, record.customer_id) == ("HOLD_RELEASED", payer)
+
+
+async def test_a_release_for_an_unknown_payer_or_with_a_bad_field_sends_nothing(store: FakeNotifyStore,
+                                                                                mailer: FakeMailer) -> None:
+    _, payee = both_known(store)
+    assert await service.hold_released(store, mailer, voided(uuid.uuid4(), payee), meta()) == Outcome.NO_CONTACT
+    payer, _ = both_known(store)
+    for bad in [voided(payer, payee, held_amount=0), events_pb2.HoldVoided(from_customer_id="x", held_amount=1,
+                                                                          currency="EUR")]:
+        with pytest.raises(BadEvent):
+            await service.hold_released(store, mailer, bad, meta())
+    assert mailer.sent == [] and store.records == {}
+
+
+async def test_only_released_holds_are_routed_to_an_email(store: FakeNotifyStore, mailer: FakeMailer) -> None:
+    """HoldPlaced and HoldPosted have no route in either group: common/consumer.py commits past
+    them and nobody is emailed (a post's MoneyMoved brings the transfer emails)."""
+    by_group = consumer.routes(store, mailer)
+    transfer_routes = by_group[consumer.TRANSFER_GROUP_ID]
+    assert set(transfer_routes) == {"bank.events.v1.MoneyMoved", "bank.events.v1.HoldVoided",
+                                    "bank.events.v1.HoldExpired"}
+    assert not any(name.startswith("bank.events.v1.Hold") for name in by_group[consumer.GROUP_ID])
+    payer, payee = both_known(store)
+    for event in [voided(payer, payee), expired(payer, payee)]:
+        route = transfer_routes[event.DESCRIPTOR.full_name]
+        assert await route.handler(route.message_type.FromString(event.SerializeToString()), meta()) == Outcome.SENT
+    assert [e.recipient for e in mailer.sent] == ["ada@example.com"] * 2
 
 
 # --- ListNotifications --------------------------------------------------------------------------
