@@ -22,7 +22,14 @@ STATUSES = {name: number for number, name in STATUS_NAMES.items()}
 class LedgerState:
     """What the ledger, the source of truth, says of an account."""
     balance: int
+    available_balance: int  # balance minus the account's PENDING holds as payer
     status: str  # ACTIVE, FROZEN, CLOSED
+
+
+def ledger_state(account: ledger_pb2.LedgerAccount) -> LedgerState:
+    """The one reading of a LedgerAccount, whichever RPC answered it."""
+    return LedgerState(balance=account.balance, available_balance=account.available_balance,
+                       status=STATUS_NAMES[account.status])
 
 
 class LedgerClient:
@@ -39,15 +46,14 @@ class LedgerClient:
         reply = await call(self._stub.SetLedgerAccountStatus(
             ledger_pb2.SetLedgerAccountStatusRequest(account_id=account_id, status=STATUSES[status]),  # type: ignore[arg-type]
             metadata=self._channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
-        return LedgerState(reply.balance, STATUS_NAMES[reply.status])
+        return ledger_state(reply)
 
     async def states(self, account_ids: list[str]) -> dict[str, LedgerState]:
         """The accounts the ledger knows among account_ids (all or none: a missing one refuses)."""
         reply = await call(self._stub.BatchGetLedgerAccounts(
             ledger_pb2.BatchGetLedgerAccountsRequest(account_ids=account_ids),
             metadata=self._channel.metadata(), timeout=INTERNAL_TIMEOUT_S))
-        return {entry.account_id: LedgerState(entry.balance, STATUS_NAMES[entry.status])
-                for entry in reply.ledger_accounts}
+        return {entry.account_id: ledger_state(entry) for entry in reply.ledger_accounts}
 
 
 class CustomerClient:

@@ -32,7 +32,7 @@ ACCESS = {
 def _account(view: AccountView) -> account_pb2.Account:
     message = account_pb2.Account(account_id=str(view.account.account_id), customer_id=str(view.account.customer_id),
                                   currency=view.account.currency, balance=view.balance,
-                                  status=account_pb2.Account.Status.Value(view.status))
+                                  available_balance=view.available_balance, status=account_pb2.Account.Status.Value(view.status))
     message.create_time.FromDatetime(view.account.create_time)
     return message
 

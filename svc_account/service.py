@@ -75,6 +75,7 @@ class Activities(Protocol):
 class AccountView:
     account: store.Account
     balance: int
+    available_balance: int  # as the ledger computes it: balance minus PENDING holds as payer
     status: str
 
 
@@ -98,7 +99,7 @@ async def create_account(accounts: Accounts, ledger: Ledger, customers: Customer
     # ledger does not know.
     await ledger.open_account(str(account_id), caller.customer_id, currency)
     account = await accounts.insert_account(account_id, UUID(caller.customer_id), currency)
-    return AccountView(account, 0, "ACTIVE")
+    return AccountView(account, 0, 0, "ACTIVE")
 
 
 async def _owned(accounts: Accounts, caller: auth.Caller, account_id: str) -> store.Account:
@@ -119,7 +120,7 @@ async def _with_ledger(ledger: Ledger, page: list[store.Account]) -> list[Accoun
         state = states.get(str(account.account_id))
         if state is None:  # the ledger is the source of truth; a local row without it is a bug
             raise RuntimeError(f"account {account.account_id} has no ledger account")
-        views.append(AccountView(account, state.balance, state.status))
+        views.append(AccountView(account, state.balance, state.available_balance, state.status))
     return views
 
 
@@ -149,7 +150,7 @@ async def _set_status(accounts: Accounts, ledger: Ledger, account: store.Account
     state = await ledger.set_status(str(account.account_id), status)
     assert state.status == status, f"the ledger set {state.status}, not {status}"
     await accounts.set_status(account.account_id, state.status)
-    return AccountView(account, state.balance, state.status)
+    return AccountView(account, state.balance, state.available_balance, state.status)
 
 
 async def close_account(accounts: Accounts, ledger: Ledger, caller: auth.Caller, account_id: str) -> AccountView:

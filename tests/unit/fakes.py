@@ -25,12 +25,13 @@ from common import ratelimit
 from common.currencies import SUPPORTED_CURRENCIES
 from common.errors import DomainError, dependency_unavailable
 from common.events import OutboxEvent
-from svc_account.clients import LedgerState
+from svc_account.clients import LedgerState, ledger_state
 from svc_account.store import Account, Activity
 from svc_customer import store as customer_store
 from svc_notify import store as notify_store
 from svc_notify.mailer import Email
 from svc_transfer import service as ledger_service
+from svc_transfer.server import account_message
 from svc_transfer.store import (
     AccountChange,
     LedgerAccount,
@@ -232,7 +233,8 @@ def _as_an_internal_call() -> Iterator[None]:
 
 class FakeLedgerClient:
     """svc_account's clients.LedgerClient, answered by svc_transfer's own use cases on a
-    FakeLedger: the refusals a real call would pass through (ACCOUNT_NOT_EMPTY, ...) by reason."""
+    FakeLedger: the refusals a real call would pass through (ACCOUNT_NOT_EMPTY, ...) by reason,
+    and its accounts as the wire carries them (svc_transfer's message, svc_account's reading)."""
 
     def __init__(self, ledger: FakeLedger) -> None:
         self.ledger = ledger
@@ -245,12 +247,12 @@ class FakeLedgerClient:
     async def set_status(self, account_id: str, status: str) -> LedgerState:
         with _as_an_internal_call():
             account = await ledger_service.set_ledger_account_status(self.ledger, account_id=account_id, status=status)
-        return LedgerState(account.balance, account.status)
+        return ledger_state(account_message(account))
 
     async def states(self, account_ids: list[str]) -> dict[str, LedgerState]:
         with _as_an_internal_call():
             found = await ledger_service.batch_get_ledger_accounts(self.ledger, account_ids)
-        return {a.account_id: LedgerState(a.balance, a.status) for a in found}
+        return {a.account_id: ledger_state(account_message(a)) for a in found}
 
 
 class FakeCustomers:

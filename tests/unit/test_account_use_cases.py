@@ -7,10 +7,11 @@ import uuid
 
 import grpc
 import pytest
+from bank.transfer.v1 import ledger_pb2
 
 from common.auth import Caller, Role
 from common.errors import DomainError
-from svc_account import service
+from svc_account import clients, service
 from svc_transfer import service as ledger_service
 from tests.unit.fakes import FakeAccounts, FakeCustomers, FakeLedger, FakeLedgerClient
 
@@ -119,3 +120,9 @@ async def test_an_unavailable_ledger_is_a_dependency_unavailable_and_nothing_is_
     error = await refusal(service.create_account(accounts, ledger_client, customers, alice, "USD"))
     assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE")
     assert not accounts.rows  # the ledger first: nothing local without it
+
+
+def test_the_available_balance_is_read_from_the_ledgers_answer() -> None:
+    answer = ledger_pb2.LedgerAccount(balance=100, available_balance=70, status=ledger_pb2.LedgerAccount.FROZEN)
+    assert clients.ledger_state(answer) == clients.LedgerState(balance=100, available_balance=70, status="FROZEN")
+
