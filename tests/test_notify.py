@@ -1,5 +1,6 @@
 """svc_notify end to end: customer events produced to Kafka here (as svc_customer's outbox relay
-does) become verification emails in Mailpit and entries of ListNotifications, exactly once."""
+does) become verification emails in Mailpit and entries of ListNotifications, exactly once; hold
+events (as svc_transfer's relay publishes them) a HOLD_RELEASED email to the payer per release."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 import psycopg
@@ -17,9 +19,11 @@ from aiokafka.errors import TopicAlreadyExistsError
 from bank.events.v1 import events_pb2
 from bank.notify.v1 import notify_pb2, notify_pb2_grpc
 
+from common import cassandra
 from common.config import Settings
 from common.errors import reason_of
-from common.events import CUSTOMER_TOPIC, TOPICS
+from common.events import CUSTOMER_TOPIC, TOPICS, TRANSFER_TOPIC
+from common.outbox import ensure_topics
 from devstack.stack import Stack
 from tests.support import mailpit_messages, mailpit_text, unique_email, until_async
 from tests.tokens import TestTokens
@@ -234,3 +238,111 @@ async def test_bad_paging_input_is_invalid_argument(
         await _list(notify, tokens.customer(str(uuid.uuid4())), page_size=page_size, page_token=page_token)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason_of(caught.value) == reason
+
+
+# --- holds (API.md, "Holds"): only a release is emailed, to the payer; no consumer is held up --
+
+HoldEvent = events_pb2.HoldPlaced | events_pb2.HoldPosted | events_pb2.HoldVoided | events_pb2.HoldExpired
+HoldEventT = TypeVar("HoldEventT", bound=HoldEvent)
+# Every consumer group of bank.transfer.v1: svc_notify's emails and svc_account's statements.
+TRANSFER_GROUPS = ("svc_notify.transfer", "svc_account")
+
+
+async def _produce_transfer_events(settings: Settings, *events: HoldEvent) -> dict[int, int]:
+    """Publish as svc_transfer's relay does (keyed by transfer id, its headers); the last offset
+    written on each partition."""
+    await ensure_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    last: dict[int, int] = {}
+    try:
+        for event in events:
+            headers = [("event_type", event.DESCRIPTOR.full_name.encode()),
+                       ("event_id", event.event_id.encode())]
+            sent = await producer.send_and_wait(TRANSFER_TOPIC, event.SerializeToString(),
+                                                key=event.transfer_id.encode(), headers=headers)
+            last[sent.partition] = max(last.get(sent.partition, -1), sent.offset)
+    finally:
+        await producer.stop()
+    return last
+
+
+async def _committed_past(settings: Settings, group: str, last: dict[int, int]) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    committed = {tp.partition: o.offset for tp, o in offsets.items() if tp.topic == TRANSFER_TOPIC}
+    # A committed offset is the next one to read.
+    return all(committed.get(partition, -1) > offset for partition, offset in last.items())
+
+
+def _statement_months(settings: Settings, account_ids: list[str]) -> int:
+    """svc_account's statement months of these accounts (read-only): a line writes its month."""
+    cluster = cassandra.new_cluster(settings)
+    try:
+        session = cluster.connect()
+        return sum(len(list(session.execute("SELECT month FROM bank_account.activity_months WHERE account_id = %s",
+                                            (uuid.UUID(account_id),)))) for account_id in account_ids)
+    finally:
+        cluster.shutdown()
+
+
+def _hold(event: HoldEventT, payer: str, payee: str, transfer_id: str) -> HoldEventT:
+    """The event with its id and the hold's parties filled in (the fields all four share)."""
+    event.event_id, event.transfer_id = str(uuid.uuid4()), transfer_id
+    event.from_account_id, event.from_customer_id = PAYER_ACCOUNT, payer
+    event.to_account_id, event.to_customer_id = PAYEE_ACCOUNT, payee
+    return event
+
+
+PAYER_ACCOUNT, PAYEE_ACCOUNT = str(uuid.uuid4()), str(uuid.uuid4())
+
+
+async def test_released_holds_email_the_payer_once_each_and_no_consumer_is_held_up(
+        settings: Settings, notify: notify_pb2_grpc.NotificationServiceStub, tokens: TestTokens) -> None:
+    payer, payee = str(uuid.uuid4()), str(uuid.uuid4())
+    payer_email, payee_email = unique_email("hold-payer"), unique_email("hold-payee")
+    await _produce(settings, payer, _registered(payer, payer_email))
+    await _produce(settings, payee, _registered(payee, payee_email))
+    # Both known to the contacts projection (another topic) before their holds' events come.
+    await _sent(notify, tokens.customer(payer), 1)
+    await _sent(notify, tokens.customer(payee), 1)
+
+    voided_id, expired_id, posted_id = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    placed = _hold(events_pb2.HoldPlaced(request_id="r-1", held_amount=1234, currency="EUR",
+                                         description="deposit for the flat"), payer, payee, voided_id)
+    placed.expire_time.GetCurrentTime()
+    posted = _hold(events_pb2.HoldPosted(amount=500, held_amount=1234, currency="EUR"), payer, payee, posted_id)
+    voided = _hold(events_pb2.HoldVoided(held_amount=1234, currency="EUR"), payer, payee, voided_id)
+    expired = _hold(events_pb2.HoldExpired(held_amount=700, currency="EUR"), payer, payee, expired_id)
+    expired.expire_time.FromSeconds(1_780_000_000)  # 2026-05-28 20:26:40 UTC
+    for event in (posted, voided, expired):
+        event.create_time.GetCurrentTime()
+    # The void twice, as the relay does after a crash: the payer still gets one email for it.
+    last = await _produce_transfer_events(settings, placed, posted, voided, voided, expired)
+
+    async def emails() -> list[dict[str, object]] | None:
+        found = await _mails(settings, payer_email)
+        return found if len(found) >= 3 else None
+    await until_async(emails, "two HOLD_RELEASED emails to the payer", WAIT_S)
+    for group in TRANSFER_GROUPS:
+        async def done(group: str = group) -> bool | None:
+            return True if await _committed_past(settings, group, last) else None
+        await until_async(done, f"{group} committed past the hold events", WAIT_S, interval_s=0.5)
+
+    payer_mails = await _mails(settings, payer_email)
+    released = sorted(str(m["Subject"]) for m in payer_mails if m["Subject"] != "Verify your email")
+    assert released == ["A hold of 12.34 EUR was released", "A hold of 7.00 EUR was released"]
+    texts = [await asyncio.to_thread(mailpit_text, settings, str(m["ID"])) for m in payer_mails]
+    assert any("voided by the payee" in t and f"Reference: {voided_id}" in t for t in texts)
+    assert any("expired at 2026-05-28 20:26:40 UTC" in t and f"Reference: {expired_id}" in t for t in texts)
+    assert len(await _mails(settings, payee_email)) == 1  # their verification only
+    listed = await _sent(notify, tokens.customer(payer), 3)
+    assert sorted(Notification.Kind.Name(n.kind) for n in listed) == ["EMAIL_VERIFICATION", "HOLD_RELEASED",
+                                                                       "HOLD_RELEASED"]
+    assert {n.recipient for n in listed} == {payer_email}
+    # svc_account committed past them too, and a hold event is never a statement line.
+    assert await asyncio.to_thread(_statement_months, settings, [PAYER_ACCOUNT, PAYEE_ACCOUNT]) == 0
