@@ -1,11 +1,12 @@
 """What the ledger's tests share: a client of TransferService and LedgerService that mints real
 tokens (Bank; the `bank` fixture of tests/conftest.py is one on svc_transfer's port), the status
 and ErrorInfo reason of a refused call, and read-only SQL for the invariants that no API
-exposes (entries, outbox)."""
+exposes (entries, outbox, holds: holds_invariants), and age_holds, time passing for holds."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,3 +114,62 @@ def sql(settings: Settings, query: str, params: Any = ()) -> list[tuple[Any, ...
     """Read-only look into svc_transfer's schema, for invariants no RPC shows."""
     with psycopg.connect(settings.pg_conninfo, autocommit=True) as conn:
         return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+def age_holds(settings: Settings, transfer_ids: Sequence[str], seconds: float) -> int:
+    """Time passing for these PENDING holds: their expire_time moves `seconds` earlier (no money
+    moves; hold_shape does not tie expire_time to create_time). This module's one write: the
+    protos keep holds at 60 s at least, and waiting is slow. Returns how many holds it moved."""
+    with psycopg.connect(settings.pg_conninfo, autocommit=True) as conn:
+        cursor = conn.execute(
+            "UPDATE transfer.transfers SET expire_time = expire_time - make_interval(secs => %s)"
+            " WHERE status = 'PENDING' AND transfer_id = ANY(%s::uuid[])",
+            (seconds, list(transfer_ids)))
+        return cursor.rowcount
+
+
+def holds_invariants(settings: Settings, account_ids: Sequence[str] | None = None) -> None:
+    """Asserts the ledger's invariants with holds (docs/design/holds.md, section 6), on the accounts
+    named and the holds touching them (every account and hold when None); read-only, one snapshot:
+    per currency the balances sum to zero (cash included); pending_debits and pending_credits are
+    the sums of the account's PENDING holds as payer and as payee; a COMPLETED hold has two entries
+    summing to zero, moving its amount, at most the held amount, any other hold none; no customer
+    account has balance - pending_debits below zero."""
+    ids = None if account_ids is None else list(account_ids)
+    with psycopg.connect(settings.pg_conninfo, autocommit=True) as conn, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        unbalanced = conn.execute(
+            "SELECT currency, sum(balance) FROM transfer.ledger_accounts GROUP BY currency"
+            " HAVING sum(balance) <> 0").fetchall()
+        assert not unbalanced, f"balances do not sum to zero: {unbalanced}"
+        pending = conn.execute(
+            "SELECT a.account_id::text, a.pending_debits, a.pending_credits, coalesce(d.held, 0), coalesce(c.held, 0)"
+            " FROM transfer.ledger_accounts a"
+            " LEFT JOIN (SELECT from_account_id AS id, sum(held_amount) AS held FROM transfer.transfers"
+            "             WHERE status = 'PENDING' GROUP BY 1) AS d ON d.id = a.account_id"
+            " LEFT JOIN (SELECT to_account_id AS id, sum(held_amount) AS held FROM transfer.transfers"
+            "             WHERE status = 'PENDING' GROUP BY 1) AS c ON c.id = a.account_id"
+            " WHERE (%(ids)s::uuid[] IS NULL OR a.account_id = ANY(%(ids)s::uuid[]))"
+            "   AND (a.pending_debits, a.pending_credits) IS DISTINCT FROM (coalesce(d.held, 0), coalesce(c.held, 0))",
+            {"ids": ids}).fetchall()
+        assert not pending, f"(account, pending_debits, pending_credits, PENDING held as payer, as payee): {pending}"
+        holds = conn.execute(
+            "SELECT t.transfer_id::text, t.status, t.amount, t.held_amount, count(e.amount), sum(e.amount),"
+            "       max(abs(e.amount))"
+            " FROM transfer.transfers t LEFT JOIN transfer.entries e ON e.transfer_id = t.transfer_id"
+            " WHERE t.held_amount IS NOT NULL"
+            "   AND (%(ids)s::uuid[] IS NULL OR t.from_account_id = ANY(%(ids)s::uuid[])"
+            "        OR t.to_account_id = ANY(%(ids)s::uuid[]))"
+            " GROUP BY t.transfer_id"
+            " HAVING NOT coalesce(CASE WHEN t.status = 'COMPLETED'"
+            "     THEN count(e.amount) = 2 AND sum(e.amount) = 0 AND max(abs(e.amount)) = t.amount"
+            "          AND t.amount <= t.held_amount"
+            "     ELSE count(e.amount) = 0 AND t.amount = t.held_amount END, false)",
+            {"ids": ids}).fetchall()
+        assert not holds, f"(hold, status, amount, held, entries, their sum, largest): {holds}"
+        overdrawn = conn.execute(
+            "SELECT account_id::text, balance, pending_debits FROM transfer.ledger_accounts"
+            " WHERE kind = 'CUSTOMER' AND balance - pending_debits < 0"
+            "   AND (%(ids)s::uuid[] IS NULL OR account_id = ANY(%(ids)s::uuid[]))",
+            {"ids": ids}).fetchall()
+        assert not overdrawn, f"available balance below zero: {overdrawn}"
