@@ -21,6 +21,7 @@ from common.grpcutil import service_name
 from common.outbox import OutboxNudge, OutboxRelay
 from svc_transfer import events, service
 from svc_transfer.batching import MovementBatcher
+from svc_transfer.release import HoldReleaser
 from svc_transfer.store import LedgerAccount, LedgerStore, Transfer
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -40,7 +41,7 @@ def _timestamp(value: datetime) -> Timestamp:
 
 
 def transfer_message(transfer: Transfer) -> transfer_pb2.Transfer:
-    return transfer_pb2.Transfer(
+    message = transfer_pb2.Transfer(
         transfer_id=transfer.transfer_id,
         request_id=transfer.request_id,
         from_account_id=transfer.from_account_id,
@@ -48,10 +49,15 @@ def transfer_message(transfer: Transfer) -> transfer_pb2.Transfer:
         amount=transfer.amount,
         currency=transfer.currency,
         description=transfer.description,
-        status=transfer_pb2.Transfer.COMPLETED,
+        status=transfer_pb2.Transfer.Status.Value(transfer.status),
         create_time=_timestamp(transfer.create_time),
         kind=transfer_pb2.Transfer.Kind.Value(transfer.kind),
     )
+    if transfer.held_amount is not None:  # a hold
+        assert transfer.expire_time is not None
+        message.held_amount = transfer.held_amount
+        message.expire_time.CopyFrom(_timestamp(transfer.expire_time))
+    return message
 
 
 def account_message(account: LedgerAccount) -> ledger_pb2.LedgerAccount:
@@ -62,6 +68,7 @@ def account_message(account: LedgerAccount) -> ledger_pb2.LedgerAccount:
         status=ledger_pb2.LedgerAccount.Status.Value(account.status),
         balance=account.balance,
         create_time=_timestamp(account.create_time),
+        available_balance=account.available_balance,
     )
 
 
@@ -76,7 +83,22 @@ class TransferService(transfer_pb2_grpc.TransferServiceServicer):
         transfer = await service.create_transfer(
             self._movements, auth.current(), request_id=request.request_id, from_account_id=request.from_account_id,
             to_account_id=request.to_account_id, amount=request.amount, currency=request.currency,
-            description=request.description, on_commit=self._nudge)
+            description=request.description, on_commit=self._nudge,
+            hold_seconds=request.hold_seconds if request.HasField("hold_seconds") else None)
+        return transfer_message(transfer)
+
+    async def PostTransfer(self, request: transfer_pb2.PostTransferRequest,
+                           context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
+        transfer = await service.post_transfer(
+            self._movements, auth.current(), transfer_id=request.transfer_id, request_id=request.request_id,
+            amount=request.amount if request.HasField("amount") else None, on_commit=self._nudge)
+        return transfer_message(transfer)
+
+    async def VoidTransfer(self, request: transfer_pb2.VoidTransferRequest,
+                           context: grpc.aio.ServicerContext) -> transfer_pb2.Transfer:
+        transfer = await service.void_transfer(
+            self._movements, auth.current(), transfer_id=request.transfer_id, request_id=request.request_id,
+            on_commit=self._nudge)
         return transfer_message(transfer)
 
     async def GetTransfer(self, request: transfer_pb2.GetTransferRequest,
@@ -140,9 +162,11 @@ def register(grpc_server: grpc.aio.Server, resources: server.Resources) -> list[
     ledger = LedgerStore(resources.pool)
     transfer_pb2_grpc.add_TransferServiceServicer_to_server(TransferService(ledger, movements, nudge), grpc_server)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerService(ledger), grpc_server)
-    # Publishes the MoneyMoved events that movements write to transfer.outbox, building their bytes
+    # Publishes the events that movements write to transfer.outbox, building their bytes
     # from the committed rows (one active relay per schema, whatever the number of processes).
     resources.workers.append(OutboxRelay(resources.settings, resources.pool, SPEC.name, events.payloads))
+    # Releases lapsed holds in every process (SKIP LOCKED lets them share the work).
+    resources.workers.append(HoldReleaser(resources.pool, nudge))
     return [service_name(transfer_pb2, "TransferService"), service_name(ledger_pb2, "LedgerService")]
 
 

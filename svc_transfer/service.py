@@ -59,15 +59,21 @@ MESSAGES: dict[str, str] = {
     "SAME_ACCOUNT": "from_account_id and to_account_id are the same account",
     "UNSUPPORTED_CURRENCY": "the currency is not supported",
     "CURRENCY_MISMATCH": "currency differs from the account's currency",
-    "INSUFFICIENT_FUNDS": "the source account's balance is too low",
+    "INSUFFICIENT_FUNDS": "the source account's available balance is too low",
     "ACCOUNT_INACTIVE": "the account is frozen or closed",
-    "ACCOUNT_NOT_EMPTY": "only an account with a zero balance can be closed",
+    "ACCOUNT_NOT_EMPTY": "only an account with a zero balance and no pending hold can be closed",
     "ACCOUNT_NOT_FOUND": "account not found",
     "TRANSFER_NOT_FOUND": "transfer not found",
     "IDEMPOTENCY_KEY_REUSED": "this request_id was already used with different parameters",
     "ACCOUNT_ALREADY_EXISTS": "the account_id exists with another customer_id or currency",
     "LEDGER_BUSY": "the ledger is busy; retry with the same request_id",
+    "TRANSFER_NOT_PENDING": "the transfer is not a PENDING hold",
+    "HOLD_EXPIRED": "the hold has expired: it can no longer be posted or voided",
+    "NOT_PAYEE": "only the payee (the owner of to_account_id) or a teller can post or void a hold",
+    "EXCEEDS_HELD_AMOUNT": "amount is more than the held amount",
 }
+HOLD_SECONDS_MIN = 60
+HOLD_SECONDS_MAX = 7 * 24 * 3600
 
 
 def refused(reason: str) -> DomainError:
@@ -140,35 +146,59 @@ def _nothing() -> None:
     pass
 
 
-async def _move(movements: Movements, caller: Caller, *, request_id: str, kind: str, owner_id: str | None,
-                from_account_id: str | None, to_account_id: str | None, amount: int, currency: str,
-                description: str, on_commit: Callable[[], None]) -> Transfer:
+# Kinds whose accepted movements move money (a hold's placement, void and expiry move none).
+MONEY_KINDS = frozenset({"TRANSFER", "DEPOSIT", "WITHDRAWAL", "POST"})
+
+
+def _refusal(movement: Movement) -> DomainError:
+    assert movement.error is not None
+    if movement.error == "TRANSFER_NOT_PENDING" and movement.status:
+        return errors.refused(movement.error, f"the transfer is {movement.status}, not PENDING")
+    return refused(movement.error)
+
+
+async def _apply(movements: Movements, request: MovementRequest, metric_kind: str,
+                 on_commit: Callable[[], None]) -> Transfer:
+    """One movement through the batcher: the transfer it made (or had made), or its refusal."""
     with _busy_is_unavailable():
-        movement = await movements.move(store.MovementRequest(
-            initiator=initiator(caller), request_id=request_id, kind=kind, owner_id=owner_id,
-            from_account_id=from_account_id, to_account_id=to_account_id, amount=amount, currency=currency,
-            description=description,
-            event_headers=events.event_headers(),
-        ))
+        movement = await movements.move(request)
+    currency = movement.transfer.currency if movement.transfer is not None else request.currency
     label = currency if currency in METRIC_CURRENCIES else "OTHER"
     if movement.error is not None:
-        MOVEMENTS.labels(kind, label, movement.error).inc()
-        raise refused(movement.error)
-    # A replay returns the original transfer and moves nothing: counted once, as REPLAYED.
-    MOVEMENTS.labels(kind, label, "REPLAYED" if movement.replayed else "OK").inc()
-    if not movement.replayed:
-        MOVED_MINOR_UNITS.labels(kind, label).inc(amount)
-    on_commit()  # the outbox holds a new event (or, for a replay, nothing new: a spare nudge)
+        MOVEMENTS.labels(metric_kind, label, movement.error).inc()
+        raise _refusal(movement)
     assert movement.transfer is not None
-    assert movement.transfer.amount == amount and movement.transfer.kind == kind, "a replay must match its request"
-    return public(movement.transfer)
+    # A replay returns the original transfer and moves nothing: counted once, as REPLAYED.
+    MOVEMENTS.labels(metric_kind, label, "REPLAYED" if movement.replayed else "OK").inc()
+    if not movement.replayed and metric_kind in MONEY_KINDS:
+        MOVED_MINOR_UNITS.labels(metric_kind, label).inc(movement.transfer.amount)
+    on_commit()  # the outbox holds a new event (or, for a replay, nothing new: a spare nudge)
+    return movement.transfer
+
+
+async def _move(movements: Movements, caller: Caller, *, request_id: str, kind: str, owner_id: str | None,
+                from_account_id: str | None, to_account_id: str | None, amount: int, currency: str,
+                description: str, on_commit: Callable[[], None], hold_seconds: int | None = None) -> Transfer:
+    transfer = await _apply(movements, store.MovementRequest(
+        initiator=initiator(caller), request_id=request_id, kind=kind, owner_id=owner_id,
+        from_account_id=from_account_id, to_account_id=to_account_id, amount=amount, currency=currency,
+        description=description, event_headers=events.event_headers(), hold_seconds=hold_seconds,
+    ), "HOLD" if hold_seconds is not None else kind, on_commit)
+    # A replay of a hold's placement answers as it was first answered: PENDING, the held amount.
+    assert transfer.amount == amount and transfer.kind == kind, "a replay must match its request"
+    assert (transfer.held_amount is not None) == (hold_seconds is not None), "a hold's replay must be a hold"
+    return public(transfer)
 
 
 async def create_transfer(movements: Movements, caller: Caller, *, request_id: str, from_account_id: str,
                           to_account_id: str, amount: int, currency: str, description: str,
-                          on_commit: Callable[[], None] = _nothing) -> Transfer:
-    """Moves amount from one of the caller's accounts to any other customer account."""
+                          on_commit: Callable[[], None] = _nothing, hold_seconds: int | None = None) -> Transfer:
+    """Moves amount from one of the caller's accounts to any other customer account; with
+    hold_seconds, reserves it instead (a PENDING hold, settled by post_transfer, void_transfer
+    or its expiry)."""
     _check_movement_input(request_id, amount, currency, description)
+    if hold_seconds is not None and not HOLD_SECONDS_MIN <= hold_seconds <= HOLD_SECONDS_MAX:
+        raise invalid("hold_seconds", f"must be {HOLD_SECONDS_MIN} to {HOLD_SECONDS_MAX}")
     if from_account_id == to_account_id:
         raise refused("SAME_ACCOUNT")
     source, target = _account_id(from_account_id), _account_id(to_account_id)
@@ -177,7 +207,7 @@ async def create_transfer(movements: Movements, caller: Caller, *, request_id: s
         raise refused("ACCOUNT_NOT_FOUND")
     return await _move(movements, caller, request_id=request_id, kind="TRANSFER", owner_id=owner,
                        from_account_id=source, to_account_id=target, amount=amount, currency=currency,
-                       description=description, on_commit=on_commit)
+                       description=description, on_commit=on_commit, hold_seconds=hold_seconds)
 
 
 async def create_deposit(movements: Movements, caller: Caller, *, request_id: str, account_id: str, amount: int,
@@ -199,6 +229,42 @@ async def create_withdrawal(movements: Movements, caller: Caller, *, request_id:
     return await _move(movements, caller, request_id=request_id, kind="WITHDRAWAL", owner_id=None,
                        from_account_id=_account_id(account_id), to_account_id=None, amount=amount,
                        currency=currency, description=description, on_commit=on_commit)
+
+
+async def _settle(movements: Movements, caller: Caller, *, kind: str, transfer_id: str, request_id: str,
+                  amount: int | None, on_commit: Callable[[], None]) -> Transfer:
+    """Posts or voids a hold, as its payee or a teller. Who may, and the hold's state and clock,
+    are decided by the ledger under the hold's lock (migrations/0006)."""
+    if not 1 <= len(request_id) <= REQUEST_ID_LENGTH_MAX:
+        raise invalid("request_id", f"must be 1 to {REQUEST_ID_LENGTH_MAX} characters")
+    if amount is not None and not 0 < amount <= INT64_MAX:
+        raise refused("INVALID_AMOUNT")
+    hold_id = parse_uuid(transfer_id)
+    owner = _customer_id(caller)
+    if hold_id is None or (owner is None and not _sees_everything(caller)):
+        raise refused("TRANSFER_NOT_FOUND")
+    transfer = await _apply(movements, store.MovementRequest(
+        initiator=initiator(caller), request_id=request_id, kind=kind, owner_id=owner, from_account_id=None,
+        to_account_id=None, amount=amount, currency="", description="", event_headers=events.event_headers(),
+        hold_id=str(hold_id)), kind, on_commit)
+    assert transfer.transfer_id == str(hold_id) and transfer.held_amount is not None, "a settlement answers its hold"
+    assert transfer.status == ("COMPLETED" if kind == "POST" else "VOIDED"), "a settlement answers the state it made"
+    assert transfer.amount <= transfer.held_amount and (amount is None or transfer.amount == amount)
+    return public(transfer)
+
+
+async def post_transfer(movements: Movements, caller: Caller, *, transfer_id: str, request_id: str,
+                        amount: int | None, on_commit: Callable[[], None] = _nothing) -> Transfer:
+    """Takes a PENDING hold: moves amount (None: all of it) to the payee, releases the rest."""
+    return await _settle(movements, caller, kind="POST", transfer_id=transfer_id, request_id=request_id,
+                         amount=amount, on_commit=on_commit)
+
+
+async def void_transfer(movements: Movements, caller: Caller, *, transfer_id: str, request_id: str,
+                        on_commit: Callable[[], None] = _nothing) -> Transfer:
+    """Releases the whole of a PENDING hold; nothing moves."""
+    return await _settle(movements, caller, kind="VOID", transfer_id=transfer_id, request_id=request_id,
+                         amount=None, on_commit=on_commit)
 
 
 async def get_transfer(ledger: Ledger, caller: Caller, transfer_id: str) -> Transfer:

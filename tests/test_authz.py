@@ -184,6 +184,15 @@ def _request_id() -> str:
     return uuid.uuid4().hex
 
 
+def _fresh_hold(w: World) -> str:
+    """A new PENDING hold of alice's, from her main account to her second: she is its payee, bob
+    owns neither side (so it does not exist for him), and each call settles a hold of its own."""
+    placed = _ok(rest(config.load(), "POST", "/v1/transfers", {
+        "request_id": _request_id(), "from_account_id": w.main_account, "to_account_id": w.second_account,
+        "amount": "1", "currency": "USD", "hold_seconds": 3600}, token=w.alice.token))
+    return str(placed["transfer_id"])
+
+
 CASES: dict[str, Case] = {
     # Customers and credentials
     "/bank.customer.v1.CustomerService/RegisterCustomer": Case(
@@ -270,6 +279,12 @@ CASES: dict[str, Case] = {
     "/bank.transfer.v1.TransferService/ListTransfers": Case(
         Kind.OWN, lambda w: {"account_id": w.main_account},
         other=Expect(404, "ACCOUNT_NOT_FOUND"), teller=OK, owner=OK),
+    "/bank.transfer.v1.TransferService/PostTransfer": Case(
+        Kind.OWN, lambda w: {"transfer_id": _fresh_hold(w), "request_id": _request_id()},
+        other=Expect(404, "TRANSFER_NOT_FOUND"), teller=OK, owner=OK),
+    "/bank.transfer.v1.TransferService/VoidTransfer": Case(
+        Kind.OWN, lambda w: {"transfer_id": _fresh_hold(w), "request_id": _request_id()},
+        other=Expect(404, "TRANSFER_NOT_FOUND"), teller=OK, owner=OK),
     "/bank.transfer.v1.TransferService/CreateDeposit": Case(
         Kind.TELLER, lambda w: {"request_id": _request_id(), "account_id": w.main_account, "amount": "5",
                                 "currency": "USD"},

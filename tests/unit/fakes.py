@@ -50,7 +50,9 @@ START = datetime(2026, 1, 1, tzinfo=UTC)
 
 class FakeLedger:
     """svc_transfer's store.LedgerStore and batching.MovementBatcher in one: accounts, cash
-    accounts per supported currency, movements with the refusals of migrations/0005."""
+    accounts per supported currency, movements and holds with the refusals of migrations/0005
+    and 0006 in their order. `advance(seconds)` moves its clock; `release_lapsed()` is the
+    release worker."""
 
     def __init__(self) -> None:
         self.accounts: dict[str, LedgerAccount] = {}
@@ -58,6 +60,7 @@ class FakeLedger:
         self.transfers: list[Transfer] = []
         self.by_request: dict[tuple[str, str], tuple[MovementRequest, Transfer]] = {}
         self.busy = False  # True: every call fails as the real store does when Postgres is down
+        self.pending_credits: dict[str, int] = {}  # per account: its PENDING holds as payee
         self._clock = START
 
     def _tick(self) -> datetime:
@@ -73,6 +76,21 @@ class FakeLedger:
 
     # --- Movements --------------------------------------------------------------------------
 
+    def advance(self, seconds: float) -> None:
+        self._clock += timedelta(seconds=seconds)
+
+    def _replace(self, transfer: Transfer) -> None:
+        at = next(i for i, t in enumerate(self.transfers) if t.transfer_id == transfer.transfer_id)
+        self.transfers[at] = transfer
+
+    def _reserve(self, hold: Transfer, sign: int) -> None:
+        """Adds (sign 1) or takes off (-1) a hold's amount from its accounts' pending sums."""
+        assert hold.held_amount is not None
+        payer = self.accounts[hold.from_account_id]
+        self.accounts[payer.account_id] = dataclasses.replace(
+            payer, pending_debits=payer.pending_debits + sign * hold.held_amount)
+        self.pending_credits[hold.to_account_id] = self.pending_credits.get(hold.to_account_id, 0) + sign * hold.held_amount
+
     async def move(self, request: MovementRequest) -> Movement:
         self._check_busy()
         key = (request.initiator, request.request_id)
@@ -81,6 +99,9 @@ class FakeLedger:
             if dataclasses.replace(first, event_headers={}) != dataclasses.replace(request, event_headers={}):
                 return Movement("IDEMPOTENCY_KEY_REUSED", False, None)
             return Movement(None, True, transfer)
+        if request.kind in ("POST", "VOID"):
+            return self._settle(request)
+        assert request.amount is not None
         cash = self.cash.get(request.currency)
         if cash is None:
             return Movement("UNSUPPORTED_CURRENCY", False, None)
@@ -97,19 +118,70 @@ class FakeLedger:
             return Movement("CURRENCY_MISMATCH", False, None)
         if source.status != "ACTIVE" or target.status != "ACTIVE":
             return Movement("ACCOUNT_INACTIVE", False, None)
-        if source_id != cash and source.balance < request.amount:
+        if source_id != cash and source.available_balance < request.amount:
             return Movement("INSUFFICIENT_FUNDS", False, None)
         if target_id != cash and target.balance > INT64_MAX - request.amount:
             return Movement("INVALID_AMOUNT", False, None)
+        now = self._tick()
+        if request.hold_seconds is not None:  # a hold: reserved, nothing moves
+            transfer = Transfer(str(uuid.uuid4()), request.kind, request.request_id, source_id, target_id,
+                                request.amount, request.currency, request.description, now, "PENDING",
+                                request.amount, now + timedelta(seconds=request.hold_seconds))
+            self.transfers.append(transfer)
+            self._reserve(transfer, 1)
+            self.by_request[key] = (request, transfer)
+            return Movement(None, False, transfer)
         if source_id != cash:
             self.accounts[source_id] = dataclasses.replace(source, balance=source.balance - request.amount)
         if target_id != cash:
             self.accounts[target_id] = dataclasses.replace(target, balance=target.balance + request.amount)
         transfer = Transfer(str(uuid.uuid4()), request.kind, request.request_id, source_id, target_id, request.amount,
-                            request.currency, request.description, self._tick())
+                            request.currency, request.description, now)
         self.transfers.append(transfer)
         self.by_request[key] = (request, transfer)
         return Movement(None, False, transfer)
+
+    def _settle(self, request: MovementRequest) -> Movement:
+        """A POST or a VOID of a hold, with migrations/0006's rules in their order."""
+        hold = next((t for t in self.transfers if t.transfer_id == request.hold_id), None)
+        payer = None if hold is None else self._owner(hold.from_account_id)
+        payee = None if hold is None else self._owner(hold.to_account_id)
+        if hold is None or (request.owner_id is not None and request.owner_id not in (payer, payee)):
+            return Movement("TRANSFER_NOT_FOUND", False, None)
+        if request.owner_id is not None and request.owner_id != payee:
+            return Movement("NOT_PAYEE", False, None)
+        if hold.held_amount is None or hold.status in ("COMPLETED", "VOIDED"):
+            return Movement("TRANSFER_NOT_PENDING", False, None, hold.status)
+        assert hold.expire_time is not None
+        now = self._tick()
+        if hold.status == "EXPIRED" or now >= hold.expire_time:
+            return Movement("HOLD_EXPIRED", False, None)
+        amount = hold.held_amount
+        if request.kind == "POST":
+            amount = hold.held_amount if request.amount is None else request.amount
+            if amount > hold.held_amount:
+                return Movement("EXCEEDS_HELD_AMOUNT", False, None)
+            source, target = self.accounts[hold.from_account_id], self.accounts[hold.to_account_id]
+            if source.status != "ACTIVE" or target.status != "ACTIVE":
+                return Movement("ACCOUNT_INACTIVE", False, None)
+        self._reserve(hold, -1)
+        if request.kind == "POST":
+            source, target = self.accounts[hold.from_account_id], self.accounts[hold.to_account_id]
+            self.accounts[source.account_id] = dataclasses.replace(source, balance=source.balance - amount)
+            self.accounts[target.account_id] = dataclasses.replace(target, balance=target.balance + amount)
+        settled = dataclasses.replace(hold, status="COMPLETED" if request.kind == "POST" else "VOIDED", amount=amount)
+        self._replace(settled)
+        self.by_request[(request.initiator, request.request_id)] = (request, settled)
+        return Movement(None, False, settled)
+
+    def release_lapsed(self) -> int:
+        """The release worker: every lapsed PENDING hold becomes EXPIRED; returns how many."""
+        lapsed = [t for t in self.transfers if t.status == "PENDING" and t.expire_time is not None
+                  and self._clock >= t.expire_time]
+        for hold in lapsed:
+            self._reserve(hold, -1)
+            self._replace(dataclasses.replace(hold, status="EXPIRED"))
+        return len(lapsed)
 
     # --- Ledger -----------------------------------------------------------------------------
 
@@ -133,7 +205,7 @@ class FakeLedger:
             return AccountChange("ACCOUNT_NOT_FOUND", None)
         if account.status == "CLOSED" and status != "CLOSED":
             return AccountChange("ACCOUNT_INACTIVE", None)
-        if status == "CLOSED" and account.balance != 0:
+        if status == "CLOSED" and (account.balance or account.pending_debits or self.pending_credits.get(account_id)):
             return AccountChange("ACCOUNT_NOT_EMPTY", None)
         self.accounts[account_id] = dataclasses.replace(account, status=status)
         return AccountChange(None, self.accounts[account_id])

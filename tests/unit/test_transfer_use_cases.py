@@ -4,6 +4,7 @@ store, the store's refusals turned into reasons, who sees which movement, pages.
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -187,3 +188,109 @@ async def test_batch_get_is_all_or_nothing_and_bounded(ledger: FakeLedger) -> No
     assert (error.reason, error.metadata) == ("ACCOUNT_NOT_FOUND", {"account_id": missing})
     for ids in ([], [first] * (service.BATCH_GET_SIZE_MAX + 1)):
         assert (await refusal(service.batch_get_ledger_accounts(ledger, ids))).reason == "INVALID_ARGUMENT"
+
+
+# --- Holds (API.md "Holds: two-phase transfers") -------------------------------------------
+
+async def placed(ledger: FakeLedger, payer: Caller, source: str, target: str, amount: int,
+                 request_id: str = "h1", hold_seconds: int = 3600) -> str:
+    hold = await service.create_transfer(ledger, payer, request_id=request_id, from_account_id=source,
+                                         to_account_id=target, amount=amount, currency="USD", description="deposit",
+                                         hold_seconds=hold_seconds)
+    assert (hold.status, hold.held_amount, hold.amount) == ("PENDING", amount, amount)
+    assert hold.expire_time == hold.create_time + timedelta(seconds=hold_seconds)
+    return hold.transfer_id
+
+
+async def test_a_hold_lowers_the_available_balance_only_and_transfers_are_checked_against_it(
+        ledger: FakeLedger) -> None:
+    alice, bob = customer(), customer()
+    source, target = await funded(ledger, alice, 100), await funded(ledger, bob, 0)
+    await placed(ledger, alice, source, target, 70)
+    payer, payee = ledger.accounts[source], ledger.accounts[target]
+    assert (payer.balance, payer.available_balance, payee.balance, payee.available_balance) == (100, 30, 0, 0)
+    short = await refusal(service.create_transfer(ledger, alice, request_id="t1", from_account_id=source,
+                                                  to_account_id=target, amount=31, currency="USD", description=""))
+    assert short.reason == "INSUFFICIENT_FUNDS"
+    second = await refusal(placed(ledger, alice, source, target, 31, request_id="h2"))
+    assert second.reason == "INSUFFICIENT_FUNDS"
+    closing = await refusal(service.set_ledger_account_status(ledger, account_id=target, status="CLOSED"))
+    assert closing.reason == "ACCOUNT_NOT_EMPTY"  # a pending hold on either side forbids a close
+
+
+async def test_a_partial_post_moves_part_releases_the_rest_and_replays_its_first_answer(ledger: FakeLedger) -> None:
+    alice, bob = customer(), customer()
+    source, target = await funded(ledger, alice, 100), await funded(ledger, bob, 0)
+    hold_id = await placed(ledger, alice, source, target, 70)
+    posted = await service.post_transfer(ledger, bob, transfer_id=hold_id, request_id="p1", amount=50)
+    assert (posted.status, posted.amount, posted.held_amount) == ("COMPLETED", 50, 70)
+    assert (ledger.balance(source), ledger.accounts[source].available_balance, ledger.balance(target)) == (50, 50, 50)
+    assert await service.post_transfer(ledger, bob, transfer_id=hold_id, request_id="p1", amount=50) == posted
+    again = await refusal(service.post_transfer(ledger, bob, transfer_id=hold_id, request_id="p2", amount=None))
+    assert (again.code, again.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "TRANSFER_NOT_PENDING")
+    assert "COMPLETED" in again.message
+    reused = await refusal(service.void_transfer(ledger, bob, transfer_id=hold_id, request_id="p1"))
+    assert reused.reason == "IDEMPOTENCY_KEY_REUSED"
+
+
+@pytest.mark.parametrize(("who", "reason"), [("payer", "NOT_PAYEE"), ("stranger", "TRANSFER_NOT_FOUND"),
+                                             ("payee", None), ("teller", None)])
+async def test_only_the_payee_or_a_teller_settles_a_hold(ledger: FakeLedger, who: str, reason: str | None) -> None:
+    alice, bob = customer(), customer()
+    source, target = await funded(ledger, alice, 100), await funded(ledger, bob, 0)
+    hold_id = await placed(ledger, alice, source, target, 40)
+    caller = {"payer": alice, "payee": bob, "stranger": customer(), "teller": TELLER}[who]
+    if reason is None:
+        await service.void_transfer(ledger, caller, transfer_id=hold_id, request_id="v1")
+    else:
+        assert (await refusal(service.void_transfer(ledger, caller, transfer_id=hold_id, request_id="v1"))).reason \
+            == reason
+        assert (await refusal(service.post_transfer(ledger, caller, transfer_id=hold_id, request_id="p1",
+                                                    amount=None))).reason == reason
+    assert ledger.accounts[source].available_balance == (60 if reason else 100)
+
+
+async def test_the_owner_of_both_accounts_is_the_payee(ledger: FakeLedger) -> None:
+    alice = customer()
+    source, target = await funded(ledger, alice, 100), await funded(ledger, alice, 0)
+    hold_id = await placed(ledger, alice, source, target, 40)
+    voided = await service.void_transfer(ledger, alice, transfer_id=hold_id, request_id="v1")
+    assert voided.status == "VOIDED" and ledger.accounts[source].available_balance == 100
+
+
+async def test_a_lapsed_hold_cannot_be_settled_even_before_its_release(ledger: FakeLedger) -> None:
+    alice, bob = customer(), customer()
+    source, target = await funded(ledger, alice, 100), await funded(ledger, bob, 0)
+    hold_id = await placed(ledger, alice, source, target, 40, hold_seconds=60)
+    ledger.advance(60)
+    late = await refusal(service.post_transfer(ledger, bob, transfer_id=hold_id, request_id="p1", amount=None))
+    assert (late.code, late.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "HOLD_EXPIRED")
+    assert ledger.accounts[source].available_balance == 60  # not released yet
+    assert ledger.release_lapsed() == 1 and ledger.release_lapsed() == 0
+    assert ledger.accounts[source].available_balance == 100 and ledger.balance(target) == 0
+    late = await refusal(service.void_transfer(ledger, bob, transfer_id=hold_id, request_id="v1"))
+    assert late.reason == "HOLD_EXPIRED"
+
+
+@pytest.mark.parametrize(("call", "reason"), [
+    ({"amount": 41}, "EXCEEDS_HELD_AMOUNT"),
+    ({"amount": 0}, "INVALID_AMOUNT"),
+    ({"transfer_id": "not-a-uuid"}, "TRANSFER_NOT_FOUND"),
+    ({"transfer_id": str(uuid.uuid4())}, "TRANSFER_NOT_FOUND"),
+    ({"request_id": ""}, "INVALID_ARGUMENT"),
+])
+async def test_a_post_refuses_bad_input(ledger: FakeLedger, call: dict[str, object], reason: str) -> None:
+    alice, bob = customer(), customer()
+    source, target = await funded(ledger, alice, 100), await funded(ledger, bob, 0)
+    hold_id = await placed(ledger, alice, source, target, 40)
+    arguments: dict[str, object] = {"transfer_id": hold_id, "request_id": "p1", "amount": None, **call}
+    assert (await refusal(service.post_transfer(ledger, bob, **arguments))).reason == reason  # type: ignore[arg-type]
+    assert ledger.accounts[source].available_balance == 60
+
+
+@pytest.mark.parametrize("hold_seconds", [0, 59, 604801, -1])
+async def test_hold_seconds_outside_a_minute_to_a_week_are_refused(ledger: FakeLedger, hold_seconds: int) -> None:
+    alice, bob = customer(), customer()
+    source, target = await funded(ledger, alice, 100), await funded(ledger, bob, 0)
+    wrong = await refusal(placed(ledger, alice, source, target, 10, hold_seconds=hold_seconds))
+    assert (wrong.code, wrong.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
