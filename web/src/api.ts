@@ -211,6 +211,12 @@ export function newRequestId(): string {
   return crypto.randomUUID();
 }
 
+/** An answer after which the same submission may be sent again, with the same request_id:
+ * nothing came back, or the bank asked to retry. Any other answer settles the submission. */
+export function retryable(error: unknown): boolean {
+  return !(error instanceof ApiError) || error.status >= 500 || error.status === 429;
+}
+
 // --- the resources, as API.md gives them -----------------------------------------------------
 
 export interface Customer {
@@ -225,7 +231,8 @@ export interface Account {
   customer_id: string;
   currency: string;
   balance: string;
-  available_balance?: string;
+  /** balance minus the account's pending holds as payer: what can be spent. */
+  available_balance: string;
   status: string;
   create_time: string;
 }
@@ -242,16 +249,24 @@ export interface Activity {
   create_time: string;
 }
 
+/** PENDING: a hold, its money reserved on the payer's account until it is posted (COMPLETED),
+ * voided (VOIDED) or lapses (EXPIRED). A plain transfer is COMPLETED from the start. */
+export type TransferStatus = "COMPLETED" | "PENDING" | "VOIDED" | "EXPIRED";
+
 export interface Transfer {
   transfer_id: string;
   request_id: string;
   from_account_id: string;
   to_account_id: string;
+  /** A hold not posted: the held amount; a posted one: the amount moved. */
   amount: string;
   currency: string;
   description: string;
-  status: string;
+  status: TransferStatus;
   create_time: string;
+  /** Holds only: the amount reserved when it was placed, and when it lapses. */
+  held_amount?: string;
+  expire_time?: string;
 }
 
 export interface Notification {

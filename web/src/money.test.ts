@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { AmountError, formatMoney, parseAmount } from "./money";
+import { AmountError, formatAmount, formatMoney, parseAmount } from "./money";
 
 test("amounts are shown in the currency's units", () => {
   assert.equal(formatMoney("1234", "EUR"), "12.34 EUR");
@@ -24,5 +24,12 @@ test("amounts the currency cannot hold are refused with a reason", () => {
   for (const [typed, currency] of [["12.345", "EUR"], ["12.5", "JPY"], ["0", "EUR"], ["0.00", "USD"], ["-1", "EUR"],
     ["1e3", "EUR"], ["", "EUR"], ["92233720368547758.08", "USD"]]) {
     assert.throws(() => parseAmount(typed, currency), AmountError, `${typed} ${currency}`);
+  }
+});
+
+test("an amount shown for editing reads back as the same minor units", () => {
+  for (const [minor, currency, typed] of [["3000", "EUR", "30.00"], ["5", "USD", "0.05"], ["1234", "JPY", "1234"]]) {
+    assert.equal(formatAmount(minor, currency), typed);
+    assert.equal(parseAmount(typed, currency), BigInt(minor));
   }
 });

@@ -12,8 +12,8 @@ export function currencyDigits(currency: string): number {
   }
 }
 
-/** "1234" EUR -> "12.34 EUR"; "-5" USD -> "-0.05 USD"; "1234" JPY -> "1234 JPY". */
-export function formatMoney(minor: string | number | bigint, currency: string): string {
+/** "1234" EUR -> "12.34", as a person types it (parseAmount reads it back); "1234" JPY -> "1234". */
+export function formatAmount(minor: string | number | bigint, currency: string): string {
   let units = BigInt(minor);
   const negative = units < 0n;
   if (negative) units = -units;
@@ -23,7 +23,12 @@ export function formatMoney(minor: string | number | bigint, currency: string): 
     const padded = text.padStart(digits + 1, "0");
     text = `${padded.slice(0, -digits)}.${padded.slice(-digits)}`;
   }
-  return `${negative ? "-" : ""}${text} ${currency}`;
+  return `${negative ? "-" : ""}${text}`;
+}
+
+/** "1234" EUR -> "12.34 EUR"; "-5" USD -> "-0.05 USD"; "1234" JPY -> "1234 JPY". */
+export function formatMoney(minor: string | number | bigint, currency: string): string {
+  return `${formatAmount(minor, currency)} ${currency}`;
 }
 
 export class AmountError extends Error {}

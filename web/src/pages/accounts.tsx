@@ -1,10 +1,12 @@
-// The customer's accounts with their balances, opening one, and an account's statement.
+// The customer's accounts with their balances, opening one, and an account's statement with its
+// pending holds.
 import type { JSX } from "preact";
 import { useState } from "preact/hooks";
 
-import { type Account, type Activity, SUPPORTED_CURRENCIES, call, pageQuery } from "../api";
+import { type Account, type Activity, SUPPORTED_CURRENCIES, type Transfer, call, pageQuery } from "../api";
 import { formatMoney } from "../money";
 import { ErrorBox, Heading, Notice, Pager, usePaged, useSubmit, when } from "../ui";
+import { PendingHolds, pendingHolds } from "./holds";
 
 async function listAccounts(pageToken: string) {
   const answer = await call<{ accounts?: Account[]; next_page_token?: string }>("GET", `/v1/accounts?${pageQuery(pageToken, 50)}`);
@@ -66,7 +68,7 @@ export function Accounts(): JSX.Element {
                 <td><code>{a.account_id}</code></td>
                 <td>{a.currency}</td>
                 <td class="money balance">{formatMoney(a.balance, a.currency)}</td>
-                <td class="money">{formatMoney(a.available_balance ?? a.balance, a.currency)}</td>
+                <td class="money">{formatMoney(a.available_balance, a.currency)}</td>
                 <td>{a.status}</td>
                 <td class="actions">
                   <a href={`#/accounts/${encodeURIComponent(a.account_id)}`}>Statement<span class="visually-hidden"> of {a.account_id}</span></a>
@@ -90,21 +92,26 @@ export function Accounts(): JSX.Element {
 
 export function AccountStatement({ accountId }: { accountId: string }): JSX.Element {
   const [account, setAccount] = useState<Account | null>(null);
+  const [holds, setHolds] = useState<Transfer[]>([]);
   const [accountError, setAccountError] = useState<unknown>(null);
+  const [settled, setSettled] = useState<string | null>(null);
   const statement = usePaged(async (pageToken: string) => {
-    // The balance and the statement read together, so the page shows one moment's picture.
-    const [loaded, answer] = await Promise.all([
+    // The balances, the holds and the statement read together, so the page shows one moment's picture.
+    const [loaded, pending, answer] = await Promise.all([
       call<Account>("GET", `/v1/accounts/${encodeURIComponent(accountId)}`),
+      pendingHolds(accountId),
       call<{ activities?: Activity[]; next_page_token?: string }>(
         "GET", `/v1/accounts/${encodeURIComponent(accountId)}/activity?${pageQuery(pageToken)}`),
     ]);
     setAccount(loaded);
+    setHolds(pending);
     setAccountError(null);
     return { items: answer.activities ?? [], nextToken: answer.next_page_token ?? "" };
   }, accountId);
   return (
     <section aria-busy={statement.loading}>
       <Heading>Statement</Heading>
+      {settled ? <Notice><p>{settled}</p></Notice> : null}
       <ErrorBox error={accountError ?? statement.error} />
       {account ? (
         <dl class="summary">
@@ -112,6 +119,8 @@ export function AccountStatement({ accountId }: { accountId: string }): JSX.Elem
           <dd><code>{account.account_id}</code></dd>
           <dt>Balance</dt>
           <dd class="balance">{formatMoney(account.balance, account.currency)}</dd>
+          <dt>Available</dt>
+          <dd class="available">{formatMoney(account.available_balance, account.currency)}</dd>
           <dt>Status</dt>
           <dd>{account.status}</dd>
         </dl>
@@ -120,6 +129,10 @@ export function AccountStatement({ accountId }: { accountId: string }): JSX.Elem
         <button type="button" onClick={statement.reload}>Refresh</button>
         {account?.status === "ACTIVE" ? <a href={`#/transfer?from=${encodeURIComponent(accountId)}`}>Send money from this account</a> : null}
       </p>
+      {account ? (
+        <PendingHolds accountId={accountId} holds={holds} onSettled={(message) => { setSettled(message); statement.reload(); }} />
+      ) : null}
+      <h2>Movements</h2>
       <p class="hint">Statements are written a moment after each transfer: a new line may take a few seconds to appear.</p>
       {statement.page && statement.page.items.length === 0 ? <p>No movements yet.</p> : null}
       {statement.page && statement.page.items.length > 0 && account ? (

@@ -4,15 +4,9 @@
 import type { JSX } from "preact";
 import { useEffect, useRef, useState } from "preact/hooks";
 
-import { type Account, ApiError, type Transfer, call, newRequestId, pageQuery } from "../api";
+import { type Account, type Transfer, call, newRequestId, pageQuery, retryable } from "../api";
 import { AmountError, currencyDigits, formatMoney, parseAmount } from "../money";
 import { ErrorBox, Field, Heading, Notice } from "../ui";
-
-/** An answer after which the same submission may be sent again: nothing came back, or the bank
- * asked to retry. Any other answer settles the submission. */
-function retryable(error: unknown): boolean {
-  return !(error instanceof ApiError) || error.status >= 500 || error.status === 429;
-}
 
 export function SendMoney({ fromAccountId }: { fromAccountId: string }): JSX.Element {
   const [accounts, setAccounts] = useState<Account[] | null>(null);
@@ -105,7 +99,7 @@ export function SendMoney({ fromAccountId }: { fromAccountId: string }): JSX.Ele
           <select id="from" name="from" value={from} onChange={(e) => edit(setFrom)((e.currentTarget as HTMLSelectElement).value)}>
             {(accounts ?? []).map((a) => (
               <option key={a.account_id} value={a.account_id}>
-                {a.currency} {a.account_id}: {formatMoney(a.available_balance ?? a.balance, a.currency)} available
+                {a.currency} {a.account_id}: {formatMoney(a.available_balance, a.currency)} available
               </option>
             ))}
           </select>
