@@ -5,11 +5,15 @@ for each reason a client can meet."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from datetime import timedelta
 from typing import Any
 
 import grpc
+from aiokafka import AIOKafkaConsumer
+from bank.events.v1 import events_pb2
 from bank.transfer.v1 import ledger_pb2, transfer_pb2
 
 from common.config import Settings
@@ -329,3 +333,63 @@ async def test_holds_over_grpc_through_envoy(bank: Bank, settings: Settings) -> 
             == (grpc.StatusCode.FAILED_PRECONDITION, "NOT_PAYEE")
         assert (await post(gateway, placed.transfer_id, gateway.customer(payee.customer_id), 120)).amount == 120
         assert await state(gateway, payer, payee) == [(380, 380), (120, 120)]
+
+
+# --- events --------------------------------------------------------------------------------------
+
+TRANSFER_TOPIC = "bank.transfer.v1"
+
+
+async def test_each_change_of_a_hold_is_one_event_and_a_post_also_moves_money(bank: Bank, settings: Settings) -> None:
+    """On bank.transfer.v1, keyed by the hold: HoldPlaced, then HoldPosted and the MoneyMoved a
+    transfer emits (statements and transfer emails need nothing new), or HoldVoided, or
+    HoldExpired; each once, in that order."""
+    # No group: every partition of the topic is assigned to this consumer.
+    consumer = AIOKafkaConsumer(TRANSFER_TOPIC, bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = list(consumer.assignment())
+        assert partitions
+        await consumer.seek_to_end(*partitions)
+        for partition in partitions:
+            await consumer.position(partition)  # fixed now: only what follows is read
+
+        payer, payee = await parties(bank)
+        posted = await hold(bank, payer, payee, 400, hold_seconds=60)
+        voided = await hold(bank, payer, payee, 300, hold_seconds=60)
+        lapsed = await hold(bank, payer, payee, 200, hold_seconds=60)
+        await post(bank, posted.transfer_id, bank.customer(payee.customer_id), amount=250)
+        await void(bank, voided.transfer_id, bank.teller)
+        age_holds(settings, [lapsed.transfer_id], 60)
+        expected = {posted.transfer_id: ["HoldPlaced", "HoldPosted", "MoneyMoved"],
+                    voided.transfer_id: ["HoldPlaced", "HoldVoided"], lapsed.transfer_id: ["HoldPlaced", "HoldExpired"]}
+        seen: dict[str, list[tuple[str, bytes]]] = {key: [] for key in expected}
+        deadline = time.monotonic() + 30
+        while sum(map(len, seen.values())) < sum(map(len, expected.values())) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    key = (record.key or b"").decode()
+                    if key in seen:
+                        event_type = dict(record.headers)["event_type"].decode().removeprefix("bank.events.v1.")
+                        seen[key].append((event_type, record.value or b""))
+        await asyncio.sleep(1)  # nothing more comes: one event per change
+        for records in (await consumer.getmany(timeout_ms=500)).values():
+            assert not [r for r in records if (r.key or b"").decode() in seen], "a second event for one change"
+    finally:
+        await consumer.stop()
+    assert {key: [t for t, _ in events] for key, events in seen.items()} == expected
+
+    placed = events_pb2.HoldPlaced.FromString(seen[posted.transfer_id][0][1])
+    assert (placed.held_amount, placed.from_account_id, placed.to_account_id, placed.from_customer_id) \
+        == (400, payer.account_id, payee.account_id, payer.customer_id)
+    assert placed.expire_time.ToDatetime() - placed.create_time.ToDatetime() == timedelta(seconds=60)
+    taken = events_pb2.HoldPosted.FromString(seen[posted.transfer_id][1][1])
+    assert (taken.amount, taken.held_amount, taken.to_customer_id) == (250, 400, payee.customer_id)
+    moved = events_pb2.MoneyMoved.FromString(seen[posted.transfer_id][2][1])
+    assert (moved.kind, moved.amount, moved.from_balance_after, moved.to_balance_after) \
+        == (events_pb2.MoneyMoved.TRANSFER, 250, 750, 250)
+    assert moved.create_time == taken.create_time  # the money moved when the hold was posted
+    released = events_pb2.HoldVoided.FromString(seen[voided.transfer_id][1][1])
+    assert (released.held_amount, released.from_customer_id) == (300, payer.customer_id)
+    expired = events_pb2.HoldExpired.FromString(seen[lapsed.transfer_id][1][1])
+    assert expired.held_amount == 200 and expired.create_time.ToDatetime() >= expired.expire_time.ToDatetime()
