@@ -25,6 +25,7 @@ MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 STATEMENT_TIMEOUT_MS = 5000
 LOCK_TIMEOUT_MS = 2000
 POOL_WAIT_TIMEOUT_S = 5.0
+MIGRATION_TIMEOUT_MS = 600_000
 # Postgres failed rather than refused, and a later try may succeed: a lost or terminated
 # connection, a statement or lock wait that timed out (QueryCanceled, LockNotAvailable), a
 # deadlock (all OperationalError), no pooled connection free in time. The one list for Postgres.
@@ -128,6 +129,10 @@ async def migrate(pool: AsyncConnectionPool, schema: str, directory: Path) -> li
     async with pool.connection() as conn:
         conn: AsyncConnection  # type: ignore[no-redef]
         async with conn.transaction():
+            # Bounds of their own: a migration may scan a big table (an index build), and a second
+            # process of the service waits for the first to finish it rather than fail its start.
+            await conn.execute(f"SET LOCAL statement_timeout = {MIGRATION_TIMEOUT_MS}")
+            await conn.execute(f"SET LOCAL lock_timeout = {MIGRATION_TIMEOUT_MS}")
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"migrate:{schema}",))
             await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             await conn.execute(sql.SQL(
