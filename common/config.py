@@ -19,6 +19,8 @@ PROCESS_PORT_STEP = 100
 # local keys (BANK_TOKEN_GENERATE_LOCAL_KEYS=false: Kubernetes, any real environment) must set
 # every one of them; a service refuses to start with a local default there.
 LOCAL_ONLY_SECRETS = ("pg_password", "teller_password")
+# Each node's connection attempt in HA mode (libpq's connect_timeout, whole seconds, 2 at least).
+PG_CONNECT_TIMEOUT_S = 3
 
 
 def _setting(env: str, default: Any, doc: str) -> Any:
@@ -40,6 +42,16 @@ class Settings:
     pg_database: str = _setting("BANK_PG_DATABASE", "bank", "PostgreSQL database; each service owns one schema in it")
     pg_pool_min: int = _setting("BANK_PG_POOL_MIN", 2, "connections each service process keeps open")
     pg_pool_max: int = _setting("BANK_PG_POOL_MAX", 10, "connections each service process may open at most")
+    # The HA mode (docs: README, "High availability"): N Patroni-managed nodes, node i on
+    # pg_port + i with its Patroni REST API on patroni_port + i, replicated synchronously, with
+    # etcd holding the leader key. 1 is one plain PostgreSQL on pg_port.
+    pg_nodes: int = _setting("BANK_PG_NODES", 1, "PostgreSQL nodes: 1 is one plain server on BANK_PG_PORT; 3 is a "
+                             "Patroni cluster, node i on BANK_PG_PORT + i, synchronous, failing over by itself")
+    patroni_port: int = _setting("BANK_PATRONI_PORT", 8008, "Patroni REST API of node i: this + i (HA mode only)")
+    etcd_members: int = _setting("BANK_ETCD_MEMBERS", 1, "etcd members holding the Patroni cluster's state (HA mode "
+                                 "only): 1, or 3 to survive the loss of one")
+    etcd_port: int = _setting("BANK_ETCD_PORT", 2379, "etcd client port of the first member; member j listens on "
+                              "this + 2j for clients and this + 2j + 1 for peers (HA mode only)")
 
     redis_host: str = _setting("BANK_REDIS_HOST", "127.0.0.1", "Redis host")
     redis_port: int = _setting("BANK_REDIS_PORT", 6379, "Redis port")
@@ -157,10 +169,37 @@ class Settings:
                 if getattr(self, name) == by_name[name].default]
 
     @property
+    def pg_ha(self) -> bool:
+        return self.pg_nodes > 1
+
+    def pg_node_port(self, node: int) -> int:
+        """PostgreSQL port of HA node `node` (1, 2, ...)."""
+        return self.pg_port + node
+
+    def patroni_rest_port(self, node: int) -> int:
+        return self.patroni_port + node
+
+    def etcd_client_port(self, member: int) -> int:
+        """Client port of etcd member `member` (0, 1, ...); its peer port is the next one."""
+        return self.etcd_port + 2 * member
+
+    @property
     def pg_conninfo(self) -> str:
+        """One server's address; in HA mode every node's, and libpq tries them in order and keeps
+        the one that takes writes (the leader), so a new connection after a failover finds the
+        new leader by itself. connect_timeout bounds each try: a node that hangs rather than
+        refuses is left for the next."""
+        if not self.pg_ha:
+            return (
+                f"host={self.pg_host} port={self.pg_port} user={self.pg_user} "
+                f"password={self.pg_password} dbname={self.pg_database}"
+            )
+        nodes = range(1, self.pg_nodes + 1)
+        hosts = ",".join(self.pg_host for _ in nodes)
+        ports = ",".join(str(self.pg_node_port(node)) for node in nodes)
         return (
-            f"host={self.pg_host} port={self.pg_port} user={self.pg_user} "
-            f"password={self.pg_password} dbname={self.pg_database}"
+            f"host={hosts} port={ports} user={self.pg_user} password={self.pg_password} "
+            f"dbname={self.pg_database} target_session_attrs=read-write connect_timeout={PG_CONNECT_TIMEOUT_S}"
         )
 
     @property

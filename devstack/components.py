@@ -75,6 +75,8 @@ class Component:
     env: Callable[[Settings], dict[str, str]] = field(default=lambda s: {})
     # Runs once the process is healthy (idempotent): e.g. creating the bank's database.
     bootstrap: Callable[[Settings], Awaitable[None]] | None = None
+    # What `make status` adds after "healthy": e.g. a Patroni node's role and replication lag.
+    describe: Callable[[Settings], Awaitable[str]] | None = None
 
 
 def render(template: Path, out: Path, **values: object) -> Path:
@@ -234,12 +236,13 @@ def _postgres(s: Settings, p: Paths) -> list[str]:
     ]
 
 
-def _postgres_dirs(p: Paths, as_root: bool) -> tuple[Path, Path]:
-    """Data and socket folders. As root, the server runs as `postgres`, which must be able to
-    reach them: when the checkout sits below a folder closed to other users (a CI clone in a
-    private folder, say), they move to /var/lib/postgresql/simplebank/<id>, where <id> is kept
-    in the stack folder: a new stack folder (a fresh clone) gets a new, empty database."""
-    data, sockets = p.data / "postgres", p.run / "postgres"
+def _postgres_dirs(p: Paths, as_root: bool, name: str = "postgres") -> tuple[Path, Path]:
+    """Data and socket folders of the server `name` (an HA node: postgres-1, ...). As root, the
+    server runs as `postgres`, which must be able to reach them: when the checkout sits below a
+    folder closed to other users (a CI clone in a private folder, say), they move to
+    /var/lib/postgresql/simplebank/<id>, where <id> is kept in the stack folder: a new stack
+    folder (a fresh clone) gets a new, empty database."""
+    data, sockets = p.data / name, p.run / name
     if not as_root or all(os.stat(d).st_mode & 0o001 for d in [p.root, *p.root.parents] if d.exists()):
         return data, sockets
     id_file = p.root / "postgres-home.id"
@@ -251,6 +254,10 @@ def _postgres_dirs(p: Paths, as_root: bool) -> tuple[Path, Path]:
     uid, gid = _postgres_uid_gid()
     for folder in (home.parent, home):
         os.chown(folder, uid, gid)
+    if name != "postgres":
+        home = home / name
+        home.mkdir(exist_ok=True)
+        os.chown(home, uid, gid)
     return home / "data", home / "run"
 
 
@@ -259,6 +266,166 @@ def _postgres_uid_gid() -> tuple[int, int]:
 
     entry = pwd.getpwnam("postgres")
     return entry.pw_uid, entry.pw_gid
+
+
+# --- HA mode: etcd and Patroni-managed PostgreSQL nodes (BANK_PG_NODES > 1) -----------------
+
+def etcd_names(s: Settings) -> list[str]:
+    return ["etcd" if member == 0 else f"etcd-{member + 1}" for member in range(max(1, s.etcd_members))]
+
+
+def postgres_names(s: Settings) -> list[str]:
+    """The components that are the bank's PostgreSQL: one server, or each node of the HA cluster."""
+    return [f"postgres-{node}" for node in range(1, s.pg_nodes + 1)] if s.pg_ha else ["postgres"]
+
+
+def _etcd_member(member: int) -> Callable[[Settings, Paths], list[str]]:
+    def prepare(s: Settings, p: Paths) -> list[str]:
+        binary = install.etcd(p.install_log("etcd"))
+        names = etcd_names(s)
+        peers = ",".join(f"{name}=http://{s.bind_host}:{s.etcd_client_port(j) + 1}" for j, name in enumerate(names))
+        client = f"http://{s.bind_host}:{s.etcd_client_port(member)}"
+        peer = f"http://{s.bind_host}:{s.etcd_client_port(member) + 1}"
+        return [str(binary), "--name", names[member], "--data-dir", str(p.data / names[member]),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", peers, "--initial-cluster-token", "simplebank", "--initial-cluster-state", "new",
+                # Patroni renews its leader key every loop_wait: keep the history bounded.
+                "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h"]
+
+    return prepare
+
+
+def _etcd_healthy(member: int) -> Callable[[Settings], Awaitable[bool]]:
+    return lambda s: _http_ok(f"http://{s.bind_host}:{s.etcd_client_port(member)}/health", '"health":"true"')
+
+
+def _patroni_node(node: int) -> Callable[[Settings, Paths], list[str]]:
+    def prepare(s: Settings, p: Paths) -> list[str]:
+        name = f"postgres-{node}"
+        log = p.install_log(name)
+        binary = install.patroni(log)
+        bindir = install.postgres_bindir(log)
+        as_root = os.geteuid() == 0
+        data, sockets = _postgres_dirs(p, as_root, name)
+        sockets.mkdir(parents=True, exist_ok=True)
+        data.parent.mkdir(parents=True, exist_ok=True)
+        conf = render(TEMPLATES / "patroni.yml", p.conf / f"{name}.yml", name=name, host=s.bind_host,
+                      port=s.pg_node_port(node), rest_port=s.patroni_rest_port(node),
+                      etcd_hosts=",".join(f"{s.bind_host}:{s.etcd_client_port(j)}" for j in range(len(etcd_names(s)))),
+                      data_dir=data, bin_dir=bindir, sockets=sockets, pgpass=sockets / "pgpass",
+                      user=s.pg_user, password=s.pg_password)
+        conf.chmod(0o600)  # it holds the password
+        if not as_root:
+            return [str(binary), str(conf)]
+        # PostgreSQL refuses root: Patroni (and so the server it starts) runs as `postgres`.
+        # setpriv execs, so the pid the launcher records is Patroni's own.
+        uid, gid = _postgres_uid_gid()
+        for path in (conf, sockets, data.parent):
+            os.chown(path, uid, gid)
+        if data.exists():
+            os.chown(data, uid, gid)
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", str(binary), str(conf)]
+
+    return prepare
+
+
+def _patroni_env(s: Settings) -> dict[str, str]:
+    # Patroni is Debian's, on /usr/bin/python3: nothing of the venv may leak into its imports.
+    return {"PYTHONPATH": "", "PYTHONNOUSERSITE": "1", "VIRTUAL_ENV": ""}
+
+
+def patroni_get(s: Settings, node: int, path: str) -> tuple[int, object]:
+    """(HTTP status, JSON body) of a Patroni REST call on node `node`; (0, None) when unreachable.
+    Patroni answers its role endpoints (/primary, /sync) with 503 and a body, not an error."""
+    import json
+    import urllib.error
+
+    url = f"http://{s.bind_host}:{s.patroni_rest_port(node)}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as resp:  # noqa: S310 (loopback URL we build)
+            return int(resp.status), json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            return int(exc.code), json.loads(exc.read() or b"null")
+        except ValueError:
+            return int(exc.code), None
+    except (OSError, ValueError):
+        return 0, None
+
+
+def _patroni_healthy(node: int) -> Callable[[Settings], Awaitable[bool]]:
+    async def check(s: Settings) -> bool:  # Patroni runs and its PostgreSQL is up, in any role
+        status, _ = await asyncio.to_thread(patroni_get, s, node, "/health")
+        return status == 200
+
+    return check
+
+
+def cluster_members(s: Settings) -> list[dict[str, object]]:
+    """The HA cluster's members as Patroni sees them (name, role: leader / sync_standby /
+    replica, state, lag in bytes), asked of the first node that answers; [] if none does."""
+    for node in range(1, s.pg_nodes + 1):
+        status, body = patroni_get(s, node, "/cluster")
+        if status == 200 and isinstance(body, dict) and isinstance(body.get("members"), list):
+            return [m for m in body["members"] if isinstance(m, dict)]
+    return []
+
+
+def _patroni_describe(node: int) -> Callable[[Settings], Awaitable[str]]:
+    async def describe(s: Settings) -> str:
+        for member in await asyncio.to_thread(cluster_members, s):
+            if member.get("name") == f"postgres-{node}":
+                role = str(member.get("role", "?")).replace("_", " ")
+                lag = member.get("lag")
+                lag_text = "" if role == "leader" else f", lag {lag} B" if isinstance(lag, int) else f", lag {lag}"
+                return f"{role}, {member.get('state', '?')}{lag_text}"
+        return "not in the cluster"
+
+    return describe
+
+
+CLUSTER_READY_TIMEOUT_S = 90.0
+HA_POLL_S = 0.5
+
+
+async def _cluster_bootstrap(s: Settings) -> None:
+    """Once a leader and a synchronous standby exist (strict synchronous mode: no commit before
+    that), the bank's database on the leader. Idempotent, and run by every node: whichever
+    comes second finds the database there (or loses the race to create it, which is fine)."""
+    import psycopg
+
+    deadline = asyncio.get_running_loop().time() + CLUSTER_READY_TIMEOUT_S
+    while True:
+        members = await asyncio.to_thread(cluster_members, s)
+        roles = {str(m.get("role")) for m in members if m.get("state") in ("running", "streaming")}
+        if {"leader", "sync_standby"} <= roles:
+            break
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"no leader with a synchronous standby after {CLUSTER_READY_TIMEOUT_S:.0f}s (roles: {roles})")
+        await asyncio.sleep(HA_POLL_S)
+    try:
+        await _postgres_bootstrap(s)
+    except psycopg.errors.DuplicateDatabase:
+        pass
+
+
+def ha_components(s: Settings) -> list[Component]:
+    """etcd (1 or 3 members) and the Patroni nodes: what replaces `postgres` in HA mode."""
+    members = [
+        Component(name, f"http://127.0.0.1:{s.etcd_client_port(j)} (peers :{s.etcd_client_port(j) + 1})",
+                  _etcd_member(j), _etcd_healthy(j), start_timeout_s=30)
+        for j, name in enumerate(etcd_names(s))
+    ]
+    nodes = [
+        Component(f"postgres-{node}",
+                  f"postgresql://127.0.0.1:{s.pg_node_port(node)} (Patroni http://127.0.0.1:{s.patroni_rest_port(node)})",
+                  _patroni_node(node), _patroni_healthy(node), after=tuple(etcd_names(s)), start_timeout_s=120,
+                  # Patroni shuts its PostgreSQL down (fast) on SIGTERM; a replica first, then the leader.
+                  stop_timeout_s=40, env=_patroni_env, bootstrap=_cluster_bootstrap, describe=_patroni_describe(node))
+        for node in range(1, s.pg_nodes + 1)
+    ]
+    return members + nodes
 
 
 def _redis(s: Settings, p: Paths) -> list[str]:
@@ -434,12 +601,13 @@ def _process_env(index: int) -> Callable[[Settings], dict[str, str]]:
 
 def service_components(s: Settings) -> list[Component]:
     """One component per process of each service: svc_transfer, svc_transfer-2, ..."""
+    pg = tuple(postgres_names(s))
     needs = {
         # Every service checks session revocations in Redis.
-        "customer": ("postgres", "redis", "kafka"),
-        "account": ("postgres", "redis", "cassandra"),
-        "transfer": ("postgres", "redis", "kafka"),
-        "notify": ("postgres", "redis", "cassandra", "kafka", "mailpit"),
+        "customer": (*pg, "redis", "kafka"),
+        "account": (*pg, "redis", "cassandra"),
+        "transfer": (*pg, "redis", "kafka"),
+        "notify": (*pg, "redis", "cassandra", "kafka", "mailpit"),
     }
     components = []
     for name in SERVICES:
@@ -455,9 +623,12 @@ def service_components(s: Settings) -> list[Component]:
 
 
 def all_components(settings: Settings) -> list[Component]:
-    infra = [
+    postgres = ha_components(settings) if settings.pg_ha else [
         Component("postgres", "postgresql://127.0.0.1:{pg_port}", _postgres, _postgres_healthy,
                   stop_signal=signal.SIGINT, bootstrap=_postgres_bootstrap),  # SIGINT is PostgreSQL's "fast" shutdown
+    ]
+    infra = [
+        *postgres,
         Component("redis", "redis://127.0.0.1:{redis_port}", _redis, _redis_healthy),
         Component("kafka", "{kafka_bootstrap}", _kafka, _kafka_healthy, start_timeout_s=120),
         Component("cassandra", "cql://127.0.0.1:{cassandra_port}", _cassandra, _cassandra_healthy,

@@ -86,6 +86,36 @@ def debian_binary(name: str, package: str, log: Path) -> str:
     return path
 
 
+# The HA mode (BANK_PG_NODES > 1): Debian's Patroni runs on the system python3 with Debian's
+# drivers (python3-psycopg2 for Postgres, python3-etcd for its etcd3 client's errors), never in
+# the venv; etcd-server is etcd 3.4, whose v2 API is off (so Patroni's `etcd3:` section).
+PATRONI_PACKAGES = ["patroni", "python3-psycopg2", "python3-etcd"]
+PATRONI_BINARY = Path("/usr/bin/patroni")
+ETCD_BINARY = Path("/usr/bin/etcd")
+
+
+def patroni(log: Path) -> Path:
+    if not PATRONI_BINARY.exists():
+        apt_install(PATRONI_PACKAGES, log)
+    if not PATRONI_BINARY.exists():
+        raise InstallError(f"{' '.join(PATRONI_PACKAGES)} installed but no {PATRONI_BINARY}")
+    return PATRONI_BINARY
+
+
+def etcd(log: Path) -> Path:
+    """etcd's server binary. The package's own service is never used: on a systemd host it
+    would hold port 2379, so it is stopped and disabled right after the install, and the stack
+    starts its own etcd with its own data folder."""
+    if not ETCD_BINARY.exists():
+        apt_install(["etcd-server"], log)
+        if shutil.which("systemctl") is not None and Path("/run/systemd/system").exists():
+            prefix = [] if os.geteuid() == 0 else ["sudo"]
+            _run([*prefix, "systemctl", "disable", "--now", "etcd.service"], log)
+    if not ETCD_BINARY.exists():
+        raise InstallError(f"etcd-server installed but no {ETCD_BINARY}")
+    return ETCD_BINARY
+
+
 def java17(log: Path) -> Path:
     """The JDK 17 java binary: Kafka 4 and Cassandra 5 are run on it (not on a newer JDK)."""
     home = Path(os.environ.get("BANK_JAVA_HOME", str(JDK17_HOME)))

@@ -15,7 +15,7 @@ from typing import TextIO
 
 from common.config import REPO_ROOT, Settings
 from devstack import proc, tls
-from devstack.components import SERVICES, Component, Paths, all_components, endpoint
+from devstack.components import SERVICES, Component, Paths, all_components, cluster_members, endpoint
 
 HEALTH_POLL_S = 0.5
 
@@ -172,7 +172,7 @@ class Stack:
         stopped = []
         if names is not None:
             names = self.expand(names)
-        for c in reversed(self.components):
+        for c in self._stop_order():
             if names is not None and c.name not in names:
                 continue
             pidfile = self.pidfile(c.name)
@@ -185,12 +185,26 @@ class Stack:
             pidfile.unlink(missing_ok=True)
         return stopped
 
+    def _stop_order(self) -> list[Component]:
+        """Reverse declaration order, except that an HA cluster's leader stops after its
+        replicas: stopped first, it would hand its role to a replica that is stopped next."""
+        order = list(reversed(self.components))
+        if not self.settings.pg_ha:
+            return order
+        leaders = {str(m.get("name")) for m in cluster_members(self.settings) if m.get("role") == "leader"}
+        slots = [i for i, c in enumerate(order) if c.name.startswith("postgres-")]
+        for i, c in zip(slots, sorted((order[i] for i in slots), key=lambda c: c.name in leaders), strict=True):
+            order[i] = c
+        return order
+
     async def status(self) -> list[tuple[str, str, str]]:
         rows = []
         for c in self.components:
             record = proc.read_pidfile(self.pidfile(c.name))
             if proc.alive(record):
                 state = "healthy" if await c.healthy(self.settings) else "unhealthy"
+                if c.describe is not None:
+                    state = f"{state}: {await c.describe(self.settings)}"
                 rows.append((c.name, f"{state} (pid {record.pid if record else '?'})", endpoint(c, self.settings)))
             else:
                 rows.append((c.name, "stopped", endpoint(c, self.settings)))
@@ -209,7 +223,11 @@ class Stack:
             ("Mailpit UI / API", f"http://127.0.0.1:{s.mailpit_http_port}  (SMTP 127.0.0.1:{s.smtp_port})"),
             ("Prometheus", f"http://127.0.0.1:{s.prometheus_port}"),
             ("Envoy admin", f"http://127.0.0.1:{s.envoy_admin_port}"),
-            ("PostgreSQL", f"127.0.0.1:{s.pg_port}  db={s.pg_database} user={s.pg_user}"),
+            *([("PostgreSQL (HA: the leader of)", ", ".join(f"127.0.0.1:{s.pg_node_port(i)}" for i in range(1, s.pg_nodes + 1))
+                + f"  db={s.pg_database} user={s.pg_user}"),
+               ("Patroni REST / etcd", ", ".join(f":{s.patroni_rest_port(i)}" for i in range(1, s.pg_nodes + 1))
+                + f" / 127.0.0.1:{s.etcd_port}")] if s.pg_ha else
+              [("PostgreSQL", f"127.0.0.1:{s.pg_port}  db={s.pg_database} user={s.pg_user}")]),
             ("Redis / Kafka / Cassandra", f"127.0.0.1:{s.redis_port} / {s.kafka_bootstrap} / 127.0.0.1:{s.cassandra_port}"),
         ]
         width = max(len(name) for name, _ in rows)
