@@ -2,7 +2,8 @@
 Playwright for Python, against the pages Envoy serves at / and the real stack behind them.
 
 The journey from registration (the code read from Mailpit) to a transfer between two
-customers seen in both statements; the error paths (wrong code, insufficient funds, an ended
+customers seen in both statements; a hold taken in part and one released from the payee's page;
+the error paths (wrong code, insufficient funds, an ended
 session); the idempotency key of the transfer form; the token refresh before expiry; the
 Content-Security-Policy (every page here fails on a violation); labels and keyboard use.
 
@@ -20,6 +21,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +349,109 @@ def test_journey_from_registration_to_a_transfer_seen_in_both_statements(new_tab
     assert ada.customer_id != bob.customer_id
 
 
+def _place_hold(settings: Settings, payer: Customer, source: str, target: str, amount: int, description: str) -> Any:
+    placed = rest(settings, "POST", "/v1/transfers", {
+        "request_id": uuid.uuid4().hex, "from_account_id": source, "to_account_id": target, "amount": amount,
+        "currency": "EUR", "description": description, "hold_seconds": 3600}, token=payer.token)
+    assert placed.status == 200 and placed.body["status"] == "PENDING", placed.body
+    return placed.body
+
+
+def _as_shown(rfc3339: str) -> str:
+    """A time as the page shows it (en-GB, the browser context's UTC): "7 Jan 2026, 09:05"."""
+    moment = datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
+    return f"{moment.day} {moment:%b %Y, %H:%M}"
+
+
+def test_the_payee_takes_part_of_a_hold_and_releases_another_and_both_pages_follow(
+        new_tab: Callable[[], Tab], settings: Settings) -> None:
+    alice, alice_eur, bob, bob_eur = _payer_and_payee(settings, "EUR", 10000)
+    rent = _place_hold(settings, alice, alice_eur, bob_eur, 3000, "Rent deposit")
+    # The other hold from the transfer form, "Hold for" 90 minutes.
+    alice_tab = new_tab()
+    sign_in(alice_tab, alice.username)
+    send_money(alice_tab, alice_eur, bob_eur, "10.00", "Key deposit")
+    alice_tab.page.get_by_label("Hold for (minutes, optional)").fill("90")
+    with alice_tab.page.expect_response(lambda r: r.url.endswith("/v1/transfers")) as placed:
+        alice_tab.page.get_by_role("button", name="Send").click()
+    keys = placed.value.json()
+    assert (keys["status"], keys["held_amount"], json.loads(placed.value.request.post_data or "{}")["hold_seconds"]) \
+        == ("PENDING", "1000", 5400), keys
+    expect(alice_tab.page.get_by_role("status")).to_contain_text(
+        f"Held 10.00 EUR for {bob_eur} until {_as_shown(keys['expire_time'])}")
+
+    # The payer: the balance is whole, the available balance is lower by both holds, listed with payee and expiry.
+    alice_tab.open("accounts")
+    expect(_account_row(alice_tab.page, alice_eur).locator("td.money").nth(1)).to_have_text("60.00 EUR")
+    alice_tab.open(f"accounts/{alice_eur}")
+    expect(alice_tab.page.locator(".summary .balance")).to_have_text("100.00 EUR")
+    expect(alice_tab.page.locator(".summary .available")).to_have_text("60.00 EUR")
+    outgoing = alice_tab.page.locator(f'table.holds.outgoing tr[data-transfer-id="{rent["transfer_id"]}"]')
+    for shown in (bob_eur, "Rent deposit", "30.00 EUR", _as_shown(rent["expire_time"])):
+        expect(outgoing).to_contain_text(shown)
+    expect(alice_tab.page.locator("table.holds.outgoing tbody tr")).to_have_count(2)
+    expect(alice_tab.page.locator("table.holds.incoming")).to_have_count(0)  # no "Take payment" for the payer
+    _shot(alice_tab.page, SCREENSHOTS, "holds-payer")
+
+    # The payee: both holds listed, the amount field filled with the held amount; the balance not moved yet.
+    bob_tab = new_tab()
+    sign_in(bob_tab, bob.username)
+    bob_tab.open(f"accounts/{bob_eur}")
+    page = bob_tab.page
+    expect(page.locator(".summary .balance")).to_have_text("0.00 EUR")
+    expect(page.locator(".summary .available")).to_have_text("0.00 EUR")
+    incoming = page.locator(f'table.holds.incoming tr[data-transfer-id="{rent["transfer_id"]}"]')
+    expect(incoming).to_contain_text(alice_eur)
+    amount = incoming.get_by_label(re.compile(r"^Amount to take"))
+    expect(amount).to_have_value("30.00")
+    assert page.locator("table.statement").count() == 0  # a hold makes no statement line
+
+    # Bob takes 20.00 of the 30.00; the bank posts it, but the answer is lost; "Take payment" again
+    # sends the same request_id, and the bank answers with the first post.
+    bodies: list[dict[str, Any]] = []
+
+    def lose_first_answer(route: Route) -> None:
+        bodies.append(json.loads(route.request.post_data or "{}"))
+        if len(bodies) == 1:
+            route.fetch()
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    page.route(re.compile(r".*/v1/transfers/[^/]+:post$"), lose_first_answer)
+    amount.fill("20.00")
+    _shot(page, SCREENSHOTS, "holds")
+    incoming.get_by_role("button", name="Take payment").click()
+    expect(incoming.get_by_role("alert")).to_contain_text("could not be reached")
+    incoming.get_by_role("button", name="Take payment").click()
+    expect(page.get_by_role("status")).to_contain_text("Took 20.00 EUR")
+    expect(page.get_by_role("status")).to_contain_text("the other 10.00 EUR is released")
+    assert len(bodies) == 2 and bodies[0] == bodies[1] and bodies[0]["amount"] == "2000", bodies
+    expect(page.locator(".summary .balance")).to_have_text("20.00 EUR")
+    expect(page.locator(".summary .available")).to_have_text("20.00 EUR")
+    expect(incoming).to_have_count(0)
+
+    # Bob lets the other hold go.
+    other = page.locator(f'table.holds.incoming tr[data-transfer-id="{keys["transfer_id"]}"]')
+    with page.expect_response(lambda r: r.url.endswith(":void")) as voided:
+        other.get_by_role("button", name="Release").click()
+    assert voided.value.status == 200 and voided.value.json()["status"] == "VOIDED"
+    expect(page.get_by_role("status")).to_contain_text("Released hold")
+    expect(page.get_by_text("No money is held to or from this account.")).to_be_visible()
+
+    # The statements: one line each, for the 20.00 that moved, at the post.
+    bob_lines = statement_lines(bob_tab, bob_eur, 1)
+    assert len(bob_lines) == 1 and "Rent deposit" in bob_lines[0] and alice_eur in bob_lines[0], bob_lines
+    assert "20.00 EUR | 20.00 EUR" in bob_lines[0], bob_lines
+    alice_lines = statement_lines(alice_tab, alice_eur, 2)
+    assert "-20.00 EUR | 80.00 EUR" in alice_lines[0] and len(alice_lines) == 2, alice_lines
+    expect(alice_tab.page.locator(".summary .balance")).to_have_text("80.00 EUR")
+    expect(alice_tab.page.locator(".summary .available")).to_have_text("80.00 EUR")
+    expect(alice_tab.page.get_by_text("No money is held to or from this account.")).to_be_visible()
+    moved = rest(settings, "GET", f"/v1/transfers/{rent['transfer_id']}", token=alice.token).body
+    assert (moved["status"], moved["amount"], moved["held_amount"]) == ("COMPLETED", "2000", "3000"), moved
+
+
 def _bearer_of_last_api_request(tab: Tab) -> str:
     for request in reversed(tab.api_requests):
         header = request.headers.get("authorization", "")
@@ -534,8 +639,6 @@ def test_the_access_token_is_refreshed_before_it_expires(new_tab: Callable[[], T
 
 
 def _time(rfc3339: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 

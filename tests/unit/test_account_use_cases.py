@@ -126,3 +126,40 @@ def test_the_available_balance_is_read_from_the_ledgers_answer() -> None:
     answer = ledger_pb2.LedgerAccount(balance=100, available_balance=70, status=ledger_pb2.LedgerAccount.FROZEN)
     assert clients.ledger_state(answer) == clients.LedgerState(balance=100, available_balance=70, status="FROZEN")
 
+
+async def test_a_pending_hold_lowers_the_payers_available_balance_on_every_read_and_blocks_closing(
+        accounts: FakeAccounts, ledger_client: FakeLedgerClient, customers: FakeCustomers, ledger: FakeLedger,
+        alice: Caller) -> None:
+    opened = await service.create_account(accounts, ledger_client, customers, alice, "USD")
+    assert (opened.balance, opened.available_balance) == (0, 0)
+    bob = Caller(str(uuid.uuid4()), Role.CUSTOMER, "s-bob")
+    customers.verified.add(bob.subject)
+    payee = str((await service.create_account(accounts, ledger_client, customers, bob, "USD")).account.account_id)
+    account_id = str(opened.account.account_id)
+    await ledger_service.create_deposit(ledger, TELLER, request_id="d", account_id=account_id, amount=100,
+                                        currency="USD", description="")
+    hold = await ledger_service.create_transfer(ledger, alice, request_id="h", from_account_id=account_id,
+                                                to_account_id=payee, amount=30, currency="USD", description="",
+                                                hold_seconds=60)
+
+    def money(view: service.AccountView) -> tuple[int, int]:
+        return view.balance, view.available_balance
+
+    assert money(await service.get_account(accounts, ledger_client, alice, account_id)) == (100, 70)
+    [listed], _ = await service.list_accounts(accounts, ledger_client, alice, 10, "")
+    assert money(listed) == (100, 70)
+    assert money(await service.freeze_account(accounts, ledger_client, TELLER, account_id, frozen=True)) == (100, 70)
+    assert money(await service.freeze_account(accounts, ledger_client, TELLER, account_id, frozen=False)) == (100, 70)
+    # An incoming hold counts for nothing until it is posted.
+    assert money(await service.get_account(accounts, ledger_client, bob, payee)) == (0, 0)
+    # The ledger's refusal, passed on unchanged, says why: the hold, not only the balance.
+    await ledger_service.create_withdrawal(ledger, TELLER, request_id="w", account_id=account_id, amount=70,
+                                           currency="USD", description="")
+    full = await refusal(service.close_account(accounts, ledger_client, alice, account_id))
+    assert (full.code, full.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_NOT_EMPTY")
+    assert "hold" in full.message
+    # The payee's side of a pending hold cannot close either.
+    assert (await refusal(service.close_account(accounts, ledger_client, bob, payee))).reason == "ACCOUNT_NOT_EMPTY"
+    await ledger_service.post_transfer(ledger, bob, transfer_id=hold.transfer_id, request_id="p", amount=20)
+    assert money(await service.get_account(accounts, ledger_client, alice, account_id)) == (10, 10)
+    assert money(await service.get_account(accounts, ledger_client, bob, payee)) == (20, 20)

@@ -1,12 +1,27 @@
 // Sending money. The request_id (the API's idempotency key) belongs to one submission of the
 // form: a double click, or "Send" again after the answer was lost, carries the same key, so the
 // bank moves the money once. Editing the form, a success or a definite refusal starts a new one.
+// With "Hold for" minutes the transfer is a hold (API.md "Holds"): reserved, taken by the payee later.
 import type { JSX } from "preact";
 import { useEffect, useRef, useState } from "preact/hooks";
 
 import { type Account, type Transfer, call, newRequestId, pageQuery, retryable } from "../api";
-import { AmountError, currencyDigits, formatMoney, parseAmount } from "../money";
-import { ErrorBox, Field, Heading, Notice } from "../ui";
+import { currencyDigits, formatMoney, parseAmount } from "../money";
+import { ErrorBox, Field, Heading, Notice, when } from "../ui";
+
+// API.md's bounds on hold_seconds (60 to 604800), in minutes.
+const HOLD_MINUTES_MAX = 7 * 24 * 60;
+
+/** "" (no hold) or a whole number of minutes within API.md's bounds, as seconds. */
+function holdSeconds(typed: string): number | undefined {
+  const text = typed.trim();
+  if (!text) return undefined;
+  const minutes = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!(minutes >= 1 && minutes <= HOLD_MINUTES_MAX)) {
+    throw new Error(`Hold for a whole number of minutes, 1 to ${HOLD_MINUTES_MAX}, or leave it empty to send now`);
+  }
+  return minutes * 60;
+}
 
 export function SendMoney({ fromAccountId }: { fromAccountId: string }): JSX.Element {
   const [accounts, setAccounts] = useState<Account[] | null>(null);
@@ -14,6 +29,7 @@ export function SendMoney({ fromAccountId }: { fromAccountId: string }): JSX.Ele
   const [to, setTo] = useState("");
   const [amount, setAmount] = useState("");
   const [description, setDescription] = useState("");
+  const [holdMinutes, setHoldMinutes] = useState("");
   const [error, setError] = useState<unknown>(null);
   const [sent, setSent] = useState<Transfer | null>(null);
   const [busy, setBusy] = useState(false);
@@ -48,10 +64,12 @@ export function SendMoney({ fromAccountId }: { fromAccountId: string }): JSX.Ele
       return;
     }
     let minor: bigint;
+    let hold: number | undefined;
     try {
       minor = parseAmount(amount, currency);
+      hold = holdSeconds(holdMinutes);
     } catch (e) {
-      setError(e instanceof AmountError ? e : new Error(String(e)));
+      setError(e instanceof Error ? e : new Error(String(e)));
       return;
     }
     inFlight.current = true;
@@ -64,11 +82,13 @@ export function SendMoney({ fromAccountId }: { fromAccountId: string }): JSX.Ele
         amount: minor.toString(),
         currency,
         description: description.trim(),
+        ...(hold === undefined ? {} : { hold_seconds: hold }),
       });
       setSent(transfer);
       setTo("");
       setAmount("");
       setDescription("");
+      setHoldMinutes("");
       requestId.current = newRequestId();
       const refreshed = await call<Account>("GET", `/v1/accounts/${encodeURIComponent(source.account_id)}`).catch(() => null);
       if (refreshed) setAccounts((list) => list?.map((a) => (a.account_id === refreshed.account_id ? refreshed : a)) ?? list);
@@ -86,10 +106,18 @@ export function SendMoney({ fromAccountId }: { fromAccountId: string }): JSX.Ele
       <Heading>Send money</Heading>
       {sent ? (
         <Notice>
-          <p>
-            Sent <strong>{formatMoney(sent.amount, sent.currency)}</strong> to <code>{sent.to_account_id}</code>. Transfer{" "}
-            <code>{sent.transfer_id}</code>, {sent.status.toLowerCase()}.
-          </p>
+          {sent.status === "PENDING" ? (
+            <p>
+              Held <strong>{formatMoney(sent.held_amount ?? sent.amount, sent.currency)}</strong> for{" "}
+              <code>{sent.to_account_id}</code> until {sent.expire_time ? when(sent.expire_time) : "it lapses"}. Hold{" "}
+              <code>{sent.transfer_id}</code>, pending.
+            </p>
+          ) : (
+            <p>
+              Sent <strong>{formatMoney(sent.amount, sent.currency)}</strong> to <code>{sent.to_account_id}</code>. Transfer{" "}
+              <code>{sent.transfer_id}</code>, {sent.status.toLowerCase()}.
+            </p>
+          )}
         </Notice>
       ) : null}
       {accounts && accounts.length === 0 ? <p>You have no active account to send from. <a href="#/accounts">Open one</a>.</p> : null}
@@ -111,6 +139,9 @@ export function SendMoney({ fromAccountId }: { fromAccountId: string }): JSX.Ele
           value={amount} onValue={edit(setAmount)} />
         <Field id="description" label="Description (optional)" maxLength={140} autoComplete="off" value={description}
           onValue={edit(setDescription)} />
+        <Field id="hold" label="Hold for (minutes, optional)" inputMode="numeric" autoComplete="off" value={holdMinutes}
+          hint="Reserve the money instead: the recipient takes it, all or part, or it is released after this long"
+          onValue={edit(setHoldMinutes)} />
         <ErrorBox error={error} />
         <button type="submit" disabled={busy || !accounts}>{busy ? "Sending…" : "Send"}</button>
       </form>
