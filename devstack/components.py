@@ -406,8 +406,8 @@ async def _cluster_bootstrap(s: Settings) -> None:
         await asyncio.sleep(HA_POLL_S)
     try:
         await _postgres_bootstrap(s)
-    except psycopg.errors.DuplicateDatabase:
-        pass
+    except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+        pass  # another node's bootstrap created it between our check and our CREATE DATABASE
 
 
 def ha_components(s: Settings) -> list[Component]:

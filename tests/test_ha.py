@@ -1,0 +1,223 @@
+"""The HA mode's PostgreSQL (BANK_PG_NODES=3, issue #19): three Patroni nodes on etcd, replicated
+synchronously, failing over by themselves, reached through the services' own pool (common/db.py)
+with the multi-host conninfo.
+
+The test starts its own cluster, with the launcher's own components (devstack.components
+.ha_components), in a stack folder and on ports of its own (etcd 12379, nodes 15433-15435, Patroni
+18009-18011), so it runs beside the default stack, whatever that is, and leaves it alone. Under a
+write load through a service's pool it kills the leader, (a) its postmaster alone, (b) the whole
+node (Patroni and its postmaster), and checks what a client of the bank would notice: every
+acknowledged commit is on the new leader, a failed write failed with an error the services answer
+503 for (common/db.TRANSIENT_ERRORS, never a 500), writes succeed again within 30 s of the kill,
+and the old leader comes back as a replica. Margins are wide: these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from common import config, db
+from devstack import proc
+from devstack.components import cluster_members, ha_components
+from devstack.stack import Stack
+from tests.support import until
+
+FAILOVER_WINDOW_MAX_S = 30.0
+REJOIN_TIMEOUT_S = 90.0
+WRITERS = 4
+SCHEMA = "ha_probe"
+
+
+@pytest.fixture(scope="module")
+def ha_stack() -> Iterator[Stack]:
+    # Below /tmp, open to others: the nodes run as the postgres user and must reach their folders.
+    root = Path(tempfile.mkdtemp(prefix="bank-ha-test-", dir="/tmp"))
+    root.chmod(0o755)
+    settings = config.load(dict(os.environ, BANK_STACK_DIR=str(root), BANK_PG_NODES="3", BANK_ETCD_MEMBERS="1",
+                                BANK_PG_PORT="15432", BANK_PATRONI_PORT="18008", BANK_ETCD_PORT="12379"))
+    stack = Stack(settings, ha_components(settings))
+    try:
+        asyncio.run(stack.up(out=sys.stderr))
+        yield stack
+    finally:
+        stack.down(out=sys.stderr)
+        _kill_orphan_postmasters(stack)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_orphan_postmasters(stack: Stack) -> None:
+    """A postmaster whose Patroni was SIGKILLed runs on by itself (Patroni starts it in a
+    session of its own): the test made it, the test ends it."""
+    for data in stack.paths.data.glob("postgres-*"):
+        pid = _postmaster_pid(data)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _postmaster_pid(data_dir: Path) -> int | None:
+    try:
+        return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _roles(settings: config.Settings) -> dict[str, str]:
+    """Each running member's role: leader, sync_standby or replica."""
+    return {str(m["name"]): str(m["role"]) for m in cluster_members(settings)
+            if m.get("state") in ("running", "streaming")}
+
+
+def _leader(settings: config.Settings) -> str | None:
+    return next((name for name, role in _roles(settings).items() if role == "leader"), None)
+
+
+@dataclass
+class Load:
+    """Writers through one service pool: each commit that returned is acknowledged; each that
+    raised is unknown until checked, and raised an error of the kind the services answer 503 for,
+    or it is recorded as unexpected (a 500 in a service)."""
+    # (row, when the commit returned, the port of the node that acknowledged it)
+    acknowledged: list[tuple[int, float, int]] = field(default_factory=list)
+    unknown: list[int] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    unexpected: list[BaseException] = field(default_factory=list)
+    next_id: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def writer(self, pool: AsyncConnectionPool) -> None:
+        # Runs until stop is set (the test sets it after the last check, within minutes).
+        while not self.stop.is_set():
+            self.next_id += 1
+            row = self.next_id
+            try:
+                async with pool.connection() as conn:
+                    await conn.execute("INSERT INTO acked (id) VALUES (%s)", (row,))
+                    port = int(conn.info.port)
+                self.acknowledged.append((row, time.monotonic(), port))
+            except db.TRANSIENT_ERRORS as exc:
+                self.unknown.append(row)
+                self.errors[type(exc).__name__] += 1
+                await asyncio.sleep(0.05)
+            except Exception as exc:  # anything else would be a 500 in a service
+                self.unexpected.append(exc)
+                await asyncio.sleep(0.05)
+
+    def first_ack_after(self, t: float, elsewhere_than: int = 0) -> float | None:
+        """When the first commit after t returned (from a node other than elsewhere_than's port)."""
+        return next((at for _, at, port in self.acknowledged if at > t and port != elsewhere_than), None)
+
+
+@pytest.fixture
+async def load(ha_stack: Stack) -> AsyncIterator[tuple[Load, AsyncConnectionPool]]:
+    pool = await db.open_pool(ha_stack.settings, SCHEMA)
+    async with pool.connection() as conn:
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+        await conn.execute("CREATE TABLE IF NOT EXISTS acked (id bigint PRIMARY KEY, at timestamptz DEFAULT now())")
+        await conn.execute("TRUNCATE acked")
+    state = Load()
+    writers = [asyncio.create_task(state.writer(pool)) for _ in range(WRITERS)]
+    try:
+        yield state, pool
+    finally:
+        state.stop.set()
+        await asyncio.gather(*writers)
+        await pool.close()
+
+
+def test_a_leader_with_a_synchronous_standby(ha_stack: Stack) -> None:
+    roles = until(lambda: r if sorted((r := _roles(ha_stack.settings)).values()) == ["leader", "replica", "sync_standby"]
+                  else None, "a leader, a sync standby and a replica", timeout_s=60)
+    leader = next(name for name, role in roles.items() if role == "leader")
+    node = int(leader.rsplit("-", 1)[1])
+    with psycopg.connect(ha_stack.settings.pg_conninfo, autocommit=True) as conn:
+        port, in_recovery = conn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()  # type: ignore[misc]
+        standby_names = conn.execute("SHOW synchronous_standby_names").fetchone()
+    # The multi-host conninfo lands on the leader, whichever node that is.
+    assert (port, in_recovery) == (ha_stack.settings.pg_node_port(node), False)
+    sync = next(name for name, role in roles.items() if role == "sync_standby")
+    assert standby_names is not None and sync in standby_names[0]
+
+
+async def _failover(ha_stack: Stack, load: Load, pool: AsyncConnectionPool, kill: str) -> None:
+    settings = ha_stack.settings
+    await asyncio.to_thread(until, lambda: _leader(settings) if "sync_standby" in _roles(settings).values() else None,
+                            "a leader with a sync standby", 60)
+    await asyncio.to_thread(until, lambda: True if len(load.acknowledged) >= 200 else None, "writes before the kill", 60)
+    old = _leader(settings)
+    assert old is not None
+    data_dir = Path(await _data_directory(pool))
+    postmaster = _postmaster_pid(data_dir)
+    assert postmaster is not None
+    killed_at = time.monotonic()
+    if kill == "node":  # Patroni first: nobody renews the leader key, which expires (ttl 10 s)
+        record = proc.read_pidfile(ha_stack.pidfile(old))
+        assert record is not None
+        os.killpg(record.pid, signal.SIGKILL)
+    os.kill(postmaster, signal.SIGKILL)
+    acknowledged_before = len(load.acknowledged)
+
+    # Backends of a killed postmaster may finish what they were doing: writes "again" means
+    # acknowledged by another node.
+    old_port = settings.pg_node_port(int(old.rsplit("-", 1)[1]))
+    resumed_at = await asyncio.to_thread(until, lambda: load.first_ack_after(killed_at, old_port),
+                                         "a write acknowledged by another node after the kill", FAILOVER_WINDOW_MAX_S + 30)
+    new = _leader(settings)
+    if kill == "node":  # its launcher starts it again, as `make up` would
+        await ha_stack.up([old], out=sys.stderr)
+    rejoined = await asyncio.to_thread(
+        until, lambda: _roles(settings).get(old) if _roles(settings).get(old) in ("replica", "sync_standby") else None,
+        f"{old} back as a replica", REJOIN_TIMEOUT_S, 0.5)
+    await asyncio.to_thread(until, lambda: True if load.first_ack_after(time.monotonic() - 1) else None, "writes go on", 30)
+    load.stop.set()
+    await asyncio.sleep(0.5)
+
+    acked = {row for row, _, _ in load.acknowledged}
+    async with pool.connection() as conn:
+        present = {row for (row,) in await (await conn.execute("SELECT id FROM acked")).fetchall()}
+        # A write that raised has an unknown outcome: retrying it (as a client retries with its
+        # request_id) leaves it there exactly once.
+        for row in load.unknown:
+            await conn.execute("INSERT INTO acked (id) VALUES (%s) ON CONFLICT (id) DO NOTHING", (row,))
+    window_s = resumed_at - killed_at
+    print(f"\nkill -9 of the leader's {kill} ({old}): writes again after {window_s:.1f}s on {new}; "
+          f"{old} rejoined as {rejoined}; acknowledged {len(acked)} ({acknowledged_before} before the kill), "
+          f"failed {len(load.unknown)} by type {dict(load.errors)}, committed anyway {len(set(load.unknown) & present)}",
+          file=sys.stderr)
+    assert not load.unexpected, f"errors a service would answer 500 for: {load.unexpected[:3]}"
+    assert acked - present == set(), f"acknowledged and lost: {sorted(acked - present)[:20]}"
+    assert window_s < FAILOVER_WINDOW_MAX_S
+    assert new is not None and new != old
+
+
+async def _data_directory(pool: AsyncConnectionPool) -> str:
+    async with pool.connection() as conn:
+        row = await (await conn.execute("SHOW data_directory")).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def test_kill_9_of_the_leaders_postmaster_fails_over_and_loses_nothing(
+        ha_stack: Stack, load: tuple[Load, AsyncConnectionPool]) -> None:
+    await _failover(ha_stack, *load, kill="postmaster")
+
+
+async def test_kill_9_of_the_whole_leader_node_fails_over_and_loses_nothing(
+        ha_stack: Stack, load: tuple[Load, AsyncConnectionPool]) -> None:
+    await _failover(ha_stack, *load, kill="node")
