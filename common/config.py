@@ -42,7 +42,7 @@ class Settings:
     pg_database: str = _setting("BANK_PG_DATABASE", "bank", "PostgreSQL database; each service owns one schema in it")
     pg_pool_min: int = _setting("BANK_PG_POOL_MIN", 2, "connections each service process keeps open")
     pg_pool_max: int = _setting("BANK_PG_POOL_MAX", 10, "connections each service process may open at most")
-    # The HA mode (docs: README, "High availability"): N Patroni-managed nodes, node i on
+    # The HA mode (README, Ports; issue #19): N Patroni-managed nodes, node i on
     # pg_port + i with its Patroni REST API on patroni_port + i, replicated synchronously, with
     # etcd holding the leader key. 1 is one plain PostgreSQL on pg_port.
     pg_nodes: int = _setting("BANK_PG_NODES", 1, "PostgreSQL nodes: 1 is one plain server on BANK_PG_PORT; 3 is a "
