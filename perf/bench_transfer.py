@@ -14,9 +14,17 @@ hot: 10 accounts, so most movements queue on the same row locks):
                transfer written as plain SQL in a scratch schema "ceiling" of the same database,
                one per transaction. THE yardstick: every other figure is reported as a share of it
                (the ratio to the ceiling of the same distribution and client count, same run).
+  pgbench-holds     pgbench -> Postgres, holds (#18) through the same function: a placement (a TRANSFER
+                    with p_hold_seconds), then a POST of it, or a VOID one time in ten; two
+                    transactions, as two requests would be. Unit: place+settle pairs/s
+  rest-envoy-holds  k6 -> Envoy: POST /v1/transfers with hold_seconds, then :post (or :void, 10%) by
+                    the payee. Unit: pairs/s
+  A holds row is also given as a ratio to its path's plain transfers/s of the same run
+  (pgbench-holds to pgbench, rest-envoy-holds to rest-envoy; #18's target: at least 0.5).
 
 Every request is a new movement of 1 JPY (a new request_id) between two different accounts of
 one bench customer, all funded generously: no business refusal is expected, so any error counts.
+That customer owns both sides of every hold, so it is the payee that posts or voids it.
 The bench's accounts and movements stay in the ledger (JPY, ids under a per-run prefix).
 
     make bench-transfer   (or: .venv/bin/python -m perf.bench_transfer [--duration-s 10] [--clients 16,64]
@@ -70,6 +78,9 @@ HOT_ACCOUNTS = 10
 FUNDING_BATCH = 256  # deposits per move_money_batch call, its maximum
 PAIRS = 20_000  # pre-drawn (from, to) pairs the load generators cycle through
 RUN_TIMEOUT_S = 120
+# Holds paths and the plain path of the same stack each is compared with (#18: ratio >= 0.5).
+HOLDS_OF = {"pgbench-holds": "pgbench", "rest-envoy-holds": "rest-envoy"}
+PATHS = ("ceiling", "grpc-direct", "grpc-envoy", "rest-envoy", "rest-envoy-holds", "pgbench", "pgbench-holds")
 # The services whose Kafka consumers turn every movement into statement lines and emails.
 CONSUMERS = ["svc_account", "svc_notify"]
 
@@ -87,6 +98,9 @@ class Result:
     error_kinds: dict[str, int] = field(default_factory=dict)
     note: str = ""
     share_of_ceiling: float | None = None  # rps / the ceiling's rps, same distribution and clients
+    unit: str = "movements/s"  # what rps counts: holds paths count place+settle pairs
+    # Holds paths: rps / the same path's plain transfers/s (HOLDS_OF), same distribution and clients.
+    ratio_to_transfers: float | None = None
     # Where the CPU went during the run: ms of CPU per request, by process group (cpu_groups).
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
 
@@ -211,20 +225,75 @@ export function handleSummary(data) {
 """
 
 
-def run_k6(bench: Bench, result: Result) -> Result:
+# Holds (#18): one iteration is a place+settle pair. The bench customer owns both accounts, so
+# it is the payee and may post or void. A pair's latency is the sum of its two requests'
+# durations (http_req_duration, as the plain path reports); a failed pair is not timed.
+K6_HOLDS_SCRIPT = """
+import http from 'k6/http';
+import { check } from 'k6';
+import { SharedArray } from 'k6/data';
+import { Counter, Trend } from 'k6/metrics';
+
+const pairs = new SharedArray('pairs', () => JSON.parse(open(__ENV.PAIRS)));
+const url = `http://127.0.0.1:${__ENV.PORT}/v1/transfers`;
+const headers = { 'Content-Type': 'application/json', Authorization: `Bearer ${__ENV.TOKEN}` };
+const settled = new Counter('pairs');
+const pairDuration = new Trend('pair_duration', true);
+
+export const options = { discardResponseBodies: true, summaryTrendStats: ['avg', 'med', 'p(95)', 'p(99)', 'max'] };
+
+export default function () {
+  const [from, to] = pairs[Math.floor(Math.random() * pairs.length)];
+  const body = JSON.stringify({ request_id: `bench-${crypto.randomUUID()}`, from_account_id: from,
+                                to_account_id: to, amount: '1', currency: __ENV.CURRENCY,
+                                hold_seconds: Number(__ENV.HOLD_SECONDS) });
+  const placed = http.post(url, body, { headers, timeout: '10s', responseType: 'text' });
+  if (!check(placed, { 'hold placed': (r) => r.status === 200 && r.json('status') === 'PENDING' })) {
+    return;
+  }
+  const settle = Math.random() < 0.1 ? 'void' : 'post';
+  const response = http.post(`${url}/${placed.json('transfer_id')}:${settle}`,
+                             JSON.stringify({ request_id: `bench-${crypto.randomUUID()}` }),
+                             { headers, timeout: '10s' });
+  if (check(response, { 'hold settled': (r) => r.status === 200 })) {
+    settled.add(1);
+    pairDuration.add(placed.timings.duration + response.timings.duration);
+  }
+}
+
+export function handleSummary(data) {
+  return { [__ENV.SUMMARY]: JSON.stringify(data) };
+}
+"""
+
+
+def run_k6(bench: Bench, result: Result, *, holds: bool = False) -> Result:
     k6 = BIN / "k6"
     if not k6.exists():
         result.note = "skipped: no k6 in .stack/bin"
         return result
-    script = bench.workdir / "rest.js"
-    script.write_text(K6_SCRIPT)
-    summary = bench.workdir / f"k6-{result.distribution}-{result.clients}.json"
+    script = bench.workdir / ("rest-holds.js" if holds else "rest.js")
+    script.write_text(K6_HOLDS_SCRIPT if holds else K6_SCRIPT)
+    summary = bench.workdir / f"k6-{result.path}-{result.distribution}-{result.clients}.json"
     env = dict(os.environ, PAIRS=str(bench.pairs_file(result.distribution)), PORT=str(bench.settings.envoy_port),
-               TOKEN=bench.token, CURRENCY=CURRENCY, SUMMARY=str(summary), K6_NO_USAGE_REPORT="true")
+               TOKEN=bench.token, CURRENCY=CURRENCY, SUMMARY=str(summary), K6_NO_USAGE_REPORT="true",
+               HOLD_SECONDS=str(HOLD_SECONDS))
     subprocess.run([str(k6), "run", "--quiet", "--no-color", "--vus", str(result.clients), "--duration",
                     f"{result.duration_s}s", str(script)], check=True, timeout=RUN_TIMEOUT_S, env=env,
                    stdout=subprocess.DEVNULL)
     metrics = json.loads(summary.read_text())["metrics"]
+    if holds:
+        durations = metrics.get("pair_duration", {}).get("values", {})
+        pairs = metrics.get("pairs", {}).get("values", {})
+        result.requests = int(pairs.get("count", 0))
+        result.rps = float(pairs.get("rate", 0.0))
+        result.latency_ms = {"p50": durations.get("med", 0.0), "p95": durations.get("p(95)", 0.0),
+                             "p99": durations.get("p(99)", 0.0), "mean": durations.get("avg", 0.0)}
+        checks = metrics["checks"]["values"]
+        result.errors = int(checks.get("fails", 0))
+        if result.errors:
+            result.error_kinds = {"pairs refused or failed (non-200)": result.errors}
+        return result
     durations = metrics["http_req_duration"]["values"]
     result.requests = int(metrics["http_reqs"]["values"]["count"])
     result.rps = float(metrics["http_reqs"]["values"]["rate"])
@@ -251,11 +320,45 @@ SELECT * FROM transfer.move_money_batch(ARRAY['customer:$owner'],
 """)
 
 
-def run_pgbench(bench: Bench, result: Result, first: int, count: int) -> Result:
-    """The statement svc_transfer sends, straight from pgbench's clients."""
-    script = bench.workdir / "pgbench.sql"
-    script.write_text(PGBENCH_SCRIPT.substitute(owner=bench.owner_id, prefix=bench.prefix, first=first,
-                                                last=count - 1, count=count, currency=CURRENCY))
+# Holds (#18), one place+settle pair per pgbench "transaction" (the script; its latency is the
+# pair's): the placement as svc_transfer sends CreateTransfer with hold_seconds, then, as the
+# payee's PostTransfer (9 in 10) or VoidTransfer would, a POST or VOID naming the hold, each in its
+# own transaction. A refusal comes back as a row, not an error; `error::int` turns one into an
+# error ('invalid input syntax for type integer: "<REASON>"') that aborts the client and is
+# counted (no refusal is expected; the plain script does not look). pgbench replaces :hold_id
+# even inside the quotes.
+PGBENCH_HOLDS_SCRIPT = string.Template("""\\set f random(0, $last)
+\\set o random(1, $last)
+\\set settle random(1, 10)
+SELECT transfer_id AS hold_id, coalesce(error::int, 0) AS refused FROM transfer.move_money_batch(
+    ARRAY['customer:$owner'], ARRAY['bench-' || gen_random_uuid()::text], ARRAY['TRANSFER'], ARRAY['$owner'::uuid],
+    ARRAY[format('$prefix-0000-4000-8000-%s', lpad(($first + :f)::text, 12, '0'))::uuid],
+    ARRAY[format('$prefix-0000-4000-8000-%s', lpad(($first + (:f + :o) % $count)::text, 12, '0'))::uuid],
+    ARRAY[1::bigint], ARRAY['$currency'], ARRAY[''], ARRAY['{}'::jsonb], ARRAY[transfer.uuid_v7()],
+    ARRAY[transfer.uuid_v7()], p_hold_seconds => ARRAY[$hold_seconds])
+\\gset
+\\if :settle = 1
+SELECT error::int FROM transfer.move_money_batch(ARRAY['customer:$owner'],
+    ARRAY['bench-' || gen_random_uuid()::text], ARRAY['VOID'], ARRAY['$owner'::uuid], ARRAY[NULL::uuid],
+    ARRAY[NULL::uuid], ARRAY[NULL::bigint], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY['{}'::jsonb],
+    ARRAY[NULL::uuid], ARRAY[transfer.uuid_v7()], p_hold_ids => ARRAY[':hold_id'::uuid]);
+\\else
+SELECT error::int FROM transfer.move_money_batch(ARRAY['customer:$owner'],
+    ARRAY['bench-' || gen_random_uuid()::text], ARRAY['POST'], ARRAY['$owner'::uuid], ARRAY[NULL::uuid],
+    ARRAY[NULL::uuid], ARRAY[NULL::bigint], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY['{}'::jsonb],
+    ARRAY[NULL::uuid], ARRAY[transfer.uuid_v7()], p_hold_ids => ARRAY[':hold_id'::uuid],
+    p_money_event_ids => ARRAY[transfer.uuid_v7()]);
+\\endif
+""")
+HOLD_SECONDS = 3600  # far beyond a run: no hold of the bench lapses before it is settled
+
+
+def run_pgbench(bench: Bench, result: Result, first: int, count: int, *, holds: bool = False) -> Result:
+    """The statement svc_transfer sends, straight from pgbench's clients (holds: the pair of them)."""
+    script = bench.workdir / f"{result.path}.sql"
+    template = PGBENCH_HOLDS_SCRIPT if holds else PGBENCH_SCRIPT
+    script.write_text(template.substitute(owner=bench.owner_id, prefix=bench.prefix, first=first, last=count - 1,
+                                          count=count, currency=CURRENCY, hold_seconds=HOLD_SECONDS))
     return _pgbench(bench, result, script, ["-M", "simple"], dict(os.environ, PGPASSWORD=bench.settings.pg_password))
 
 
@@ -281,7 +384,8 @@ def _pgbench(bench: Bench, result: Result, script: Path, options: list[str], env
     result.requests = len(latencies_us)
     result.rps = float(match.group(1)) if match else result.requests / result.duration_s
     result.errors = int(failed.group(1)) if failed else 0
-    aborted = re.findall(r"client \d+ aborted", completed.stderr)
+    # pgbench 15 says "client 3 script 0 aborted in command 1 query 0: ERROR: ..."
+    aborted = re.findall(r"client \d+ (?:script \d+ )?aborted", completed.stderr)
     if aborted:
         reasons = re.findall(r"ERROR:\s+(.+)", completed.stderr)
         result.errors += len(aborted)
@@ -321,43 +425,81 @@ def run_ceiling(bench: Bench, result: Result, count: int) -> Result:
 # --- checks and output -------------------------------------------------------------------------------
 
 def ledger_check(bench: Bench, total_accounts: int) -> dict[str, Any]:
-    """The bench's money stayed in the bench's accounts, and every movement has its two entries and event."""
+    """The bench's money stayed in the bench's accounts; every movement has its entries and events;
+    what the accounts hold back for holds is what their PENDING holds add up to.
+
+    Entries: two summing to zero for a completed movement (a posted hold's are its post's), none
+    for a hold that was never posted. Outbox rows, keyed by the transfer (a hold's by the hold):
+    a transfer's MoneyMoved; a hold's HoldPlaced, then HoldPosted and MoneyMoved, or HoldVoided
+    or HoldExpired. A PENDING hold left over is a pair cut short (counted in its run's errors)."""
     ids = [bench.account_id(i) for i in range(total_accounts)]
     with psycopg.connect(bench.settings.pg_conninfo, autocommit=True) as conn:
         conn.execute("SET statement_timeout = '120s'")
-        [(balance_total, negative)] = conn.execute(
-            "SELECT sum(balance), count(*) FILTER (WHERE balance < 0) FROM transfer.ledger_accounts"
-            " WHERE account_id = ANY(%s::uuid[])", (ids,)).fetchall()
-        [(movements, unbalanced, events)] = conn.execute(
-            "WITH t AS (SELECT transfer_id FROM transfer.transfers WHERE request_id LIKE 'bench-%%'"
-            "             AND from_account_id = ANY(%s::uuid[]))"
+        [(balance_total, negative, pending_debits, pending_credits, unavailable)] = conn.execute(
+            "SELECT sum(balance), count(*) FILTER (WHERE balance < 0), sum(pending_debits), sum(pending_credits),"
+            "       count(*) FILTER (WHERE balance - pending_debits < 0)"
+            "  FROM transfer.ledger_accounts WHERE account_id = ANY(%s::uuid[])", (ids,)).fetchall()
+        [(movements, holds, pending_holds, held_pending, unbalanced, events, expected_events)] = conn.execute(
+            "WITH t AS (SELECT transfer_id, status, held_amount FROM transfer.transfers"
+            "            WHERE request_id LIKE 'bench-%%' AND from_account_id = ANY(%s::uuid[])),"
+            "     e AS (SELECT e.transfer_id, count(*) AS n, sum(e.amount) AS total"
+            "             FROM transfer.entries e JOIN t USING (transfer_id) GROUP BY e.transfer_id)"
             " SELECT (SELECT count(*) FROM t),"
-            "        (SELECT count(*) FROM (SELECT e.transfer_id FROM transfer.entries e JOIN t USING (transfer_id)"
-            "          GROUP BY e.transfer_id HAVING count(*) <> 2 OR sum(e.amount) <> 0) AS u),"
-            "        (SELECT count(*) FROM transfer.outbox o JOIN t ON o.aggregate_id = t.transfer_id::text)",
+            "        (SELECT count(*) FROM t WHERE held_amount IS NOT NULL),"
+            "        (SELECT count(*) FROM t WHERE status = 'PENDING'),"
+            "        (SELECT coalesce(sum(held_amount), 0) FROM t WHERE status = 'PENDING'),"
+            "        (SELECT count(*) FROM t LEFT JOIN e USING (transfer_id)"
+            "          WHERE coalesce(e.n, 0) <> CASE WHEN t.status = 'COMPLETED' THEN 2 ELSE 0 END"
+            "             OR coalesce(e.total, 0) <> 0),"
+            "        (SELECT count(*) FROM transfer.outbox o JOIN t ON o.aggregate_id = t.transfer_id::text),"
+            "        (SELECT coalesce(sum(CASE WHEN held_amount IS NULL THEN 1 WHEN status = 'COMPLETED' THEN 3"
+            "                                  WHEN status = 'PENDING' THEN 1 ELSE 2 END), 0) FROM t)",
             (ids,)).fetchall()
     check = {"balance_total": int(balance_total), "expected_total": FUNDING * total_accounts,
              "negative_balances": int(negative), "movements": int(movements), "unbalanced_movements": int(unbalanced),
-             "outbox_events": int(events)}
+             "outbox_events": int(events), "expected_outbox_events": int(expected_events), "holds": int(holds),
+             "pending_holds": int(pending_holds), "held_by_pending_holds": int(held_pending),
+             "pending_debits": int(pending_debits), "pending_credits": int(pending_credits),
+             "negative_available": int(unavailable)}
     check["ok"] = (check["balance_total"] == check["expected_total"] and not negative and not unbalanced
-                   and events == movements)
+                   and events == expected_events and not unavailable
+                   and pending_debits == pending_credits == held_pending)
     return check
 
 
 def shares(results: list[Result]) -> None:
-    """Each figure as a share of the ceiling of the same run (same distribution and client count)."""
+    """Each figure as a share of the ceiling of the same run (same distribution and client count),
+    and each holds figure (pairs/s) as a ratio to its path's plain transfers/s of the same run."""
     ceilings = {(r.distribution, r.clients): r.rps for r in results if r.path == "ceiling" and r.rps}
+    plain = {(r.path, r.distribution, r.clients): r.rps for r in results if r.rps}
     print("\nshare of the ceiling (ceiling.sql by pgbench, same run):", flush=True)
     for r in results:
         ceiling = ceilings.get((r.distribution, r.clients))
+        transfers = plain.get((HOLDS_OF.get(r.path, ""), r.distribution, r.clients))
+        if transfers:
+            r.ratio_to_transfers = round(r.rps / transfers, 3)
         if ceiling and r.path != "ceiling":
             r.share_of_ceiling = round(r.rps / ceiling, 3)
-            print(f"  {r.path:20} {r.distribution:7} {r.clients:3} clients: {r.rps:8.0f}/s = {r.share_of_ceiling:6.1%}"
-                  f" of {ceiling:.0f}/s  (p99 {r.latency_ms.get('p99', 0):.1f} ms)", flush=True)
+            print(f"  {r.path:20} {r.distribution:7} {r.clients:3} clients: {r.rps:8.0f} {r.unit} ="
+                  f" {r.share_of_ceiling:6.1%} of {ceiling:.0f}/s  (p99 {r.latency_ms.get('p99', 0):.1f} ms)"
+                  + (f", {r.ratio_to_transfers:.2f} x {HOLDS_OF[r.path]}'s {transfers:.0f}/s" if transfers else ""),
+                  flush=True)
     print("\nCPU per request, ms, by process group (middle of each run):", flush=True)
     for r in results:
         print(f"  {r.path:20} {r.distribution:7} {r.clients:3} clients: "
               + ", ".join(f"{group} {ms:.2f}" for group, ms in r.cpu_ms_per_request.items()), flush=True)
+
+
+def table(results: list[Result]) -> list[str]:
+    """The run as a Markdown table (for the README and commit messages)."""
+    lines = ["| path | distribution | clients | rate | share of ceiling | ratio to transfers/s | p99 ms | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        share = f"{r.share_of_ceiling:.1%}" if r.share_of_ceiling is not None else "-"
+        ratio = f"{r.ratio_to_transfers:.2f}" if r.ratio_to_transfers is not None else "-"
+        lines.append(f"| {r.path} | {r.distribution} | {r.clients} | {r.rps:,.0f} {r.unit} | {share} | {ratio}"
+                     f" | {r.latency_ms.get('p99', 0):.1f} | {r.errors} |")
+    return lines
 
 
 def chart(results: list[Result], path: Path) -> None:
@@ -376,7 +518,7 @@ def chart(results: list[Result], path: Path) -> None:
         throughput.bar(xs, [r.rps if r else 0 for r in found], width, label=name)
         latency.bar(xs, [r.latency_ms.get("p99", 0) if r else 0 for r in found], width, label=name)
     labels = [f"{d}\n{c} clients" for d, c in groups]
-    for axis, title in ((throughput, "CreateTransfer throughput (movements/s)"), (latency, "p99 latency (ms)")):
+    for axis, title in ((throughput, "throughput (movements/s; holds: place+settle pairs/s)"), (latency, "p99 latency (ms)")):
         axis.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], labels)
         axis.set_title(title)
         axis.grid(axis="y", alpha=0.3)
@@ -449,19 +591,24 @@ def run_all(bench: Bench, results: list[Result], layouts: dict[str, tuple[int, i
     for distribution, (first, count) in layouts.items():
         for client_count in clients:
             for name in paths:
-                result = Result(name, distribution, client_count, float(bench.duration_s))
+                result = Result(name, distribution, client_count, float(bench.duration_s),
+                                unit="pairs/s" if name in HOLDS_OF else "movements/s")
                 window = CpuWindow(bench.duration_s)
                 if name in grpc_targets:
                     run_ghz(bench, result, grpc_targets[name], data_files[distribution])
                 elif name == "rest-envoy":
                     run_k6(bench, result)
+                elif name == "rest-envoy-holds":
+                    run_k6(bench, result, holds=True)
                 elif name == "pgbench":
                     run_pgbench(bench, result, first, count)
+                elif name == "pgbench-holds":
+                    run_pgbench(bench, result, first, count, holds=True)
                 elif name == "ceiling":
                     run_ceiling(bench, result, count)
                 result.cpu_ms_per_request = window.per_request(result.rps)
                 results.append(result)
-                print(f"  {name:11} {distribution:7} {client_count:3} clients: {result.rps:8.0f}/s"
+                print(f"  {name:16} {distribution:7} {client_count:3} clients: {result.rps:8.0f} {result.unit}"
                       f"  p50 {result.latency_ms.get('p50', 0):6.1f} ms  p99 {result.latency_ms.get('p99', 0):6.1f} ms"
                       f"  errors {result.errors} {result.note}", flush=True)
 
@@ -470,7 +617,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=int, default=10, help="seconds per run (default 10)")
     parser.add_argument("--clients", default="16,64", help="comma-separated client counts (default 16,64)")
-    parser.add_argument("--paths", default="ceiling,grpc-direct,grpc-envoy,rest-envoy,pgbench")
+    parser.add_argument("--paths", default="ceiling,grpc-direct,grpc-envoy,rest-envoy,rest-envoy-holds,pgbench,"
+                                           "pgbench-holds", help="comma-separated, of: " + ", ".join(PATHS))
     parser.add_argument("--pause-consumers", action="store_true",
                         help="stop svc_account and svc_notify for the runs (the synchronous path alone: their event "
                              "consumers otherwise take about a core of the two), and start them again afterwards")
@@ -480,12 +628,15 @@ def main() -> None:
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     paths = args.paths.split(",")
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        parser.error(f"unknown paths {', '.join(unknown)}; the paths are {', '.join(PATHS)}")
 
     settings = config.load()
     check_stack(settings)
     if not (BIN / "ghz").exists():
         raise SystemExit("no ghz in .stack/bin: run `make tools`")
-    if shutil.which("pgbench") is None and "pgbench" in paths:
+    if shutil.which("pgbench") is None and {"pgbench", "pgbench-holds", "ceiling"} & set(paths):
         raise SystemExit("no pgbench on PATH (Debian: apt-get install postgresql-client)")
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -531,6 +682,7 @@ def main() -> None:
             if args.pause_consumers:
                 asyncio.run(Stack(settings).up(CONSUMERS))
         shares(results)
+        print("\n" + "\n".join(table(results)), flush=True)
         check = ledger_check(bench, UNIFORM_ACCOUNTS + HOT_ACCOUNTS)
         print(f"ledger check after the bench: {check}", flush=True)
 
@@ -538,7 +690,8 @@ def main() -> None:
         report = {"time": stamp, "duration_s_per_run": args.duration_s, "cpu_cores": os.cpu_count(),
                   "accounts": {"uniform": UNIFORM_ACCOUNTS, "hot": HOT_ACCOUNTS}, "currency": CURRENCY,
                   "transfer_processes": settings.processes("transfer"), "pg_pool_max_per_process": settings.pg_pool_max,
-                  "consumers_paused": args.pause_consumers,
+                  "consumers_paused": args.pause_consumers, "hold_seconds": HOLD_SECONDS, "void_share": 0.1,
+                  "table": table(results),
                   "ledger_check": check, "results": [asdict(r) for r in results],
                   "wall_time_s": round(time.monotonic() - started, 1)}
         json_path, png_path = RESULTS / f"transfer-{stamp}.json", RESULTS / f"transfer-{stamp}.png"
