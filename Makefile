@@ -53,9 +53,10 @@ test-unit: $(READY)
 	$(PY) -m pytest -q tests/unit
 
 # Only the fault tests (SIGKILL and restart of Kafka, Cassandra, svc_notify, the outbox relay;
-# Mailpit down 30 s), against the stack `make up` started: about 2 minutes. `make test` runs them too.
+# Mailpit down 30 s; holds in flight through Postgres and svc_transfer), against the stack
+# `make up` started: about 4 minutes. `make test` runs them too.
 test-faults: $(READY) up
-	$(PY) -m pytest -q tests/test_events_faults.py
+	$(PY) -m pytest -q tests/test_events_faults.py tests/test_holds_faults.py
 
 up: $(READY)
 	$(PY) -m devstack up
