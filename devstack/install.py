@@ -163,3 +163,46 @@ def go_tool(name: str, bin_dir: Path, log: Path) -> Path:
     _run([go, "install", module], log, dict(os.environ, GOBIN=str(bin_dir), GOFLAGS="-mod=mod"))
     stamp.write_text(module)
     return target
+
+
+# `docker compose config` checks docker-compose.yml without an engine (tests/test_deploy_files.py).
+# The compose plugin is built inside its downloaded module: `go install ...@v5.6.0` is refused
+# because its go.mod has exclude directives. Its go.mod asks for Go 1.26.8, the machines' Go.
+DOCKER_COMPOSE_MODULE = "github.com/docker/compose/v5@v5.6.0"
+
+
+def _go_module_dir(go: str, module: str, log: Path) -> Path:
+    """The module downloaded into Go's module cache (read-only there), from the Go module proxy."""
+    import json  # only the compose plugin's build reads `go mod download -json`
+
+    result = subprocess.run([go, "mod", "download", "-json", module], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, GOFLAGS="-mod=mod"), cwd=Path(os.sep))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        out.write(f"\n$ go mod download -json {module}\n{result.stdout}{result.stderr}")
+    if result.returncode != 0:
+        raise InstallError(f"`go mod download {module}` exited with {result.returncode} (see {log})")
+    return Path(json.loads(result.stdout)["Dir"])
+
+
+def docker_compose(bin_dir: Path, log: Path) -> tuple[list[str], dict[str, str]]:
+    """How to run `docker compose`: the argv that starts it and the variables to add. The plugin
+    is built once into <bin_dir>/docker-config/cli-plugins (DOCKER_CONFIG's plugin folder) and
+    run by the machine's docker CLI; without one it runs standalone, as `docker-compose`. (The
+    docker CLI itself does not build from the Go module proxy: a dependency is not served.)"""
+    config_dir = bin_dir / "docker-config"
+    plugin = config_dir / "cli-plugins" / "docker-compose"
+    stamp = bin_dir / ".docker-compose.version"
+    if not (plugin.exists() and stamp.exists() and stamp.read_text() == DOCKER_COMPOSE_MODULE):
+        go = shutil.which("go") or "/usr/local/go/bin/go"
+        if not Path(go).exists():
+            raise InstallError("Go is not installed; the docker compose plugin is built with `go build`")
+        source = _go_module_dir(go, DOCKER_COMPOSE_MODULE, log)
+        version = DOCKER_COMPOSE_MODULE.rpartition("@")[2]
+        _run([go, "build", "-trimpath", "-ldflags", f"-w -X github.com/docker/compose/v5/internal.Version={version}",
+              "-o", str(plugin), "./cmd"], log, dict(os.environ, GOFLAGS="-mod=mod"), cwd=source)
+        stamp.write_text(DOCKER_COMPOSE_MODULE)
+    docker = shutil.which("docker")
+    if docker is None:
+        return [str(plugin)], {}
+    return [docker, "compose"], {"DOCKER_CONFIG": str(config_dir)}
