@@ -13,6 +13,7 @@ errors (lock wait or statement timed out, pool exhausted, connection lost) raise
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -86,9 +87,18 @@ class VisibleTransfer:
     to_customer_id: str | None
 
 
+# A call's whole time, the commit included. statement_timeout and lock_timeout bound the work,
+# but not a commit waiting for a synchronous standby (the HA mode, issue #19: with
+# synchronous_mode_strict and no standby left, it waits forever). Past this the caller gets
+# LedgerBusy, never a refusal: the movements may have committed (the cancel that ends the wait
+# leaves a local commit in place), and a retry with the same request_id tells. Below Envoy's
+# route timeout (10 s), so the client hears 503 LEDGER_BUSY rather than 504.
+CALL_DEADLINE_S = 8.0
+
+
 async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     try:
-        async with pool.connection() as conn:
+        async with asyncio.timeout(CALL_DEADLINE_S), pool.connection() as conn:
             conn: AsyncConnection  # type: ignore[no-redef]
             await conn.set_autocommit(True)
             # Prepared on its first use on each connection: later calls skip parsing and planning.
@@ -98,6 +108,8 @@ async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any]) -
     # a deadlock, no free connection: common/db.py's list.
     except PG_TRANSIENT_ERRORS as exc:
         raise LedgerBusy(str(exc)) from exc
+    except TimeoutError as exc:
+        raise LedgerBusy(f"no answer within {CALL_DEADLINE_S:g} s; the outcome is unknown") from exc
 
 
 def _transfer(row: Sequence[Any]) -> Transfer:

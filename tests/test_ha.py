@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -31,9 +32,11 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from common import config, db
+from common.config import REPO_ROOT
 from devstack import proc
 from devstack.components import cluster_members, ha_components
 from devstack.stack import Stack
+from svc_transfer import store
 from tests.support import until
 
 FAILOVER_WINDOW_MAX_S = 30.0
@@ -221,3 +224,49 @@ async def test_kill_9_of_the_leaders_postmaster_fails_over_and_loses_nothing(
 async def test_kill_9_of_the_whole_leader_node_fails_over_and_loses_nothing(
         ha_stack: Stack, load: tuple[Load, AsyncConnectionPool]) -> None:
     await _failover(ha_stack, *load, kill="node")
+
+
+async def test_a_commit_no_standby_confirms_is_busy_not_refused_and_its_retry_moves_money_once(
+        ha_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With synchronous_mode_strict and no standby left, a commit waits for one forever, and the
+    cancel that ends the wait leaves it committed locally. The ledger answers LedgerBusy (503
+    LEDGER_BUSY: outcome unknown, retry with the request_id) past its call deadline, never a
+    refusal; once a standby is back, the retry finds the movement and moves nothing again."""
+    settings = ha_stack.settings
+    await asyncio.to_thread(until, lambda: _leader(settings) if "sync_standby" in _roles(settings).values() else None,
+                            "a leader with a sync standby", 60)
+    pool = await db.open_pool(settings, "transfer")
+    try:
+        await db.migrate(pool, "transfer", REPO_ROOT / "svc_transfer" / "migrations")
+        account = str(uuid.uuid4())
+        assert (await store.LedgerStore(pool).open_ledger_account(account, str(uuid.uuid4()), "USD")).error is None
+        deposit = store.MovementRequest(initiator="teller:ha-test", request_id=uuid.uuid4().hex, kind="DEPOSIT",
+                                        owner_id=None, from_account_id=None, to_account_id=account, amount=500,
+                                        currency="USD", description="", event_headers={})
+        standbys = [name for name, role in _roles(settings).items() if role != "leader"]
+        ha_stack.down(standbys, out=sys.stderr)
+        try:
+            monkeypatch.setattr(store, "CALL_DEADLINE_S", 3.0)  # the bound, shortened for the test
+            with pytest.raises(store.LedgerBusy):
+                await store.move_money_batch(pool, [deposit])
+        finally:
+            await ha_stack.up(standbys, out=sys.stderr)
+        await asyncio.to_thread(until, lambda: True if "sync_standby" in _roles(settings).values() else None,
+                                "a sync standby back", REJOIN_TIMEOUT_S, 0.5)
+        monkeypatch.undo()
+        retried: store.Movement | None = None
+        for _ in range(20):  # the pool replaces what the cancel left behind
+            try:
+                [retried] = await store.move_money_batch(pool, [deposit])
+                break
+            except store.LedgerBusy:
+                await asyncio.sleep(0.5)
+        assert retried is not None and retried.error is None and retried.transfer is not None
+        accounts = await store.LedgerStore(pool).customer_accounts([account])
+        async with pool.connection() as conn:
+            [(count,)] = await (await conn.execute(
+                "SELECT count(*) FROM transfers WHERE request_id = %s", (deposit.request_id,))).fetchall()
+        print(f"\nno standby: LedgerBusy after the deadline; the retry replayed={retried.replayed}", file=sys.stderr)
+        assert count == 1 and accounts[account].balance == 500
+    finally:
+        await pool.close()
