@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 from bank.events.v1 import events_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -83,63 +84,33 @@ def hold_placed(event: store.LedgerEvent) -> bytes:
     ).SerializeToString()
 
 
-def _settled(event: store.LedgerEvent, status: str) -> tuple[store.Transfer, int, datetime]:
-    """The settled hold, its held amount and its settle time, checked against the event's type."""
+def _settled(event: store.LedgerEvent, status: str) -> dict[str, Any]:
+    """The fields every settlement event has (the hold's parties, currency, the settle time),
+    once the settled hold is checked against the event's type."""
     hold = event.transfer
     assert hold.status == status and hold.held_amount is not None and event.settle_time is not None, \
         f"{event.event_type} {event.event_id} of a {hold.status} transfer"
-    return hold, hold.held_amount, event.settle_time
+    return {"event_id": event.event_id, "transfer_id": hold.transfer_id, "from_account_id": hold.from_account_id,
+            "from_customer_id": event.from_customer_id or "", "to_account_id": hold.to_account_id,
+            "to_customer_id": event.to_customer_id or "", "held_amount": hold.held_amount, "currency": hold.currency,
+            "create_time": _timestamp(event.settle_time)}
 
 
 def hold_posted(event: store.LedgerEvent) -> bytes:
     """bank.events.v1.HoldPosted: amount moved (its MoneyMoved follows), the rest released."""
-    hold, held_amount, settle_time = _settled(event, "COMPLETED")
-    return events_pb2.HoldPosted(
-        event_id=event.event_id,
-        transfer_id=hold.transfer_id,
-        from_account_id=hold.from_account_id,
-        from_customer_id=event.from_customer_id or "",
-        to_account_id=hold.to_account_id,
-        to_customer_id=event.to_customer_id or "",
-        amount=hold.amount,
-        held_amount=held_amount,
-        currency=hold.currency,
-        create_time=_timestamp(settle_time),
-    ).SerializeToString()
+    return events_pb2.HoldPosted(amount=event.transfer.amount, **_settled(event, "COMPLETED")).SerializeToString()
 
 
 def hold_voided(event: store.LedgerEvent) -> bytes:
     """bank.events.v1.HoldVoided: all of the held amount is available to the payer again."""
-    hold, held_amount, settle_time = _settled(event, "VOIDED")
-    return events_pb2.HoldVoided(
-        event_id=event.event_id,
-        transfer_id=hold.transfer_id,
-        from_account_id=hold.from_account_id,
-        from_customer_id=event.from_customer_id or "",
-        to_account_id=hold.to_account_id,
-        to_customer_id=event.to_customer_id or "",
-        held_amount=held_amount,
-        currency=hold.currency,
-        create_time=_timestamp(settle_time),
-    ).SerializeToString()
+    return events_pb2.HoldVoided(**_settled(event, "VOIDED")).SerializeToString()
 
 
 def hold_expired(event: store.LedgerEvent) -> bytes:
     """bank.events.v1.HoldExpired: released at create_time, at or after expire_time."""
-    hold, held_amount, settle_time = _settled(event, "EXPIRED")
-    assert hold.expire_time is not None
-    return events_pb2.HoldExpired(
-        event_id=event.event_id,
-        transfer_id=hold.transfer_id,
-        from_account_id=hold.from_account_id,
-        from_customer_id=event.from_customer_id or "",
-        to_account_id=hold.to_account_id,
-        to_customer_id=event.to_customer_id or "",
-        held_amount=held_amount,
-        currency=hold.currency,
-        create_time=_timestamp(settle_time),
-        expire_time=_timestamp(hold.expire_time),
-    ).SerializeToString()
+    assert event.transfer.expire_time is not None
+    return events_pb2.HoldExpired(expire_time=_timestamp(event.transfer.expire_time),
+                                  **_settled(event, "EXPIRED")).SerializeToString()
 
 
 BUILDERS: dict[str, Callable[[store.LedgerEvent], bytes]] = {
