@@ -123,9 +123,21 @@ class Bench:
 
 # --- setup -----------------------------------------------------------------------------------
 
+def leader_port(settings: config.Settings) -> int:
+    """The port pgbench must use: the one server's, or in HA mode the current leader's, found as the
+    services find it (the multi-host conninfo keeps the node that takes writes). Asked at each
+    pgbench start, so a failover between runs is followed rather than measured as refusals."""
+    if not settings.pg_ha:
+        return settings.pg_port
+    with psycopg.connect(settings.pg_conninfo, autocommit=True) as conn:
+        row = conn.execute("SELECT inet_server_port()").fetchone()
+    assert row is not None and row[0] is not None, "the leader answered without a port"
+    return int(row[0])
+
+
 def check_stack(settings: config.Settings) -> None:
     for name, port in (("svc_transfer", settings.transfer_grpc_port), ("envoy", settings.envoy_port),
-                       ("postgres", settings.pg_port)):
+                       ("postgres", leader_port(settings))):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
         except OSError as exc:
@@ -366,7 +378,7 @@ def _pgbench(bench: Bench, result: Result, script: Path, options: list[str], env
     log_prefix = bench.workdir / f"pgbench-{result.path}-{result.distribution}-{result.clients}"
     settings = bench.settings
     completed = subprocess.run(
-        ["pgbench", "-h", settings.pg_host, "-p", str(settings.pg_port), "-U", settings.pg_user, "-n", *options,
+        ["pgbench", "-h", settings.pg_host, "-p", str(leader_port(settings)), "-U", settings.pg_user, "-n", *options,
          "-c", str(result.clients), "-j", "2", "-T", str(int(result.duration_s)), "-f", str(script),
          "--log", f"--log-prefix={log_prefix}", settings.pg_database],
         check=False, timeout=RUN_TIMEOUT_S, env=env, capture_output=True, text=True)
@@ -690,7 +702,7 @@ def main() -> None:
         report = {"time": stamp, "duration_s_per_run": args.duration_s, "cpu_cores": os.cpu_count(),
                   "accounts": {"uniform": UNIFORM_ACCOUNTS, "hot": HOT_ACCOUNTS}, "currency": CURRENCY,
                   "transfer_processes": settings.processes("transfer"), "pg_pool_max_per_process": settings.pg_pool_max,
-                  "consumers_paused": args.pause_consumers, "hold_seconds": HOLD_SECONDS, "void_share": 0.1,
+                  "pg_nodes": settings.pg_nodes, "consumers_paused": args.pause_consumers, "hold_seconds": HOLD_SECONDS, "void_share": 0.1,
                   "table": table(results),
                   "ledger_check": check, "results": [asdict(r) for r in results],
                   "wall_time_s": round(time.monotonic() - started, 1)}
