@@ -24,8 +24,12 @@ class InternalChannel:
         self.channel = grpc.aio.insecure_channel(
             # round_robin: a name that resolves to several pods (a headless Service, deploy/k8s)
             # gets its calls spread over all of them; one address behaves as before.
+            # Reconnect backoff capped at a second (gRPC's default grows to 120 s): a dependency
+            # that restarts is called again within a second of being back, instead of every
+            # call failing DEPENDENCY_UNAVAILABLE for as long as the last backoff lasts.
             address, options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1),
-                              ("grpc.lb_policy_name", "round_robin")],
+                              ("grpc.lb_policy_name", "round_robin"), ("grpc.initial_reconnect_backoff_ms", 200),
+                              ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1_000)],
             interceptors=tracing.client_interceptors(),  # none when tracing is off
         )
         self._metadata = auth.service_metadata(keys, service)

@@ -250,6 +250,7 @@ async def test_holds_lapsed_while_the_ledger_was_down_are_released_on_its_next_s
         stack: Stack, bank: Bank, settings: Settings) -> None:
     payer, payee = await parties(bank)
     held = [(await hold(bank, payer, payee, 100, hold_seconds=60)).transfer_id for _ in range(5)]
+    customer = await asyncio.to_thread(onboard, settings)
     stack.down(["svc_transfer"], out=sys.stderr)
     try:
         age_holds(settings, held, 120)
@@ -257,6 +258,11 @@ async def test_holds_lapsed_while_the_ledger_was_down_are_released_on_its_next_s
                              " AND status = 'PENDING'", (held,))[0][0] == 5
     finally:
         await stack.up(["svc_transfer"], out=sys.stderr)
+        # The stack as the next tests expect it: svc_account's channel to the ledger is back too
+        # (until then CreateAccount answers 503 DEPENDENCY_UNAVAILABLE, as it should).
+        await asyncio.to_thread(until, lambda: rest(settings, "POST", "/v1/accounts", {"currency": "USD"},
+                                                    token=customer.token).status == 200 or None,
+                                "svc_account reaching the restarted ledger", 30)
     until(lambda: sql(settings, "SELECT count(*) = 5 FROM transfer.transfers WHERE transfer_id = ANY(%s::uuid[])"
                                 " AND status = 'EXPIRED'", (held,))[0][0] or None, "the lapsed holds released", 30)
     assert await state(bank, payer) == [(1_000, 1_000)]
