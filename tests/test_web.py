@@ -703,7 +703,9 @@ def test_accessibility_basics_labels_and_keyboard(new_tab: Callable[[], Tab], se
     expect(page.get_by_role("heading", level=1)).to_have_text("Send money")
     expect(page.get_by_role("heading", level=1)).to_be_focused()
     assert page.evaluate(unlabelled) == []
-    # An error is announced (role=alert) and names the field's problem.
+    # An error is announced (role=alert) and names the field's problem. Send is disabled until
+    # the accounts are loaded, and Enter does not submit a form whose button is disabled.
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
     page.get_by_label(re.compile(r"^Amount")).focus()
     page.keyboard.type("abc")
     page.keyboard.press("Enter")
