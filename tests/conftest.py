@@ -18,7 +18,7 @@ import pytest
 from common import config
 from devstack.components import Paths
 from devstack.stack import Stack
-from tests import secret_scan
+from tests import figures, secret_scan
 from tests.ledger_support import Bank
 from tests.tokens import TestTokens, test_tokens
 
@@ -80,3 +80,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         else:
             print(text, file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    """The figures tests measured (tests/figures.py), together at the end of the run."""
+    if figures.LINES:
+        terminalreporter.section("figures the tests measured")
+        for line in figures.LINES:
+            terminalreporter.write_line(line)

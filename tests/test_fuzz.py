@@ -37,6 +37,7 @@ from schemathesis.specs.openapi.checks import (
 from common import config
 from common.config import REPO_ROOT, Settings
 from devstack.stack import Stack
+from tests import figures
 from tests.events_support import Holder, deposit, holder, open_account, transfer, withdraw
 from tests.support import login, rest, unique_email
 
@@ -195,8 +196,8 @@ def test_the_fuzz_reached_every_operation_and_few_logins(world: World) -> None:
     by_status = Counter[int]()
     for (_, status), count in world.statuses.items():
         by_status[status] += count
-    print(f"\nfuzz: {len(world.requests)} operations, {world.requests.total()} requests, "
-          f"statuses {dict(sorted(by_status.items()))}, Login requests {world.requests[LOGIN]}")
+    figures.report(f"fuzz: {len(world.requests)} operations, {world.requests.total()} requests, "
+                   f"statuses {dict(sorted(by_status.items()))}, Login requests {world.requests[LOGIN]}")
     for operation_id in sorted(operation_ids):
         answers = {status: count for (name, status), count in sorted(world.statuses.items()) if name == operation_id}
         print(f"  {operation_id}: {world.requests[operation_id]} requests, {answers}")

@@ -28,6 +28,7 @@ import pytest
 from common.config import Settings
 from devstack import proc
 from devstack.stack import Stack
+from tests import figures
 from tests.events_support import Holder, deposit, holder, teller_token
 from tests.ledger_support import age_holds, holds_invariants, sql
 from tests.support import Response, kill9, rest, until
@@ -242,8 +243,9 @@ def check(settings: Settings, load: Load, people: list[Holder]) -> None:
     assert load.answered_500 == []
     refusals = Counter(r.first.reason for r in requests if r.first is not None and r.first.status != 200)
     assert set(refusals) <= EXPECTED_REFUSALS, refusals
-    print(f"{len(load.placements)} holds, {len(requests)} requests, {retried} retried during the load"
-          f" ({sum(r.attempts for r in requests)} sends with the replays), refusals {dict(refusals)}")
+    figures.report(f"holds under SIGKILL: {len(load.placements)} holds, {len(requests)} requests, {retried} retried "
+                   f"during the load ({sum(r.attempts for r in requests)} sends with the replays), "
+                   f"refusals {dict(refusals)}")
 
     # The release worker catches up with the aged holds, even those aged while it was down.
     ids = sorted(load.holds)
@@ -284,7 +286,7 @@ def check(settings: Settings, load: Load, people: list[Holder]) -> None:
         if status == "PENDING":
             pending[source] += held_amount
         statuses[status] += 1
-    print(f"holds by status: {dict(statuses)}")
+    figures.report(f"holds under SIGKILL, by status: {dict(statuses)}")
     assert statuses["COMPLETED"] and statuses["VOIDED"] and statuses["EXPIRED"]  # the mix did what it meant to
     for person in people:
         shown = rest(settings, "GET", f"/v1/accounts/{person.account_id}", token=person.token)

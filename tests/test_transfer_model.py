@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 from common.config import Settings
 from common.errors import reason_of
 from devstack.stack import Stack
+from tests import figures
 from tests.ledger_support import TIMEOUT_S, Metadata, age_holds, holds_invariants, new_request_id, sql
 from tests.support import until
 from tests.tokens import test_tokens
@@ -482,10 +483,9 @@ def test_ledger_behaves_like_the_model(stack: Stack, settings: Settings) -> None
             tokens.service_metadata("tests"), [("authorization", f"Bearer {tokens.teller()}")], tokens.customer)
         LedgerModel.run = run
         run_state_machine_as_test(LedgerModel, settings=hypothesis_settings)  # type: ignore[no-untyped-call]
-    print(f"\nledger model: {run.examples} examples, {run.steps} steps checked against the ledger, "
-          f"{time.monotonic() - started:.0f}s")
-    for (kind, outcome), count in sorted(run.outcomes.items()):
-        print(f"  {kind} {outcome}: {count}")
+    figures.report(f"ledger model: {run.examples} examples, {run.steps} steps checked against the ledger, "
+                   f"{time.monotonic() - started:.0f}s; outcomes: "
+                   + ", ".join(f"{kind} {outcome} {count}" for (kind, outcome), count in sorted(run.outcomes.items())))
     # The run really placed holds and settled them (which reasons it met varies from run to run).
     assert run.outcomes["HOLD", "OK"] > 0
     assert run.outcomes["POST", "OK"] + run.outcomes["VOID", "OK"] + run.outcomes["EXPIRE", "OK"] > 0
