@@ -5,12 +5,45 @@ keyed by aggregate id) and marked sent only after the broker acknowledged them, 
 batches, oldest first. One relay per schema is active at a time (a Postgres advisory lock held
 on a dedicated connection), so a second process of the same service cannot publish a later
 event of a key before an earlier one. When Kafka is down the batch is not marked, and the
-relay retries with bounded backoff: events may be published again (consumers drop duplicates
-by event_id) but never lost or reordered per key.
+relay retries with bounded backoff: events are never lost or reordered per key.
+
+Exactly once in Kafka when a mark is lost. A batch Kafka acknowledged whose mark never commits
+(the relay's process killed, its Postgres connection lost in a failover) would be published
+again by the next relay. So a relay, each time it becomes active (at start and after every
+error) and before it publishes anything, reconciles: it locks the RECONCILE_ROWS oldest unsent
+rows, reads back the Kafka partitions their keys map to, from RECONCILE_MARGIN_S before the
+oldest row's create_time up to the end offsets taken then, and marks sent, without publishing
+them again, the rows whose event_id header it found there. A lost mark's rows are always among
+those read: only the active relay publishes, one batch at a time, and every relay reconciles
+before its first batch, so at most one batch is in Kafka unmarked, made of the oldest unsent
+rows, at the tail of its partitions. The read is bounded by that: at most
+RECONCILE_RECORDS_MAX records per partition, the newest. When the cap cut a partition's window
+short and the oldest record read there is one of these rows' events, earlier ones may lie before
+it: that is logged and counted (outbox_reconcile_capped_total), and what was not found is
+published again, as before (at least once; consumers drop duplicates by event_id). The order per key holds: the idempotent
+producer lands a key's records in order, so what is found of a key is a prefix of its unsent
+rows (past the cap, a key's earlier events come again after its later ones, as duplicates:
+first deliveries stay in order). Why not Kafka transactions:
+docs/decisions/0023-outbox-exactly-once-by-reading-back.md.
+
+Windows left, each a second fault on top of the first (a duplicate, never a loss):
+- A record still on its way from another producer when the end offsets are read is missed.
+  A relay that stops stops its producer, which returns once every record it took is delivered
+  or has failed, before it lets go of the leader lock; on a failed send, before it lets go of
+  the batch's row locks too, which a relay reconciling elsewhere waits for (a relay that lost
+  only its leader connection). A killed process's requests reached the broker before its
+  sockets closed or never will, and a healthy broker appends them within milliseconds, while
+  the next relay takes about a second to become active (its lock poll, producer start; after a
+  failover, Patroni's seconds first). Only a broker stalled that long lets one through.
+- With a replication factor above one, a record appended but not yet replicated is past the
+  end offset (the high watermark) that bounds the read.
+- Events past the cap (above).
 
 Costs per batch: one SELECT … FOR UPDATE, one Kafka round trip (all records of the batch in
 flight together), one UPDATE; an idle relay wakes on a NOTIFY sent after commits (OutboxNudge),
-with a poll as a fallback, and a busy one polls every BUSY_POLL_S.
+with a poll as a fallback, and a busy one polls every BUSY_POLL_S. The reconcile costs nothing
+per batch: once per activation, a SELECT, a short-lived consumer (a few requests) and at most
+RECONCILE_RECORDS_MAX records per partition read, none of it when no row is unsent.
 
 Sent rows are kept SENT_RETENTION_S (the table still shows yesterday's events; Kafka keeps the
 events themselves), then deleted by the active relay when it is not busy: the table stays
@@ -28,7 +61,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from prometheus_client import Counter, Gauge
@@ -57,10 +90,24 @@ CLEANUP_INTERVAL_S = 60.0
 # Rows looked at per cleanup pass: the oldest ones (outbox_id is commit order, so rows old enough
 # to go are among them); a pass that deleted this many runs again at the next quiet moment.
 CLEANUP_BATCH = 10_000
+# The reconcile when a relay becomes active (see the module's docstring). A lost mark is at most
+# one batch; the slack covers rows committed late under a lower outbox_id (a long transaction)
+# and records of other writers of the topic (a dead-letter replay) among the batch's.
+RECONCILE_ROWS = 4 * BATCH_SIZE
+RECONCILE_RECORDS_MAX = 4 * BATCH_SIZE  # per partition, the newest
+# Record timestamps are the relay's clock, create_time the database's: the skew they may have.
+RECONCILE_MARGIN_S = 60.0
+RECONCILE_TIMEOUT_S = 30.0
 
 PUBLISHED = Counter("outbox_published_total", "Outbox events published to Kafka", ["topic"])
 BACKLOG = Gauge("outbox_backlog", "Outbox events not yet published (seen by the active relay)")
 OLDEST_AGE = Gauge("outbox_oldest_unsent_age_seconds", "Age of the oldest unpublished outbox event")
+RECONCILED = Counter("outbox_reconciled_total",
+                     "Unsent outbox events found already in Kafka by a relay becoming active, marked sent"
+                     " without publishing them again", ["topic"])
+RECONCILE_CAPPED = Counter("outbox_reconcile_capped_total",
+                           "Partitions whose read-back hit RECONCILE_RECORDS_MAX with events of unsent rows"
+                           " possibly before it (those are published again)", ["topic"])
 
 
 async def ensure_topics(settings: Settings) -> None:
@@ -155,9 +202,10 @@ class OutboxRelay:
                 request_timeout_ms=int(SEND_TIMEOUT_S * 1000),
             )
             await producer.start()
-            log.info("outbox relay active", extra=common_logging.fields(schema=self._schema))
             notifies = asyncio.get_running_loop().create_task(self._listen(leader))
             try:
+                await self._reconcile(producer)  # before anything is published
+                log.info("outbox relay active", extra=common_logging.fields(schema=self._schema))
                 busy_until = 0.0
                 while not self._stopping:  # until stop(), or an error for _run to restart from
                     published = await self._relay_batch(producer)
@@ -194,6 +242,32 @@ class OutboxRelay:
         if deleted == CLEANUP_BATCH:
             self._next_cleanup = 0.0  # more to go: again at the next quiet moment
 
+    async def _reconcile(self, producer: AIOKafkaProducer) -> None:
+        """Mark sent the unsent rows whose events are in Kafka already: a batch published by a
+        relay whose mark was lost (see the module's docstring)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            # FOR UPDATE waits for the batch of a relay still running elsewhere (one that lost its
+            # leader connection, not its batch's) to end; lock_timeout bounds the wait, and _run
+            # tries again.
+            cursor = await conn.execute(
+                "SELECT outbox_id, event_id::text, topic, aggregate_id, create_time"
+                " FROM outbox WHERE sent_time IS NULL ORDER BY outbox_id LIMIT %s FOR UPDATE",
+                (RECONCILE_ROWS,),
+            )
+            rows = await cursor.fetchall()
+            if not rows:
+                return
+            found = await asyncio.wait_for(_published(self._settings, producer, rows), timeout=RECONCILE_TIMEOUT_S)
+            if not found:
+                return
+            await conn.execute("UPDATE outbox SET sent_time = now() WHERE outbox_id = ANY(%s)",
+                               ([row[0] for row in rows if row[1] in found],))
+        counts = collections.Counter(row[2] for row in rows if row[1] in found)
+        for topic, count in counts.items():
+            RECONCILED.labels(topic).inc(count)
+        log.warning("outbox events found in Kafka already, marked sent without publishing them again",
+                    extra=common_logging.fields(schema=self._schema, events=len(found), unsent=len(rows)))
+
     async def _listen(self, conn: AsyncConnection) -> None:
         async for _ in conn.notifies():
             self._wake.set()
@@ -218,7 +292,15 @@ class OutboxRelay:
                 built = await self._build_payloads(conn, unbuilt)
                 assert built.keys() == set(unbuilt), "an outbox event whose payload could not be built"
             # All records in flight together; the idempotent producer keeps their order per partition.
-            await asyncio.wait_for(asyncio.gather(*await _send(producer, rows, built)), timeout=SEND_TIMEOUT_S)
+            try:
+                await asyncio.wait_for(asyncio.gather(*await _send(producer, rows, built)), timeout=SEND_TIMEOUT_S)
+            except BaseException:
+                # Some records may still be on their way (the idempotent producer retries them
+                # until the broker takes them): stopping the producer waits for each to land or
+                # fail, and these rows stay locked until then, so a relay reconciling elsewhere,
+                # which waits for their locks, finds in Kafka every record that got there.
+                await producer.stop()
+                raise
             await conn.execute("UPDATE outbox SET sent_time = now() WHERE outbox_id = ANY(%s)",
                                ([r[0] for r in rows],))
             for topic, count in collections.Counter(row[2] for row in rows).items():
@@ -265,21 +347,93 @@ def murmur2(data: bytes) -> int:
     return h
 
 
+def _partition(partitions: Sequence[int], key: bytes) -> int:
+    """The partition the producer's default partitioner gives the key (murmur2, as Kafka's Java
+    clients do), so a key keeps its partition whichever way it is sent."""
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+
+
+async def _published(settings: Settings, producer: AIOKafkaProducer,
+                     rows: Sequence[tuple[Any, ...]]) -> set[str]:
+    """The event ids of these unsent rows (outbox_id, event_id, topic, aggregate_id,
+    create_time) found in Kafka: in the partitions their keys map to, from RECONCILE_MARGIN_S
+    before their oldest create_time to the end offsets of now, at most the newest
+    RECONCILE_RECORDS_MAX records of each partition."""
+    wanted: dict[TopicPartition, set[str]] = {}
+    since_ms: dict[TopicPartition, int] = {}
+    partitions: dict[str, list[int]] = {}
+    for _, event_id, topic, aggregate_id, create_time in rows:
+        if topic not in partitions:
+            partitions[topic] = sorted(await producer.partitions_for(topic))
+        tp = TopicPartition(topic, _partition(partitions[topic], aggregate_id.encode()))
+        wanted.setdefault(tp, set()).add(event_id)
+        row_since_ms = int((create_time.timestamp() - RECONCILE_MARGIN_S) * 1000)
+        since_ms[tp] = min(since_ms.get(tp, row_since_ms), row_since_ms)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,  # assigned partitions, no offsets committed
+        enable_auto_commit=False,
+        isolation_level="read_uncommitted",  # the relay writes no transactions
+        auto_offset_reset="earliest",  # a start offset gone to retention meanwhile: what is left
+        request_timeout_ms=int(RECONCILE_TIMEOUT_S * 1000),
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(wanted))
+        ends = await consumer.end_offsets(list(wanted))
+        beginnings = await consumer.beginning_offsets(list(wanted))
+        by_time = await consumer.offsets_for_times(since_ms)
+        truncated: set[TopicPartition] = set()  # the time window reaches before the cap
+        reading: set[TopicPartition] = set()
+        for tp in wanted:
+            at_time = by_time[tp]
+            since = at_time.offset if at_time is not None else ends[tp]  # None: no record that recent
+            start = max(since, beginnings[tp], ends[tp] - RECONCILE_RECORDS_MAX)
+            if since < start:
+                truncated.add(tp)
+            if start < ends[tp]:
+                consumer.seek(tp, start)
+                reading.add(tp)
+        found: set[str] = set()
+        first_read: set[TopicPartition] = set()
+        # Bounded by the records between start and end; the caller bounds its time.
+        while reading:
+            batches = await consumer.getmany(*reading, timeout_ms=1000, max_records=RECONCILE_RECORDS_MAX)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        break
+                    event_id = decode_headers(record.headers).get("event_id", "")
+                    if tp not in first_read:
+                        first_read.add(tp)
+                        if tp in truncated and event_id in wanted[tp]:
+                            RECONCILE_CAPPED.labels(tp.topic).inc()
+                            log.warning("outbox reconcile capped: events before it may be published again",
+                                        extra=common_logging.fields(topic=tp.topic, partition=tp.partition,
+                                                                    records_max=RECONCILE_RECORDS_MAX))
+                    if event_id in wanted[tp]:
+                        found.add(event_id)
+            for tp in list(reading):
+                if await consumer.position(tp) >= ends[tp]:
+                    reading.discard(tp)
+        return found
+    finally:
+        await consumer.stop()
+
+
 async def _send(producer: AIOKafkaProducer, rows: Sequence[tuple[Any, ...]],
                 built: dict[str, bytes]) -> list[asyncio.Future[Any]]:
     """Queue the records of these outbox rows, in order, as one record batch per partition (or
     more when one fills up) rather than one producer.send per record, which costs about ten times
-    the CPU. The partition is the one the producer's default partitioner gives the key (murmur2,
-    as Kafka's Java clients do), so a key keeps its partition whichever way it is sent."""
+    the CPU. Each record's partition is _partition's."""
     partitions: dict[str, list[int]] = {}
     builders: dict[tuple[str, int], Any] = {}
     full: list[tuple[Any, str, int]] = []
     for _, event_id, topic, aggregate_id, event_type, payload, headers, _ in rows:
         if topic not in partitions:
             partitions[topic] = sorted(await producer.partitions_for(topic))
-        topic_partitions = partitions[topic]
         key = aggregate_id.encode()
-        partition = topic_partitions[(murmur2(key) & 0x7FFFFFFF) % len(topic_partitions)]
+        partition = _partition(partitions[topic], key)
         record_headers = [("event_type", event_type.encode()), ("event_id", event_id.encode())]
         record_headers += [(k, str(v).encode()) for k, v in (headers or {}).items() if v]
         value = bytes(payload) if payload else built[event_id]
