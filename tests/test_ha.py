@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -33,10 +32,19 @@ from psycopg_pool import AsyncConnectionPool
 
 from common import config, db
 from common.config import REPO_ROOT
-from devstack import proc
-from devstack.components import cluster_members, ha_components
+from devstack.components import ha_components
 from devstack.stack import Stack
 from svc_transfer import store
+from tests.ha_support import (
+    REPLICA_ROLES,
+    data_directory,
+    kill_node,
+    kill_orphan_postmasters,
+    leader,
+    leader_with_sync_standby,
+    node_port,
+    roles,
+)
 from tests.support import until
 
 FAILOVER_WINDOW_MAX_S = 30.0
@@ -58,37 +66,8 @@ def ha_stack() -> Iterator[Stack]:
         yield stack
     finally:
         stack.down(out=sys.stderr)
-        _kill_orphan_postmasters(stack)
+        kill_orphan_postmasters(stack)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _kill_orphan_postmasters(stack: Stack) -> None:
-    """A postmaster whose Patroni was SIGKILLed runs on by itself (Patroni starts it in a
-    session of its own): the test made it, the test ends it."""
-    for data in stack.paths.data.glob("postgres-*"):
-        pid = _postmaster_pid(data)
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _postmaster_pid(data_dir: Path) -> int | None:
-    try:
-        return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _roles(settings: config.Settings) -> dict[str, str]:
-    """Each running member's role: leader, sync_standby or replica."""
-    return {str(m["name"]): str(m["role"]) for m in cluster_members(settings)
-            if m.get("state") in ("running", "streaming")}
-
-
-def _leader(settings: config.Settings) -> str | None:
-    return next((name for name, role in _roles(settings).items() if role == "leader"), None)
 
 
 @dataclass
@@ -145,47 +124,39 @@ async def load(ha_stack: Stack) -> AsyncIterator[tuple[Load, AsyncConnectionPool
 
 
 def test_a_leader_with_a_synchronous_standby(ha_stack: Stack) -> None:
-    roles = until(lambda: r if sorted((r := _roles(ha_stack.settings)).values()) == ["leader", "replica", "sync_standby"]
-                  else None, "a leader, a sync standby and a replica", timeout_s=60)
-    leader = next(name for name, role in roles.items() if role == "leader")
-    node = int(leader.rsplit("-", 1)[1])
+    members = until(lambda: r if sorted((r := roles(ha_stack.settings)).values()) == ["leader", "replica", "sync_standby"]
+                    else None, "a leader, a sync standby and a replica", timeout_s=60)
+    first = next(name for name, role in members.items() if role == "leader")
     with psycopg.connect(ha_stack.settings.pg_conninfo, autocommit=True) as conn:
         port, in_recovery = conn.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone()  # type: ignore[misc]
         standby_names = conn.execute("SHOW synchronous_standby_names").fetchone()
     # The multi-host conninfo lands on the leader, whichever node that is.
-    assert (port, in_recovery) == (ha_stack.settings.pg_node_port(node), False)
-    sync = next(name for name, role in roles.items() if role == "sync_standby")
+    assert (port, in_recovery) == (node_port(ha_stack.settings, first), False)
+    sync = next(name for name, role in members.items() if role == "sync_standby")
     assert standby_names is not None and sync in standby_names[0]
 
 
 async def _failover(ha_stack: Stack, load: Load, pool: AsyncConnectionPool, kill: str) -> None:
     settings = ha_stack.settings
-    await asyncio.to_thread(until, lambda: _leader(settings) if "sync_standby" in _roles(settings).values() else None,
-                            "a leader with a sync standby", 60)
+    await asyncio.to_thread(until, lambda: leader_with_sync_standby(settings), "a leader with a sync standby", 60)
     await asyncio.to_thread(until, lambda: True if len(load.acknowledged) >= 200 else None, "writes before the kill", 60)
-    old = _leader(settings)
+    old = leader(settings)
     assert old is not None
-    data_dir = Path(await _data_directory(pool))
-    postmaster = _postmaster_pid(data_dir)
-    assert postmaster is not None
+    data_dir = await asyncio.to_thread(data_directory, settings, old)
     killed_at = time.monotonic()
-    if kill == "node":  # Patroni first: nobody renews the leader key, which expires (ttl 10 s)
-        record = proc.read_pidfile(ha_stack.pidfile(old))
-        assert record is not None
-        os.killpg(record.pid, signal.SIGKILL)
-    os.kill(postmaster, signal.SIGKILL)
+    kill_node(ha_stack, old, data_dir, kill)
     acknowledged_before = len(load.acknowledged)
 
     # Backends of a killed postmaster may finish what they were doing: writes "again" means
     # acknowledged by another node.
-    old_port = settings.pg_node_port(int(old.rsplit("-", 1)[1]))
+    old_port = node_port(settings, old)
     resumed_at = await asyncio.to_thread(until, lambda: load.first_ack_after(killed_at, old_port),
                                          "a write acknowledged by another node after the kill", FAILOVER_WINDOW_MAX_S + 30)
-    new = _leader(settings)
+    new = leader(settings)
     if kill == "node":  # its launcher starts it again, as `make up` would
         await ha_stack.up([old], out=sys.stderr)
     rejoined = await asyncio.to_thread(
-        until, lambda: _roles(settings).get(old) if _roles(settings).get(old) in ("replica", "sync_standby") else None,
+        until, lambda: role if (role := roles(settings).get(old)) in REPLICA_ROLES else None,
         f"{old} back as a replica", REJOIN_TIMEOUT_S, 0.5)
     await asyncio.to_thread(until, lambda: True if load.first_ack_after(time.monotonic() - 1) else None, "writes go on", 30)
     load.stop.set()
@@ -209,13 +180,6 @@ async def _failover(ha_stack: Stack, load: Load, pool: AsyncConnectionPool, kill
     assert new is not None and new != old
 
 
-async def _data_directory(pool: AsyncConnectionPool) -> str:
-    async with pool.connection() as conn:
-        row = await (await conn.execute("SHOW data_directory")).fetchone()
-    assert row is not None
-    return str(row[0])
-
-
 async def test_kill_9_of_the_leaders_postmaster_fails_over_and_loses_nothing(
         ha_stack: Stack, load: tuple[Load, AsyncConnectionPool]) -> None:
     await _failover(ha_stack, *load, kill="postmaster")
@@ -233,8 +197,7 @@ async def test_a_commit_no_standby_confirms_is_busy_not_refused_and_its_retry_mo
     LEDGER_BUSY: outcome unknown, retry with the request_id) past its call deadline, never a
     refusal; once a standby is back, the retry finds the movement and moves nothing again."""
     settings = ha_stack.settings
-    await asyncio.to_thread(until, lambda: _leader(settings) if "sync_standby" in _roles(settings).values() else None,
-                            "a leader with a sync standby", 60)
+    await asyncio.to_thread(until, lambda: leader_with_sync_standby(settings), "a leader with a sync standby", 60)
     pool = await db.open_pool(settings, "transfer")
     try:
         await db.migrate(pool, "transfer", REPO_ROOT / "svc_transfer" / "migrations")
@@ -243,7 +206,7 @@ async def test_a_commit_no_standby_confirms_is_busy_not_refused_and_its_retry_mo
         deposit = store.MovementRequest(initiator="teller:ha-test", request_id=uuid.uuid4().hex, kind="DEPOSIT",
                                         owner_id=None, from_account_id=None, to_account_id=account, amount=500,
                                         currency="USD", description="", event_headers={})
-        standbys = [name for name, role in _roles(settings).items() if role != "leader"]
+        standbys = [name for name, role in roles(settings).items() if role != "leader"]
         ha_stack.down(standbys, out=sys.stderr)
         try:
             monkeypatch.setattr(store, "CALL_DEADLINE_S", 3.0)  # the bound, shortened for the test
@@ -251,7 +214,7 @@ async def test_a_commit_no_standby_confirms_is_busy_not_refused_and_its_retry_mo
                 await store.move_money_batch(pool, [deposit])
         finally:
             await ha_stack.up(standbys, out=sys.stderr)
-        await asyncio.to_thread(until, lambda: True if "sync_standby" in _roles(settings).values() else None,
+        await asyncio.to_thread(until, lambda: True if "sync_standby" in roles(settings).values() else None,
                                 "a sync standby back", REJOIN_TIMEOUT_S, 0.5)
         monkeypatch.undo()
         retried: store.Movement | None = None

@@ -1,0 +1,80 @@
+"""What the tests of the HA mode share (tests/test_ha.py: the cluster alone; tests/test_failover.py:
+the whole bank on it): each member's role, the leader, killing the leader as a power loss would
+(its postmaster, or the whole node), and the cleanup of what such a kill leaves running."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psycopg
+
+from common import config
+from devstack import proc
+from devstack.components import cluster_members
+from devstack.stack import Stack
+
+REPLICA_ROLES = ("replica", "sync_standby")
+
+
+def roles(settings: config.Settings) -> dict[str, str]:
+    """Each running member's role: leader, sync_standby or replica."""
+    return {str(m["name"]): str(m["role"]) for m in cluster_members(settings)
+            if m.get("state") in ("running", "streaming")}
+
+
+def leader(settings: config.Settings) -> str | None:
+    return next((name for name, role in roles(settings).items() if role == "leader"), None)
+
+
+def leader_with_sync_standby(settings: config.Settings) -> str | None:
+    """The leader, once a synchronous standby confirms its commits (strict mode: no commit before)."""
+    return leader(settings) if "sync_standby" in roles(settings).values() else None
+
+
+def node_port(settings: config.Settings, name: str) -> int:
+    """PostgreSQL port of the member named postgres-<i>."""
+    return settings.pg_node_port(int(name.rsplit("-", 1)[1]))
+
+
+def data_directory(settings: config.Settings, name: str) -> Path:
+    """The data folder of member `name`, asked of that very node."""
+    with psycopg.connect(host=settings.pg_host, port=node_port(settings, name), user=settings.pg_user,
+                         password=settings.pg_password, dbname=settings.pg_database, connect_timeout=5,
+                         autocommit=True) as conn:
+        row = conn.execute("SHOW data_directory").fetchone()
+    assert row is not None
+    return Path(str(row[0]))
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    try:
+        return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kill_node(stack: Stack, name: str, data_dir: Path, kill: str) -> None:
+    """kill -9 of member `name`'s postmaster ("postmaster"), or of the whole node ("node"): Patroni
+    first, so nobody renews the leader key, which expires (ttl 10 s), then its postmaster."""
+    assert kill in ("postmaster", "node"), kill
+    postmaster = postmaster_pid(data_dir)
+    assert postmaster is not None, f"no postmaster.pid in {data_dir}"
+    if kill == "node":
+        record = proc.read_pidfile(stack.pidfile(name))
+        assert record is not None, f"{name} has no pid file"
+        os.killpg(record.pid, signal.SIGKILL)
+    os.kill(postmaster, signal.SIGKILL)
+
+
+def kill_orphan_postmasters(stack: Stack) -> None:
+    """A postmaster whose Patroni was SIGKILLed runs on by itself (Patroni starts it in a
+    session of its own): the test made it, the test ends it."""
+    for data in stack.paths.data.glob("postgres-*"):
+        pid = postmaster_pid(data)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
