@@ -35,6 +35,7 @@ from common.config import REPO_ROOT
 from devstack.components import ha_components
 from devstack.stack import Stack
 from svc_transfer import store
+from tests import figures
 from tests.ha_support import (
     REPLICA_ROLES,
     data_directory,
@@ -170,10 +171,10 @@ async def _failover(ha_stack: Stack, load: Load, pool: AsyncConnectionPool, kill
         for row in load.unknown:
             await conn.execute("INSERT INTO acked (id) VALUES (%s) ON CONFLICT (id) DO NOTHING", (row,))
     window_s = resumed_at - killed_at
-    print(f"\nkill -9 of the leader's {kill} ({old}): writes again after {window_s:.1f}s on {new}; "
-          f"{old} rejoined as {rejoined}; acknowledged {len(acked)} ({acknowledged_before} before the kill), "
-          f"failed {len(load.unknown)} by type {dict(load.errors)}, committed anyway {len(set(load.unknown) & present)}",
-          file=sys.stderr)
+    figures.report(f"HA storage: kill -9 of the leader's {kill} ({old}): writes again after {window_s:.1f}s on {new}; "
+                   f"{old} rejoined as {rejoined}; acknowledged {len(acked)} ({acknowledged_before} before the kill), "
+                   f"failed {len(load.unknown)} by type {dict(load.errors)}, "
+                   f"committed anyway {len(set(load.unknown) & present)}")
     assert not load.unexpected, f"errors a service would answer 500 for: {load.unexpected[:3]}"
     assert acked - present == set(), f"acknowledged and lost: {sorted(acked - present)[:20]}"
     assert window_s < FAILOVER_WINDOW_MAX_S
@@ -229,7 +230,7 @@ async def test_a_commit_no_standby_confirms_is_busy_not_refused_and_its_retry_mo
         async with pool.connection() as conn:
             [(count,)] = await (await conn.execute(
                 "SELECT count(*) FROM transfers WHERE request_id = %s", (deposit.request_id,))).fetchall()
-        print(f"\nno standby: LedgerBusy after the deadline; the retry replayed={retried.replayed}", file=sys.stderr)
+        figures.report(f"HA storage, no standby: LedgerBusy after the deadline; the retry replayed={retried.replayed}")
         assert count == 1 and accounts[account].balance == 500
     finally:
         await pool.close()
