@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import psycopg
@@ -31,6 +32,36 @@ def leader(settings: config.Settings) -> str | None:
 def leader_with_sync_standby(settings: config.Settings) -> str | None:
     """The leader, once a synchronous standby confirms its commits (strict mode: no commit before)."""
     return leader(settings) if "sync_standby" in roles(settings).values() else None
+
+
+def whole_cluster(settings: config.Settings) -> str | None:
+    """The leader, once the cluster is whole and settled: every node running, one leader, a
+    synchronous standby, every replica on the leader's timeline with a known lag, the same twice
+    SETTLE_S apart. A node that came back from a kill may show as a running replica for a moment,
+    then stop again for its pg_rewind; a kill in that moment leaves strict mode no standby it may
+    promote (the one it would promote is down), and no failover until it is back."""
+    first = _whole(settings)
+    if first is None:
+        return None
+    time.sleep(SETTLE_S)
+    return first[0] if _whole(settings) == first else None
+
+
+SETTLE_S = 2.0
+
+
+def _whole(settings: config.Settings) -> tuple[str, tuple[tuple[str, str, object], ...]] | None:
+    members = cluster_members(settings)
+    if len(members) != settings.pg_nodes or any(m.get("state") not in ("running", "streaming") for m in members):
+        return None
+    leaders = [m for m in members if m.get("role") == "leader"]
+    standbys = [m for m in members if m.get("role") != "leader"]
+    if len(leaders) != 1 or not any(m.get("role") == "sync_standby" for m in standbys):
+        return None
+    timeline = leaders[0].get("timeline")
+    if any(m.get("timeline", timeline) != timeline or not isinstance(m.get("lag"), int) for m in standbys):
+        return None
+    return str(leaders[0]["name"]), tuple(sorted((str(m["name"]), str(m["role"]), m.get("timeline")) for m in members))
 
 
 def node_port(settings: config.Settings, name: str) -> int:

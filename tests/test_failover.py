@@ -57,6 +57,7 @@ from tests.ha_support import (
     leader,
     leader_with_sync_standby,
     roles,
+    whole_cluster,
 )
 from tests.ledger_support import Bank, sql
 from tests.support import rest, until
@@ -291,8 +292,7 @@ async def _failover(ha: Stack, kill: str, seed: int) -> None:
     try:
         await asyncio.to_thread(until, lambda: True if load.acknowledged() >= ACKNOWLEDGED_BEFORE_KILL else None,
                                 "transfers before the kill", 90)
-        old = leader(settings)
-        assert old is not None
+        old = await asyncio.to_thread(until, lambda: whole_cluster(settings), "the whole cluster, settled", 90, 0.5)
         data_dir = await asyncio.to_thread(data_directory, settings, old)
         acknowledged_before = load.acknowledged()
         killed_at = time.monotonic()

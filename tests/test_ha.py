@@ -45,6 +45,7 @@ from tests.ha_support import (
     leader_with_sync_standby,
     node_port,
     roles,
+    whole_cluster,
 )
 from tests.support import until
 
@@ -141,8 +142,7 @@ async def _failover(ha_stack: Stack, load: Load, pool: AsyncConnectionPool, kill
     settings = ha_stack.settings
     await asyncio.to_thread(until, lambda: leader_with_sync_standby(settings), "a leader with a sync standby", 60)
     await asyncio.to_thread(until, lambda: True if len(load.acknowledged) >= 200 else None, "writes before the kill", 60)
-    old = leader(settings)
-    assert old is not None
+    old = await asyncio.to_thread(until, lambda: whole_cluster(settings), "the whole cluster, settled", 90, 0.5)
     data_dir = await asyncio.to_thread(data_directory, settings, old)
     killed_at = time.monotonic()
     kill_node(ha_stack, old, data_dir, kill)
@@ -198,7 +198,7 @@ async def test_a_commit_no_standby_confirms_is_busy_not_refused_and_its_retry_mo
     LEDGER_BUSY: outcome unknown, retry with the request_id) past its call deadline, never a
     refusal; once a standby is back, the retry finds the movement and moves nothing again."""
     settings = ha_stack.settings
-    await asyncio.to_thread(until, lambda: leader_with_sync_standby(settings), "a leader with a sync standby", 60)
+    await asyncio.to_thread(until, lambda: whole_cluster(settings), "the whole cluster, settled", 90, 0.5)
     pool = await db.open_pool(settings, "transfer")
     try:
         await db.migrate(pool, "transfer", REPO_ROOT / "svc_transfer" / "migrations")
