@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Stopped {len(stopped)} component(s).", file=sys.stderr)
         return 0
     if args.command == "status":
-        for name, state, where in asyncio.run(stack.status()):
-            print(f"  {name:<12} {state:<24} {where}")
+        rows = asyncio.run(stack.status())
+        name_width = max((len(name) for name, _, _ in rows), default=0)
+        state_width = max((len(state) for _, state, _ in rows), default=0)
+        for name, state, where in rows:
+            print(f"  {name:<{name_width}} {state:<{state_width}} {where}")
         return 0
     if args.command == "logs":
         log = stack.paths.log(args.component)
