@@ -1,14 +1,17 @@
 """The whole bank through a failover of its PostgreSQL (issue #19, point 4), as its clients see it.
 
-A second bank stack in the HA mode, in a stack folder of its own with every port moved (PORTS), so
+A second bank stack in the HA mode, in a stack folder of its own with its ports moved (PORTS), so
 it runs beside the default stack the other tests use and leaves it alone: etcd, three Patroni
-nodes, its own Redis and Kafka, Envoy, svc_customer, svc_account and svc_transfer with its usual
-two processes (the outbox relay is one of them at a time, by an advisory lock the old leader takes
-with it: across a failover either process may relay next, as in production). svc_account's
-statements go to the default stack's Cassandra, which this stack's launcher reuses as it reuses any
-healthy component it did not start, and `down` leaves running (checked at teardown). Nothing here
-needs svc_notify, Mailpit, Prometheus or the web app: accounts are opened in the ledger with the
-service token, and customers and a teller get tokens minted with this stack's keys (tests/tokens.py).
+nodes, its own Redis and Kafka, Envoy, svc_customer, svc_account, svc_notify and svc_transfer with
+its usual two processes (the outbox relay is one of them at a time, by an advisory lock the old
+leader takes with it: across a failover either process may relay next, as in production).
+svc_account's statements and svc_notify's notification log go to the default stack's Cassandra,
+and svc_notify's emails to the default stack's Mailpit: this stack's launcher reuses them as it
+reuses any healthy component it did not start (their ports are the only ones not moved), and
+`down` leaves them running (checked at teardown). Nothing here needs Prometheus or the web app:
+accounts are opened in the ledger with the service token, and the load's customers and a teller
+get tokens minted with this stack's keys (tests/tokens.py); those customers never registered, so
+svc_notify knows no address of theirs and emails nobody about the load.
 
 Under a transfer load through this stack's Envoy (REST, CLIENTS threads; each request sent again
 with the same request_id after any answer but 200, or a connection error, until it gets its 200, as
@@ -17,7 +20,15 @@ postmaster; then starts it again, as a supervisor would). After each: every ackn
 is in the ledger (read on the HA leader), each request_id moved money exactly once, money is
 conserved and no balance is negative, a request sent after the kill got a 200 within 30 s, nothing
 was answered 500, the old leader is a replica again, and the MoneyMoved event of every acknowledged
-movement is on this stack's Kafka exactly once. Margins are wide: these machines are noisy.
+movement is on this stack's Kafka exactly once.
+
+And the background workers that write to Postgres resume on the new leader (issue #19, point 2):
+holds placed before the kill (hold_seconds far ahead) are made to lapse after it (age_holds, on the
+leader); the release worker of svc_transfer turns them EXPIRED, their payers' available balance is
+their balance again, and each HoldExpired is on this stack's Kafka exactly once; and a customer
+registered through this stack's Envoy after the failover is projected by svc_notify's consumer into
+notify.customer_contacts on the new leader, and gets its verification email in Mailpit. Margins are
+wide: these machines are noisy.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http.client
+import json
 import os
 import random
 import shutil
@@ -43,12 +55,15 @@ import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from bank.events.v1 import events_pb2
+from bank.transfer.v1 import ledger_pb2
 
 from common import config
 from common.events import TOPICS, TRANSFER_TOPIC
 from devstack.components import SERVICES, Component, all_components
 from devstack.stack import Stack
+from svc_notify.consumer import GROUP_ID, TRANSFER_GROUP_ID
 from tests import figures
+from tests.events_support import metric_samples
 from tests.ha_support import (
     REPLICA_ROLES,
     data_directory,
@@ -59,27 +74,30 @@ from tests.ha_support import (
     roles,
     whole_cluster,
 )
-from tests.ledger_support import Bank, sql
-from tests.support import rest, until
+from tests.ledger_support import TIMEOUT_S, Bank, age_holds, holds_invariants, sql
+from tests.support import register, rest, until, wait_for_verification_code
 from tests.tokens import test_tokens
 
-# Every port of the second stack (all moved, even those of what it leaves out): away from the
-# default stack's and from tests/test_ha.py's cluster (12379, 15432-15435, 18008-18011), and below
-# the kernel's ephemeral range (32768 and up), where an outgoing connection could take one first.
+# Every port of the second stack but those of the default stack's components it reuses (REUSED),
+# moved, even those of what it leaves out: away from the default stack's and from
+# tests/test_ha.py's cluster (12379, 15432-15435, 18008-18011), and below the kernel's ephemeral
+# range (32768 and up), where an outgoing connection could take one first.
 # The services' private ports are these + 100 * (i + 1).
 GRPC_PORTS = {name: 31051 + i for i, name in enumerate(SERVICES)}
 PORTS = {
     "BANK_ETCD_PORT": "22379", "BANK_PG_PORT": "25432", "BANK_PATRONI_PORT": "28008", "BANK_REDIS_PORT": "26379",
     "BANK_KAFKA_BOOTSTRAP": "127.0.0.1:29092", "BANK_KAFKA_CONTROLLER_PORT": "29093",
     "BANK_ENVOY_PORT": "28080", "BANK_ENVOY_ADMIN_PORT": "29901", "BANK_ENVOY_TLS_PORT": "28443",
-    "BANK_WEB_PORT": "28070", "BANK_PROMETHEUS_PORT": "29090", "BANK_MAILPIT_HTTP_PORT": "28025", "BANK_SMTP_PORT": "21025",
+    "BANK_WEB_PORT": "28070", "BANK_PROMETHEUS_PORT": "29090",
     **{f"BANK_{name.upper()}_GRPC_PORT": str(port) for name, port in GRPC_PORTS.items()},
     **{f"BANK_{name.upper()}_ADDR": f"127.0.0.1:{port}" for name, port in GRPC_PORTS.items()},
     **{f"BANK_{name.upper()}_METRICS_PORT": str(29101 + i) for i, name in enumerate(SERVICES)},
 }
-# What of all_components this stack leaves out: nothing it runs needs them (Envoy's routes to the
-# web app and svc_notify have no client here).
-NOT_STARTED = ("mailpit", "web", "prometheus", "svc_notify")
+# What of all_components this stack leaves out: nothing it runs needs them (Envoy's route to the
+# web app has no client here).
+NOT_STARTED = ("web", "prometheus")
+# The default stack's, which this stack reuses and must leave running.
+REUSED = ("cassandra", "mailpit")
 
 ACCOUNTS = 16
 FUNDS = 1_000_000  # per account, far above what the load moves: no transfer is refused for funds
@@ -94,6 +112,13 @@ REPLAYS = 100  # requests acknowledged before the kill, sent again after it
 LOAD_STOP_TIMEOUT_S = REQUEST_DEADLINE_S + 30
 OUTBOX_DRAIN_TIMEOUT_S = 90.0
 KAFKA_READ_TIMEOUT_S = 90.0
+HOLDS = 4  # placed before the kill, one per payer, each HOLD_AMOUNT
+HOLD_AMOUNT = 500
+HOLD_SECONDS = 3600  # far ahead: only age_holds, after the failover, makes them lapse
+RELEASE_TIMEOUT_S = 60.0  # the worker looks every second
+PROJECTION_TIMEOUT_S = 60.0  # svc_customer's relay, Kafka, svc_notify's consumer
+NOTIFY_GROUPS = (GROUP_ID, TRANSFER_GROUP_ID)
+GROUPS_JOIN_TIMEOUT_S = 90.0
 
 
 def _with_environment(components: list[Component], environment: dict[str, str]) -> list[Component]:
@@ -113,22 +138,37 @@ def ha_bank(stack: Stack) -> Iterator[Stack]:
     (root / "cache").symlink_to(stack.paths.cache)  # Kafka's jars: downloaded once, for the default stack
     environment = dict(PORTS, BANK_STACK_DIR=str(root), BANK_PG_NODES="3", BANK_ETCD_MEMBERS="1")
     settings = config.load(dict(os.environ, **environment))
-    assert settings.cassandra_port == stack.settings.cassandra_port
+    assert (settings.cassandra_port, settings.smtp_port, settings.mailpit_http_port) \
+        == (stack.settings.cassandra_port, stack.settings.smtp_port, stack.settings.mailpit_http_port)
     components = [c for c in all_components(settings) if not c.name.startswith(NOT_STARTED)]
     ha = Stack(settings, _with_environment(components, environment))
     try:
         started = asyncio.run(ha.up(out=sys.stderr))
-        assert "cassandra" not in started, "the default stack's Cassandra was not reused"
+        assert not set(REUSED) & set(started), f"the default stack's {set(REUSED) & set(started)} not reused"
+        # Ready once svc_notify's consumers are in their groups too: on a new Kafka their first
+        # join meets no group coordinator yet (aiokafka logs it as an error), not a test's business.
+        until(lambda: notify_consuming(settings), "svc_notify's consumers in their groups", GROUPS_JOIN_TIMEOUT_S, 0.5)
         yield ha
     finally:
         ha.down(out=sys.stderr)
         kill_orphan_postmasters(ha)
         shutil.rmtree(root, ignore_errors=True)
-    cassandra = stack.by_name["cassandra"]
 
-    async def still_healthy() -> bool:
-        return await cassandra.healthy(stack.settings)
-    assert asyncio.run(still_healthy()), "the default stack's Cassandra was stopped"
+    async def still_healthy(name: str) -> bool:
+        return await stack.by_name[name].healthy(stack.settings)
+    for name in REUSED:
+        assert asyncio.run(still_healthy(name)), f"the default stack's {name} was stopped"
+
+
+def notify_consuming(settings: config.Settings) -> bool | None:
+    """True once each of svc_notify's consumers owns partitions and has polled them: its group's
+    consumer_lag_records series (common/consumer.py) are on every process's /metrics."""
+    for index in range(settings.processes("notify")):
+        groups = {labels.get("group") for name, labels, _ in metric_samples(settings.metrics_port("notify", index))
+                  if name == "consumer_lag_records"}
+        if not set(NOTIFY_GROUPS) <= groups:
+            return None
+    return True
 
 
 # --- the clients ---------------------------------------------------------------------------------
@@ -246,15 +286,77 @@ async def open_parties(settings: config.Settings) -> tuple[list[Party], list[Req
     return [Party(a.account_id, tokens.customer(a.customer_id)) for a in accounts], deposits
 
 
+async def place_holds(settings: config.Settings, parties: list[Party]) -> list[Request]:
+    """HOLDS holds through Envoy, each of HOLD_AMOUNT from parties[i] to parties[HOLDS + i]."""
+    holds = [Request("/v1/transfers", {
+        "request_id": uuid.uuid4().hex, "from_account_id": payer.account_id, "to_account_id": payee.account_id,
+        "amount": HOLD_AMOUNT, "currency": "USD", "hold_seconds": HOLD_SECONDS}, payer.token)
+        for payer, payee in zip(parties[:HOLDS], parties[HOLDS:2 * HOLDS], strict=True)]
+    for held in holds:
+        await asyncio.to_thread(send, settings, held)
+        assert held.transfer_id is not None, f"a hold was not placed: {held.attempts[-3:]}"
+    return holds
+
+
+async def held_by(settings: config.Settings, account_ids: list[str]) -> dict[str, int]:
+    """balance - available_balance of each account, as the ledger answers it: the sum of its
+    PENDING holds as payer (API.md, "Holds")."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.transfer_grpc_port}") as channel:
+        bank = Bank(settings, channel)
+        reply = await bank.ledger.BatchGetLedgerAccounts(
+            ledger_pb2.BatchGetLedgerAccountsRequest(account_ids=account_ids), metadata=bank.service, timeout=TIMEOUT_S)
+    return {a.account_id: a.balance - a.available_balance for a in reply.ledger_accounts}
+
+
+def expired_holds(settings: config.Settings, hold_ids: list[str]) -> int:
+    [(count,)] = sql(settings, "SELECT count(*) FROM transfer.transfers WHERE transfer_id = ANY(%s::uuid[])"
+                               " AND status = 'EXPIRED'", (hold_ids,))
+    return int(count)
+
+
+def contact_email(settings: config.Settings, customer_id: str) -> str | None:
+    """The address svc_notify's projection holds for the customer (None: not projected yet)."""
+    rows = sql(settings, "SELECT email FROM notify.customer_contacts WHERE customer_id = %s", (customer_id,))
+    return str(rows[0][0]) if rows else None
+
+
+def log_ends(stack: Stack, service: str) -> dict[Path, int]:
+    """Where the log of each of the service's processes ends now."""
+    logs = [stack.paths.log(name) for name in stack.expand([service])]
+    return {log: log.stat().st_size if log.exists() else 0 for log in logs}
+
+
+def logged_since(ends: dict[Path, int]) -> list[dict[str, Any]]:
+    """The records (common/logging.py: one JSON object a line) logged after `ends`; any other line
+    but the launcher's own (a raw traceback, say) as a record of level UNSTRUCTURED."""
+    records: list[dict[str, Any]] = []
+    for log, end in ends.items():
+        with log.open("rb") as file:
+            file.seek(end)
+            lines = file.read().decode(errors="replace").splitlines()
+        for line in lines:
+            try:
+                records.append(dict(json.loads(line)))
+            except ValueError:
+                if line.strip() and not line.startswith("====="):
+                    records.append({"level": "UNSTRUCTURED", "message": line})
+    return records
+
+
 # --- what a failover must leave ------------------------------------------------------------------
 
-async def money_moved_on_kafka(settings: config.Settings) -> tuple[Counter[str], Counter[str]]:
-    """How many MoneyMoved records bank.transfer.v1 holds, from its beginning, per transfer id (the
-    payload's) and per event id (the header's), read by a fresh consumer of no group."""
+MONEY_MOVED = events_pb2.MoneyMoved.DESCRIPTOR.full_name
+HOLD_EXPIRED = events_pb2.HoldExpired.DESCRIPTOR.full_name
+
+
+async def transfer_events_on_kafka(settings: config.Settings) -> tuple[dict[str, Counter[str]], Counter[str]]:
+    """How many MoneyMoved and HoldExpired records bank.transfer.v1 holds, from its beginning: per
+    event type, per transfer id (the payload's; a hold's for HoldExpired), and per event id (the
+    header's) of both, read by a fresh consumer of no group."""
     partitions = [TopicPartition(TRANSFER_TOPIC, p) for p in range(TOPICS[TRANSFER_TOPIC])]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
                                 isolation_level="read_committed", request_timeout_ms=30_000)
-    by_transfer: Counter[str] = Counter()
+    by_transfer: dict[str, Counter[str]] = {MONEY_MOVED: Counter(), HOLD_EXPIRED: Counter()}
     by_event: Counter[str] = Counter()
     await consumer.start()
     try:
@@ -267,11 +369,16 @@ async def money_moved_on_kafka(settings: config.Settings) -> tuple[Counter[str],
             for records in (await consumer.getmany(*partitions, timeout_ms=1000, max_records=5000)).values():
                 for record in records:
                     headers = {key: value.decode() for key, value in record.headers}
-                    if headers.get("event_type") != events_pb2.MoneyMoved.DESCRIPTOR.full_name:
+                    event_type = headers.get("event_type", "")
+                    if event_type == MONEY_MOVED:
+                        event: events_pb2.MoneyMoved | events_pb2.HoldExpired = \
+                            events_pb2.MoneyMoved.FromString(record.value or b"")
+                    elif event_type == HOLD_EXPIRED:
+                        event = events_pb2.HoldExpired.FromString(record.value or b"")
+                    else:
                         continue
-                    event = events_pb2.MoneyMoved.FromString(record.value or b"")
                     assert event.event_id == headers.get("event_id"), (event.event_id, headers)
-                    by_transfer[event.transfer_id] += 1
+                    by_transfer[event_type][event.transfer_id] += 1
                     by_event[event.event_id] += 1
     finally:
         await consumer.stop()
@@ -286,7 +393,12 @@ def unsent_events(settings: config.Settings) -> int:
 async def _failover(ha: Stack, kill: str, seed: int) -> None:
     settings = ha.settings
     await asyncio.to_thread(until, lambda: leader_with_sync_standby(settings), "a leader with a sync standby", 90, 0.5)
+    notify_log_ends = log_ends(ha, "svc_notify")
     parties, deposits = await open_parties(settings)
+    holds = await place_holds(settings, parties)
+    hold_ids = [str(h.transfer_id) for h in holds]
+    payers = [str(h.body["from_account_id"]) for h in holds]
+    assert await held_by(settings, payers) == {payer: HOLD_AMOUNT for payer in payers}
     load = TransferLoad(settings, parties, seed)
     load.start()
     try:
@@ -343,13 +455,41 @@ async def _failover(ha: Stack, kill: str, seed: int) -> None:
         expected[r.body["from_account_id"]] -= r.body["amount"]
         expected[r.body["to_account_id"]] += r.body["amount"]
 
-    # The events: once the outbox is drained, each movement's MoneyMoved once on this stack's Kafka.
+    # The background workers, on the new leader: svc_notify's consumer projects a customer
+    # registered now, and svc_transfer's release worker settles the holds lapsed now (the
+    # multi-host conninfo of age_holds and of these reads lands on the leader).
+    customer = await asyncio.to_thread(register, settings)
+    registered_at = time.monotonic()
+    aged = await asyncio.to_thread(age_holds, settings, hold_ids, HOLD_SECONDS)
+    aged_at = time.monotonic()
+    assert aged == HOLDS, f"holds PENDING until they were aged: {aged} of {HOLDS}"
+    released_at = await asyncio.to_thread(
+        until, lambda: time.monotonic() if expired_holds(settings, hold_ids) == HOLDS else None,
+        "the aged holds EXPIRED", RELEASE_TIMEOUT_S, 0.2)
+    still_held = {payer: held for payer, held in (await held_by(settings, payers)).items() if held != 0}
+    await asyncio.to_thread(holds_invariants, settings, [*payers, *(str(h.body["to_account_id"]) for h in holds)])
+    projected_email, projected_at = await asyncio.to_thread(
+        until, lambda: (e, time.monotonic()) if (e := contact_email(settings, customer["customer_id"])) else None,
+        "the registered customer in notify.customer_contacts", PROJECTION_TIMEOUT_S, 0.2)
+    await asyncio.to_thread(wait_for_verification_code, settings, customer["email"], PROJECTION_TIMEOUT_S)
+    mailed_at = time.monotonic()
+    # svc_notify also reads every event of the load, whose customers it has no address of: no
+    # email, and no error either.
+    notify_records = logged_since(notify_log_ends)
+    notify_errors = [r for r in notify_records if r.get("level") in ("ERROR", "CRITICAL", "UNSTRUCTURED")]
+    no_contact = sum(1 for r in notify_records if r.get("outcome") == "no_contact")
+
+    # The events: once the outbox is drained, each movement's MoneyMoved and each lapsed hold's
+    # HoldExpired once on this stack's Kafka.
     await asyncio.to_thread(until, lambda: True if unsent_events(settings) == 0 else None,
                             "the outbox drained", OUTBOX_DRAIN_TIMEOUT_S, 0.5)
-    by_transfer, by_event = await money_moved_on_kafka(settings)
+    by_type, by_event = await transfer_events_on_kafka(settings)
+    by_transfer, by_hold = by_type[MONEY_MOVED], by_type[HOLD_EXPIRED]
     movements = [str(r.transfer_id) for r in [*deposits, *acknowledged]]
     missing = [t for t in movements if by_transfer[t] == 0]
     duplicated = {t: by_transfer[t] for t in movements if by_transfer[t] > 1}
+    expired_missing = [h for h in hold_ids if by_hold[h] == 0]
+    expired_duplicated = {h: by_hold[h] for h in hold_ids if by_hold[h] > 1}
     events_twice = sum(1 for count in by_event.values() if count > 1)
 
     figures.report(
@@ -364,7 +504,15 @@ async def _failover(ha: Stack, kill: str, seed: int) -> None:
         f"balances sum {sum(balances.values())} (deposited {FUNDS * ACCOUNTS}), lowest {min(balances.values())}\n"
         f"  kafka: MoneyMoved of {len(movements)} acknowledged movements: missing {len(missing)}, "
         f"duplicated {len(duplicated)} ({sum(duplicated.values()) - len(duplicated)} extra records), "
-        f"event_ids on the whole topic (this module's tests so far) more than once {events_twice}"
+        f"event_ids on the whole topic (this module's tests so far) more than once {events_twice}\n"
+        f"  holds released after the failover: {HOLDS} of {HOLDS} EXPIRED {released_at - aged_at:.1f}s after they "
+        f"were made to lapse, payers with their whole balance available again {HOLDS - len(still_held)} of {HOLDS}; "
+        f"HoldExpired in Kafka: missing {len(expired_missing)}, duplicated {len(expired_duplicated)}\n"
+        f"  customer registered after the failover: in svc_notify's contacts on the new leader "
+        f"{projected_at - registered_at:.1f}s after its 200, verification email in Mailpit after "
+        f"{mailed_at - registered_at:.1f}s; svc_notify during this test: events with nobody to email "
+        f"{no_contact}, errors logged {len(notify_errors)}"
+        + (f"\n  svc_notify's errors: {notify_errors[:3]}" if notify_errors else "")
         + (f"\n  duplicated (transfer_id: records): {dict(list(duplicated.items())[:10])}" if duplicated else "")
         + (f"\n  missing: {missing[:10]}" if missing else ""))
 
@@ -378,6 +526,11 @@ async def _failover(ha: Stack, kill: str, seed: int) -> None:
     assert balances == expected, "balances are not the deposits plus the acknowledged transfers"
     assert not missing, f"acknowledged movements with no MoneyMoved on Kafka: {missing[:10]}"
     assert not duplicated, f"acknowledged movements whose MoneyMoved is on Kafka more than once: {len(duplicated)}"
+    assert not still_held, f"payers whose available balance is still below their balance: {still_held}"
+    assert not expired_missing, f"lapsed holds with no HoldExpired on Kafka: {expired_missing}"
+    assert not expired_duplicated, f"lapsed holds whose HoldExpired is on Kafka more than once: {expired_duplicated}"
+    assert projected_email == customer["email"], (projected_email, customer["email"])
+    assert not notify_errors, f"svc_notify logged errors: {notify_errors[:3]}"
 
 
 def _table(counts: Counter[str]) -> str:
