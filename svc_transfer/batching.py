@@ -10,6 +10,12 @@ so a quiet ledger answers as fast as before, and a busy one sends bigger batches
 Every movement still gets its own result or refusal. An operating error of the batch (lock or
 statement timeout, no connection) fails every movement in it with LedgerBusy: nothing of the
 batch was written, and each caller may retry with its request_id.
+
+A movement's whole wait, in the queue and in its call, stays within store.CALL_DEADLINE_S of its
+arrival (below Envoy's route timeout: the client hears 503 LEDGER_BUSY, not a gateway's 504). A
+batch stuck on Postgres (a failover: no leader for seconds) makes the next one wait: that one's
+call gets only what is left of its oldest movement's time, and a movement left with less than
+CALL_MIN_S is refused LedgerBusy without being sent (nothing of it moved).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ BATCH_SIZE_MAX = 64
 BATCHES_IN_FLIGHT_MAX = 1
 # Movements waiting beyond this are refused at once (LEDGER_BUSY) instead of queueing without bound.
 QUEUE_LENGTH_MAX = 4096
+# Least time worth a call: a movement with less left of its deadline is refused unsent.
+CALL_MIN_S = 0.5
 
 BATCH_SIZE = Histogram("ledger_batch_size", "Movements per move_money_batch call",
                        buckets=(1, 2, 4, 8, 16, 32, 64))
@@ -45,7 +53,8 @@ class MovementBatcher:
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
-        self._waiting: deque[tuple[MovementRequest, asyncio.Future[Movement]]] = deque()
+        # (the movement, its caller's future, its deadline on the loop's clock)
+        self._waiting: deque[tuple[MovementRequest, asyncio.Future[Movement], float]] = deque()
         self._arrived = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -53,8 +62,9 @@ class MovementBatcher:
     async def move(self, request: MovementRequest) -> Movement:
         if len(self._waiting) >= QUEUE_LENGTH_MAX or self._stopping:
             raise store.LedgerBusy(f"{len(self._waiting)} movements waiting")
-        future: asyncio.Future[Movement] = asyncio.get_running_loop().create_future()
-        self._waiting.append((request, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Movement] = loop.create_future()
+        self._waiting.append((request, future, loop.time() + store.CALL_DEADLINE_S))
         self._arrived.set()
         # A cancelled caller (deadline, disconnect) leaves its movement in the batch: it may move
         # money all the same, exactly as a lost response would; a retry with its request_id tells.
@@ -78,10 +88,19 @@ class MovementBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            batch = [self._waiting.popleft() for _ in range(min(BATCH_SIZE_MAX, len(self._waiting)))]
+            taken = [self._waiting.popleft() for _ in range(min(BATCH_SIZE_MAX, len(self._waiting)))]
+            now = asyncio.get_running_loop().time()
+            batch = [(request, future) for request, future, deadline in taken if deadline - now >= CALL_MIN_S]
+            for _, future, deadline in taken:
+                if deadline - now < CALL_MIN_S and not future.done():
+                    future.set_exception(store.LedgerBusy(
+                        f"waited {store.CALL_DEADLINE_S - (deadline - now):.1f} s behind a slow batch; not sent"))
+            if not batch:
+                continue
             BATCH_SIZE.observe(len(batch))
+            timeout_s = min(deadline for _, _, deadline in taken if deadline - now >= CALL_MIN_S) - now
             try:
-                movements = await store.move_money_batch(self._pool, [request for request, _ in batch])
+                movements = await store.move_money_batch(self._pool, [request for request, _ in batch], timeout_s)
             except Exception as exc:  # every caller of the batch gets the error; the loop goes on
                 if not isinstance(exc, store.LedgerBusy):
                     log.exception("move_money_batch failed", extra=bank_logging.fields(batch_size=len(batch)))

@@ -96,9 +96,12 @@ class VisibleTransfer:
 CALL_DEADLINE_S = 8.0
 
 
-async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any],
+                 timeout_s: float | None = None) -> list[tuple[Any, ...]]:
+    """The rows of one call, within timeout_s (CALL_DEADLINE_S when None)."""
+    limit_s = CALL_DEADLINE_S if timeout_s is None else timeout_s
     try:
-        async with asyncio.timeout(CALL_DEADLINE_S), pool.connection() as conn:
+        async with asyncio.timeout(limit_s), pool.connection() as conn:
             conn: AsyncConnection  # type: ignore[no-redef]
             await conn.set_autocommit(True)
             # Prepared on its first use on each connection: later calls skip parsing and planning.
@@ -109,7 +112,7 @@ async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any]) -
     except PG_TRANSIENT_ERRORS as exc:
         raise LedgerBusy(str(exc)) from exc
     except TimeoutError as exc:
-        raise LedgerBusy(f"no answer within {CALL_DEADLINE_S:g} s; the outcome is unknown") from exc
+        raise LedgerBusy(f"no answer within {limit_s:.3g} s; the outcome is unknown") from exc
 
 
 def _transfer(row: Sequence[Any]) -> Transfer:
@@ -162,8 +165,10 @@ def _movements(rows: Sequence[Sequence[Any]]) -> list[Movement]:
     return movements
 
 
-async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[MovementRequest]) -> list[Movement]:
-    """The movements in one transaction and one round trip (migrations/0006), one result each, in order.
+async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[MovementRequest],
+                           timeout_s: float | None = None) -> list[Movement]:
+    """The movements in one transaction and one round trip (migrations/0006), one result each, in order;
+    LedgerBusy past timeout_s (CALL_DEADLINE_S when None).
 
     The ids are made here, outside the lock window: a new transfer's (none for a POST or VOID,
     whose result is the hold) and its event's, and a POST's second one (its MoneyMoved; the
@@ -189,6 +194,7 @@ async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[Movemen
         " %b::bigint[], %b::text[], %b::text[], %b::jsonb[], %b::uuid[], %b::uuid[], %b::int[], %b::uuid[],"
         " %b::uuid[])",
         params,
+        timeout_s,
     )
     assert [row[0] for row in rows] == list(range(1, len(requests) + 1)), "a movement without its result"
     return _movements(rows)
