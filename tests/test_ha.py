@@ -53,6 +53,8 @@ FAILOVER_WINDOW_MAX_S = 30.0
 REJOIN_TIMEOUT_S = 90.0
 WRITERS = 4
 SCHEMA = "ha_probe"
+# A write failing with one of these has an unknown outcome (the services answer 503 for each).
+WRITE_ERRORS: tuple[type[Exception], ...] = (*db.TRANSIENT_ERRORS, TimeoutError)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +93,13 @@ class Load:
             self.next_id += 1
             row = self.next_id
             try:
-                async with pool.connection() as conn:
+                # As the ledger bounds its calls (store.CALL_DEADLINE_S): a commit waiting for a
+                # standby is not bounded by statement_timeout.
+                async with asyncio.timeout(store.CALL_DEADLINE_S), pool.connection() as conn:
                     await conn.execute("INSERT INTO acked (id) VALUES (%s)", (row,))
                     port = int(conn.info.port)
                 self.acknowledged.append((row, time.monotonic(), port))
-            except db.TRANSIENT_ERRORS as exc:
+            except WRITE_ERRORS as exc:
                 self.unknown.append(row)
                 self.errors[type(exc).__name__] += 1
                 await asyncio.sleep(0.05)
@@ -121,7 +125,7 @@ async def load(ha_stack: Stack) -> AsyncIterator[tuple[Load, AsyncConnectionPool
         yield state, pool
     finally:
         state.stop.set()
-        await asyncio.gather(*writers)
+        await asyncio.wait_for(asyncio.gather(*writers), 2 * store.CALL_DEADLINE_S)
         await pool.close()
 
 

@@ -237,7 +237,7 @@ async def test_a_lapsed_hold_is_refused_at_once_and_released_within_seconds(bank
         return sql(settings, "SELECT status = 'EXPIRED' FROM transfer.transfers WHERE transfer_id = %s",
                    (lapsing.transfer_id,))[0][0] or None
 
-    until(expired, "the lapsed hold released")  # the worker looks every second
+    await asyncio.to_thread(until, expired, "the lapsed hold released")  # the worker looks every second
     assert await status_of(bank, lapsing.transfer_id) == Transfer.EXPIRED
     assert await status_of(bank, lasting.transfer_id) == Transfer.PENDING
     assert await state(bank, payer, payee) == [(1_000, 800), (0, 0)]
@@ -263,13 +263,15 @@ async def test_holds_lapsed_while_the_ledger_was_down_are_released_on_its_next_s
         await asyncio.to_thread(until, lambda: rest(settings, "POST", "/v1/accounts", {"currency": "USD"},
                                                     token=customer.token).status == 200 or None,
                                 "svc_account reaching the restarted ledger", 30)
-    until(lambda: sql(settings, "SELECT count(*) = 5 FROM transfer.transfers WHERE transfer_id = ANY(%s::uuid[])"
-                                " AND status = 'EXPIRED'", (held,))[0][0] or None, "the lapsed holds released", 30)
+    await asyncio.to_thread(
+        until, lambda: sql(settings, "SELECT count(*) = 5 FROM transfer.transfers WHERE transfer_id = ANY(%s::uuid[])"
+                                     " AND status = 'EXPIRED'", (held,))[0][0] or None, "the lapsed holds released", 30)
     assert await state(bank, payer) == [(1_000, 1_000)]
     holds_invariants(settings, [payer.account_id])
     # The worker's lag gauge is back to 0 once nothing lapsed waits.
-    until(lambda: service_metric(settings, "transfer", "ledger_holds_release_lag_seconds") == 0 or None,
-          "the release lag back to 0")
+    await asyncio.to_thread(
+        until, lambda: service_metric(settings, "transfer", "ledger_holds_release_lag_seconds") == 0 or None,
+        "the release lag back to 0")
 
 
 # --- listing, statement, REST -------------------------------------------------------------------

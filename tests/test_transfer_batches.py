@@ -522,6 +522,8 @@ async def test_a_lapsed_hold_is_expired_for_every_caller_before_and_after_its_re
     results = await store.move_money_batch(pool, [settle("POST", payee, hold_id), settle("VOID", payee, hold_id)])
     assert [r.error for r in results] == ["HOLD_EXPIRED", "HOLD_EXPIRED"]
     released = await release_until_settled(pool, settings, [hold_id])
+    # Released by this call or, first, by svc_transfer's own worker: by this call at most once.
+    assert len(released) <= 1
     assert all(r.error is None and r.transfer is not None and r.transfer.status == "EXPIRED" for r in released)
     assert hold_rows(settings, [hold_id]) == {hold_id: ("EXPIRED", 70, 70, True)}
     results = await store.move_money_batch(pool, [settle("POST", payee, hold_id), settle("VOID", payee, hold_id)])
@@ -555,7 +557,6 @@ async def test_concurrent_releases_release_each_lapsed_hold_once(
     assert len(released_ids) == len(set(released_ids)) and all(r.error is None for r in released)
     assert all(rows[3] == ["HoldPlaced", "HoldExpired"] for rows in written_rows(settings, ids).values())
     assert pending(settings, payer, payee) == [(0, 0), (0, 0)]
-    assert await store.holds_release_lag_s(pool) >= 0
     holds_invariants(settings, [payer.account_id, payee.account_id])
 
 

@@ -15,6 +15,7 @@ from svc_transfer import batching, store
 from svc_transfer.store import Movement, MovementRequest
 
 DEADLINE_S = 1.0
+BOUND_S = 3 * DEADLINE_S  # every await of a test: a regression fails, never hangs
 
 
 def movement(request_id: str) -> MovementRequest:
@@ -58,12 +59,12 @@ async def test_a_movement_queued_behind_a_stuck_batch_gets_only_what_is_left_of_
         first = asyncio.create_task(batcher.move(movement("first")))
         await asyncio.sleep(0.3)  # the first batch is stuck; it ends 0.7 s from now
         started = loop.time()
-        second = await batcher.move(movement("second"))  # queued behind it
+        second = await asyncio.wait_for(batcher.move(movement("second")), BOUND_S)  # queued behind it
         waited_s = loop.time() - started
         with pytest.raises(store.LedgerBusy):
-            await first
+            await asyncio.wait_for(first, BOUND_S)
     finally:
-        await batcher.stop()
+        await asyncio.wait_for(batcher.stop(), BOUND_S)
     assert second.error == "ACCOUNT_NOT_FOUND"
     [(ids_1, timeout_1), (ids_2, timeout_2)] = stand_in.calls
     assert (ids_1, ids_2) == (["first"], ["second"])
@@ -82,9 +83,9 @@ async def test_a_movement_left_with_too_little_time_is_refused_unsent(
         first = asyncio.create_task(batcher.move(movement("first")))
         await asyncio.sleep(0.2)  # when the first ends, 0.2 s of the second's deadline is left
         with pytest.raises(store.LedgerBusy, match="not sent"):
-            await batcher.move(movement("second"))
+            await asyncio.wait_for(batcher.move(movement("second")), BOUND_S)
         with pytest.raises(store.LedgerBusy):
-            await first
+            await asyncio.wait_for(first, BOUND_S)
     finally:
-        await batcher.stop()
+        await asyncio.wait_for(batcher.stop(), BOUND_S)
     assert [ids for ids, _ in stand_in.calls] == [["first"]]  # the second never reached the store
