@@ -8,14 +8,16 @@ so a quiet ledger answers as fast as before, and a busy one sends bigger batches
 (while BATCHES_IN_FLIGHT_MAX batches run, the queue grows, and the next batch takes it all).
 
 Every movement still gets its own result or refusal. An operating error of the batch (lock or
-statement timeout, no connection) fails every movement in it with LedgerBusy: nothing of the
-batch was written, and each caller may retry with its request_id.
+statement timeout, lost connection, no answer in time) fails every movement in it with
+LedgerBusy: the outcome is unknown (a commit may have happened before the connection was lost),
+and each caller may retry with its request_id, which moves money at most once.
 
-A movement's whole wait, in the queue and in its call, stays within store.CALL_DEADLINE_S of its
-arrival (below Envoy's route timeout: the client hears 503 LEDGER_BUSY, not a gateway's 504). A
-batch stuck on Postgres (a failover: no leader for seconds) makes the next one wait: that one's
-call gets only what is left of its oldest movement's time, and a movement left with less than
-CALL_MIN_S is refused LedgerBusy without being sent (nothing of it moved).
+A caller waits at most store.CALL_DEADLINE_S from its movement's arrival, in the queue and in
+the call (below Envoy's route timeout: the client hears 503 LEDGER_BUSY, not a gateway's 504),
+even when the call itself overruns (psycopg's cancel of a query may take seconds more). A batch
+stuck on Postgres (a failover: no leader for seconds) makes the next one wait; a movement left
+with less than CALL_MIN_S of its time is then refused LedgerBusy without being sent (nothing of
+it moved), and a call gets no more time than its longest-waiting-for caller has left.
 """
 
 from __future__ import annotations
@@ -64,11 +66,20 @@ class MovementBatcher:
             raise store.LedgerBusy(f"{len(self._waiting)} movements waiting")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Movement] = loop.create_future()
-        self._waiting.append((request, future, loop.time() + store.CALL_DEADLINE_S))
+        deadline = loop.time() + store.CALL_DEADLINE_S
+        self._waiting.append((request, future, deadline))
         self._arrived.set()
-        # A cancelled caller (deadline, disconnect) leaves its movement in the batch: it may move
-        # money all the same, exactly as a lost response would; a retry with its request_id tells.
-        return await asyncio.shield(future)
+        # A caller that stops waiting (its deadline, a cancel, a disconnect) leaves its movement in
+        # the batch: it may move money all the same, exactly as a lost response would; a retry
+        # with its request_id tells.
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            raise store.LedgerBusy(f"no answer within {store.CALL_DEADLINE_S:g} s; the outcome is unknown") from None
+        finally:
+            if not future.done():  # nobody awaits its outcome any more: no "never retrieved" log
+                future.add_done_callback(_retrieve)
 
     async def start(self) -> None:
         self._loops = [asyncio.create_task(self._run(), name=f"ledger-batch-{i}") for i in range(BATCHES_IN_FLIGHT_MAX)]
@@ -90,24 +101,31 @@ class MovementBatcher:
                 continue
             taken = [self._waiting.popleft() for _ in range(min(BATCH_SIZE_MAX, len(self._waiting)))]
             now = asyncio.get_running_loop().time()
-            batch = [(request, future) for request, future, deadline in taken if deadline - now >= CALL_MIN_S]
-            for _, future, deadline in taken:
-                if deadline - now < CALL_MIN_S and not future.done():
+            batch = []
+            for request, future, deadline in taken:
+                if deadline - now >= CALL_MIN_S:
+                    batch.append((request, future, deadline))
+                else:
                     future.set_exception(store.LedgerBusy(
                         f"waited {store.CALL_DEADLINE_S - (deadline - now):.1f} s behind a slow batch; not sent"))
             if not batch:
                 continue
             BATCH_SIZE.observe(len(batch))
-            timeout_s = min(deadline for _, _, deadline in taken if deadline - now >= CALL_MIN_S) - now
+            timeout_s = max(deadline for _, _, deadline in batch) - now
             try:
-                movements = await store.move_money_batch(self._pool, [request for request, _ in batch], timeout_s)
+                movements = await store.move_money_batch(self._pool, [request for request, _, _ in batch], timeout_s)
             except Exception as exc:  # every caller of the batch gets the error; the loop goes on
                 if not isinstance(exc, store.LedgerBusy):
                     log.exception("move_money_batch failed", extra=bank_logging.fields(batch_size=len(batch)))
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), movement in zip(batch, movements, strict=True):
+            for (_, future, _), movement in zip(batch, movements, strict=True):
                 if not future.done():
                     future.set_result(movement)
+
+
+def _retrieve(future: asyncio.Future[Movement]) -> None:
+    if not future.cancelled():
+        future.exception()

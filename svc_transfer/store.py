@@ -8,7 +8,9 @@ transaction. Reads go the same way. Every statement is bounded by the pool's sta
 (common/db.py), every lock wait of a ledger function by its own lock_timeout (1 s).
 
 Business refusals come back as a reason code in the result's `error` field; only operating
-errors (lock wait or statement timed out, pool exhausted, connection lost) raise, as LedgerBusy.
+errors (lock wait or statement timed out, pool exhausted, connection lost, no answer within
+CALL_DEADLINE_S) raise, as LedgerBusy: the outcome is unknown (a lost connection or a deadline may
+come after the commit), and a retry with the same request_id moves money at most once.
 """
 
 from __future__ import annotations

@@ -25,18 +25,20 @@ def movement(request_id: str) -> MovementRequest:
 
 
 class StuckThenFine:
-    """The first call hangs until its timeout (then LedgerBusy, as store._fetch raises); later
-    calls answer at once. Records each call's movements and timeout."""
+    """The first call hangs until its timeout times `overrun` (then LedgerBusy, as store._fetch
+    raises; psycopg's cancel of a query may take seconds past the timeout); later calls answer
+    at once. Records each call's movements and timeout."""
 
-    def __init__(self) -> None:
+    def __init__(self, overrun: float = 1.0) -> None:
         self.calls: list[tuple[list[str], float]] = []
+        self.overrun = overrun
 
     async def __call__(self, pool: object, requests: Sequence[MovementRequest],
                        timeout_s: float | None = None) -> list[Movement]:
         assert timeout_s is not None
         self.calls.append(([r.request_id for r in requests], timeout_s))
         if len(self.calls) == 1:
-            await asyncio.sleep(timeout_s)
+            await asyncio.sleep(timeout_s * self.overrun)
             raise store.LedgerBusy("stuck")
         return [Movement(error="ACCOUNT_NOT_FOUND", replayed=False, transfer=None) for _ in requests]
 
@@ -89,3 +91,19 @@ async def test_a_movement_left_with_too_little_time_is_refused_unsent(
     finally:
         await asyncio.wait_for(batcher.stop(), BOUND_S)
     assert [ids for ids, _ in stand_in.calls] == [["first"]]  # the second never reached the store
+
+
+async def test_a_caller_hears_ledger_busy_at_its_deadline_even_when_the_call_overruns(
+        stand_in: StuckThenFine) -> None:
+    stand_in.overrun = 2.5  # the call ends 2.5 deadlines after it began
+    batcher = batching.MovementBatcher(pool=None)  # type: ignore[arg-type]
+    await batcher.start()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(store.LedgerBusy, match="outcome is unknown"):
+            await asyncio.wait_for(batcher.move(movement("first")), BOUND_S)
+        heard_after_s = loop.time() - started
+    finally:
+        await asyncio.wait_for(batcher.stop(), BOUND_S)
+    assert heard_after_s == pytest.approx(DEADLINE_S, abs=0.2)
