@@ -78,10 +78,15 @@ class HoldReleaser:
         while not self._stop.is_set():
             try:
                 await self.release_once()
-                RELEASE_LAG.set(await store.holds_release_lag_s(self._pool))
             except store.LedgerBusy as exc:  # lock timeout, Postgres restarting: the next tick retries
                 log.warning("hold release deferred", extra=bank_logging.fields(error=str(exc)))
             except Exception:  # a bug must not stop the releases for good: logged, retried next tick
                 log.exception("hold release failed")
+            # Measured whether or not the release worked: a release failing every tick shows as a
+            # growing lag, and HoldsReleaseLagging pages.
+            try:
+                RELEASE_LAG.set(await store.holds_release_lag_s(self._pool))
+            except Exception as exc:  # Postgres unreachable: the gauge keeps its last value
+                log.warning("hold release lag not measured", extra=bank_logging.fields(error=str(exc)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), RELEASE_POLL_S)
