@@ -15,13 +15,12 @@ is settled at most once); MoneyMoved the entries (a post's are written with it, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any
 
 from bank.events.v1 import events_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg import AsyncConnection
 
+from common.grpcutil import timestamp as _timestamp
 from svc_transfer import store
 
 MONEY_MOVED = store.MONEY_MOVED
@@ -29,12 +28,6 @@ HOLD_PLACED = "bank.events.v1.HoldPlaced"
 HOLD_POSTED = "bank.events.v1.HoldPosted"
 HOLD_VOIDED = "bank.events.v1.HoldVoided"
 HOLD_EXPIRED = "bank.events.v1.HoldExpired"
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    timestamp = Timestamp()
-    timestamp.FromDatetime(value)
-    return timestamp
 
 
 def money_moved(event: store.LedgerEvent) -> bytes:

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from prometheus_client import Counter
@@ -21,6 +21,7 @@ from common import errors, events, pagination
 from common.auth import Caller, Role
 from common.currencies import SUPPORTED_CURRENCIES
 from common.errors import DomainError, invalid
+from common.grpcutil import EPOCH
 from common.ids import REQUEST_ID_LENGTH_MAX, parse_uuid
 from svc_transfer import store
 from svc_transfer.store import AccountChange, LedgerAccount, Movement, MovementRequest, Transfer, VisibleTransfer
@@ -30,7 +31,6 @@ BATCH_GET_SIZE_MAX = 500
 INT64_MAX = 2**63 - 1
 CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
 ACCOUNT_STATUSES = ("ACTIVE", "FROZEN", "CLOSED")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 class Movements(Protocol):
     """Where a movement goes: batching.MovementBatcher (group commit), or a fake in tests/unit."""
