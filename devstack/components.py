@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
@@ -259,6 +260,32 @@ def _postgres_dirs(p: Paths, as_root: bool, name: str = "postgres") -> tuple[Pat
         home.mkdir(exist_ok=True)
         os.chown(home, uid, gid)
     return home / "data", home / "run"
+
+
+def stop_orphan_postmaster(p: Paths, name: str, timeout_s: float = 20.0) -> int | None:
+    """Stop the PostgreSQL server of HA node `name` if it still runs once its Patroni is gone:
+    Patroni starts it in a session of its own, so a Patroni that died without shutting it down
+    (SIGKILL, a crash, a stop past its timeout) leaves it holding its port and data folder.
+    Fast shutdown (SIGINT), then SIGKILL past timeout_s. Returns the pid it stopped, if any."""
+    data, _ = _postgres_dirs(p, os.geteuid() == 0, name)
+    try:
+        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None  # no pid file, or its process is gone
+    if b"postgres" not in cmdline:
+        return None  # a stale pid file whose number went to another process
+    for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return pid
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists():
+                return pid
+            time.sleep(0.1)
+    return pid
 
 
 def _postgres_uid_gid() -> tuple[int, int]:

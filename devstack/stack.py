@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,9 +16,21 @@ from typing import TextIO
 
 from common.config import REPO_ROOT, Settings
 from devstack import proc, tls
-from devstack.components import SERVICES, Component, Paths, all_components, cluster_members, endpoint
+from devstack.components import (
+    SERVICES,
+    Component,
+    Paths,
+    all_components,
+    cluster_members,
+    endpoint,
+    stop_orphan_postmaster,
+)
 
 HEALTH_POLL_S = 0.5
+
+
+# Patroni shuts its PostgreSQL down on SIGTERM; the nodes' own stop timeout (components.py).
+OTHER_MODE_STOP_TIMEOUT_S = 40.0
 
 
 class StackError(RuntimeError):
@@ -178,12 +191,39 @@ class Stack:
             pidfile = self.pidfile(c.name)
             record = proc.read_pidfile(pidfile)
             if record is None:
+                self._stop_orphan_postmaster(c.name, out)
                 continue
             if proc.stop(record, c.stop_signal, c.stop_timeout_s):
                 stopped.append(c.name)
                 print(f"  stopped {c.name} (pid {record.pid})", file=out)
             pidfile.unlink(missing_ok=True)
+            self._stop_orphan_postmaster(c.name, out)
+        if names is None:
+            stopped += self._down_other_mode(out)
         return stopped
+
+    def _down_other_mode(self, out: TextIO) -> list[str]:
+        """What this stack folder runs of the other PostgreSQL mode (`BANK_PG_NODES=3 make up`
+        then a plain `make down`, or the reverse): pid files of components this mode does not
+        declare, all infrastructure (the services are the same in both), stopped after the rest."""
+        stopped = []
+        for pidfile in sorted(self.paths.run.glob("*.pid")):
+            name = pidfile.stem
+            if name in self.by_name or not (name == "postgres" or name.startswith(("postgres-", "etcd"))):
+                continue
+            record = proc.read_pidfile(pidfile)
+            if record is not None and proc.stop(record, signal.SIGTERM, OTHER_MODE_STOP_TIMEOUT_S):
+                stopped.append(name)
+                print(f"  stopped {name} (pid {record.pid}; started in the other PostgreSQL mode)", file=out)
+            pidfile.unlink(missing_ok=True)
+            self._stop_orphan_postmaster(name, out)
+        return stopped
+
+    def _stop_orphan_postmaster(self, name: str, out: TextIO) -> None:
+        if name.startswith("postgres-"):
+            pid = stop_orphan_postmaster(self.paths, name)
+            if pid is not None:
+                print(f"  stopped {name}'s PostgreSQL left by its Patroni (pid {pid})", file=out)
 
     def _stop_order(self) -> list[Component]:
         """Reverse declaration order, except that an HA cluster's leader stops after its

@@ -97,15 +97,3 @@ def kill_node(stack: Stack, name: str, data_dir: Path, kill: str) -> None:
         assert record is not None, f"{name} has no pid file"
         os.killpg(record.pid, signal.SIGKILL)
     os.kill(postmaster, signal.SIGKILL)
-
-
-def kill_orphan_postmasters(stack: Stack) -> None:
-    """A postmaster whose Patroni was SIGKILLed runs on by itself (Patroni starts it in a
-    session of its own): the test made it, the test ends it."""
-    for data in stack.paths.data.glob("postgres-*"):
-        pid = postmaster_pid(data)
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass

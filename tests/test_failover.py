@@ -68,7 +68,6 @@ from tests.ha_support import (
     REPLICA_ROLES,
     data_directory,
     kill_node,
-    kill_orphan_postmasters,
     leader,
     leader_with_sync_standby,
     roles,
@@ -151,7 +150,6 @@ def ha_bank(stack: Stack) -> Iterator[Stack]:
         yield ha
     finally:
         ha.down(out=sys.stderr)
-        kill_orphan_postmasters(ha)
         shutil.rmtree(root, ignore_errors=True)
 
     async def still_healthy(name: str) -> bool:

@@ -40,7 +40,6 @@ from tests.ha_support import (
     REPLICA_ROLES,
     data_directory,
     kill_node,
-    kill_orphan_postmasters,
     leader,
     leader_with_sync_standby,
     node_port,
@@ -70,7 +69,6 @@ def ha_stack() -> Iterator[Stack]:
         yield stack
     finally:
         stack.down(out=sys.stderr)
-        kill_orphan_postmasters(stack)
         shutil.rmtree(root, ignore_errors=True)
 
 
