@@ -5,7 +5,9 @@ keyed by aggregate id) and marked sent only after the broker acknowledged them, 
 batches, oldest first. One relay per schema is active at a time (a Postgres advisory lock held
 on a dedicated connection), so a second process of the same service cannot publish a later
 event of a key before an earlier one. When Kafka is down the batch is not marked, and the
-relay retries with bounded backoff: events are never lost or reordered per key.
+relay retries with bounded backoff: events are never lost or reordered per key, and are
+published once but in the rare windows listed below (at least once there; consumers drop
+duplicates by event_id).
 
 Exactly once in Kafka when a mark is lost. A batch Kafka acknowledged whose mark never commits
 (the relay's process killed, its Postgres connection lost in a failover) would be published
@@ -98,6 +100,7 @@ RECONCILE_RECORDS_MAX = 4 * BATCH_SIZE  # per partition, the newest
 # Record timestamps are the relay's clock, create_time the database's: the skew they may have.
 RECONCILE_MARGIN_S = 60.0
 RECONCILE_TIMEOUT_S = 30.0
+RECONCILE_IDLE_POLLS_MAX = 5  # empty polls (1 s each) in a row before the read-back gives up
 
 PUBLISHED = Counter("outbox_published_total", "Outbox events published to Kafka", ["topic"])
 BACKLOG = Gauge("outbox_backlog", "Outbox events not yet published (seen by the active relay)")
@@ -389,16 +392,22 @@ async def _published(settings: Settings, producer: AIOKafkaProducer,
             at_time = by_time[tp]
             since = at_time.offset if at_time is not None else ends[tp]  # None: no record that recent
             start = max(since, beginnings[tp], ends[tp] - RECONCILE_RECORDS_MAX)
-            if since < start:
+            if ends[tp] - RECONCILE_RECORDS_MAX > max(since, beginnings[tp]):  # the cap, not retention, cut it
                 truncated.add(tp)
             if start < ends[tp]:
                 consumer.seek(tp, start)
                 reading.add(tp)
         found: set[str] = set()
         first_read: set[TopicPartition] = set()
-        # Bounded by the records between start and end; the caller bounds its time.
+        # Bounded by the records between start and end, and by RECONCILE_IDLE_POLLS_MAX polls in a
+        # row that bring nothing (a partition whose leader is away): then the relay starts again.
+        idle_polls = 0
         while reading:
             batches = await consumer.getmany(*reading, timeout_ms=1000, max_records=RECONCILE_RECORDS_MAX)
+            idle_polls = 0 if any(batches.values()) else idle_polls + 1
+            if idle_polls >= RECONCILE_IDLE_POLLS_MAX:
+                raise RuntimeError(f"outbox reconcile: no records from {sorted(map(str, reading))} "
+                                   f"in {idle_polls} polls before their end offsets")
             for tp, records in batches.items():
                 for record in records:
                     if record.offset >= ends[tp]:
