@@ -207,7 +207,8 @@ class Stack:
         then a plain `make down`, or the reverse): pid files of components this mode does not
         declare, all infrastructure (the services are the same in both), stopped after the rest."""
         stopped = []
-        for pidfile in sorted(self.paths.run.glob("*.pid")):
+        # The nodes before etcd, which holds their cluster state while they shut down.
+        for pidfile in sorted(self.paths.run.glob("*.pid"), key=lambda f: (f.stem.startswith("etcd"), f.stem)):
             name = pidfile.stem
             if name in self.by_name or not (name == "postgres" or name.startswith(("postgres-", "etcd"))):
                 continue
