@@ -22,44 +22,49 @@ GROUP_ID = "svc_notify"
 TRANSFER_GROUP_ID = "svc_notify.transfer"
 
 
-# The use cases that email someone: (store, sender, event, meta, *, redeliver_on_mail_outage).
-_MAILING: dict[type[Message], Callable[..., Awaitable[str]]] = {
+# A use case that emails someone: (store, sender, event, meta, *, redeliver_on_mail_outage).
+_MailingUseCase = Callable[..., Awaitable[str]]
+
+# Group GROUP_ID, topic CUSTOMER_TOPIC: the emails about the customer's own record. EmailVerified
+# emails nobody: it only updates the contacts projection (its route is added in routes()).
+_CUSTOMER_MAILING: dict[type[Message], _MailingUseCase] = {
     events_pb2.CustomerRegistered: service.customer_registered,
     events_pb2.VerificationCodeResent: service.verification_code_resent,
     events_pb2.PasswordResetRequested: service.password_reset_requested,
     events_pb2.PasswordChanged: service.password_changed,
     events_pb2.EmailChangeRequested: service.email_change_requested,
     events_pb2.EmailChanged: service.email_changed,
+}
+# Group TRANSFER_GROUP_ID, topic TRANSFER_TOPIC: the emails after each movement and each released
+# hold. HoldPlaced and HoldPosted have no route: committed past, nothing to tell (a post's money
+# comes as a MoneyMoved).
+_TRANSFER_MAILING: dict[type[Message], _MailingUseCase] = {
     events_pb2.MoneyMoved: service.money_moved,
     events_pb2.HoldVoided: service.hold_released,
     events_pb2.HoldExpired: service.hold_released,
 }
-# The mailing events of bank.transfer.v1 (group TRANSFER_GROUP_ID); the others of _MAILING are
-# customer events. HoldPlaced and HoldPosted have no route: committed past, nothing to tell (a
-# post's money comes as a MoneyMoved).
-TRANSFER_EVENTS: tuple[type[Message], ...] = (events_pb2.MoneyMoved, events_pb2.HoldVoided, events_pb2.HoldExpired)
 
 
 def routes(store: service.Notifications, sender: service.Sender) -> dict[str, dict[str, Route]]:
     """Each consumer group's routes, by event type name (store and sender: the real ones, or fakes)."""
-    def mailing(event_type: type[Message]) -> Route:
-        use_case = _MAILING[event_type]
-
+    def mailing(event_type: type[Message], use_case: _MailingUseCase) -> Route:
         async def handle(message: Message, meta: EventMeta) -> str:
             assert isinstance(message, event_type)
             # A mail outage leaves the event undone: it comes again after the consumer's pause.
             return await use_case(store, sender, message, meta, redeliver_on_mail_outage=True)
         return Route(event_type, handle)
 
+    def mailing_routes(use_cases: dict[type[Message], _MailingUseCase]) -> dict[str, Route]:
+        return {event_type.DESCRIPTOR.full_name: mailing(event_type, use_case)
+                for event_type, use_case in use_cases.items()}
+
     async def email_verified(message: Message, meta: EventMeta) -> str:
         assert isinstance(message, events_pb2.EmailVerified)
         return await service.email_verified(store, message, meta)
 
-    customer_routes = {event_type.DESCRIPTOR.full_name: mailing(event_type)
-                       for event_type in _MAILING if event_type not in TRANSFER_EVENTS}
+    customer_routes = mailing_routes(_CUSTOMER_MAILING)
     customer_routes[events_pb2.EmailVerified.DESCRIPTOR.full_name] = Route(events_pb2.EmailVerified, email_verified)
-    transfer_routes = {event_type.DESCRIPTOR.full_name: mailing(event_type) for event_type in TRANSFER_EVENTS}
-    return {GROUP_ID: customer_routes, TRANSFER_GROUP_ID: transfer_routes}
+    return {GROUP_ID: customer_routes, TRANSFER_GROUP_ID: mailing_routes(_TRANSFER_MAILING)}
 
 
 def new_consumers(settings: Settings, store: Store, sender: Mailer) -> list[EventConsumer]:
