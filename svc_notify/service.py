@@ -175,20 +175,14 @@ async def customer_registered(store: Notifications, sender: Sender, event: event
         raise BadEvent("verification_code is empty")
     await _storage(lambda: store.upsert_registered_contact(customer_id, email, full_name, _event_time(event, meta)),
                    "customer_contacts upsert")
-    notification = Notification(
-        notification_id=notification_id(meta.event_id, Kind.EMAIL_VERIFICATION), event_id=meta.event_id,
-        customer_id=customer_id, kind=Kind.EMAIL_VERIFICATION, channel=Channel.EMAIL, recipient=email,
-        subject=VERIFICATION_SUBJECT, status=Status.PENDING, attempts=0, create_time=_now(),
-    )
     greeting = f"Hello {full_name}," if full_name.strip() else "Hello,"
     text = (f"{greeting}\n\n"
             "Welcome to Simple Bank. Enter this code to verify your email address:\n\n"
             f"Verification code: {event.verification_code}\n\n"
             "If you did not register with Simple Bank, you can ignore this email.\n\n"
             "Simple Bank\n")
-    found = await _records(store, [notification.notification_id])
-    return await _deliver(store, sender, notification, found.get(notification.notification_id), text,
-                          redeliver_on_mail_outage)
+    return await _send_once(store, sender, meta, customer_id, Kind.EMAIL_VERIFICATION, email, VERIFICATION_SUBJECT,
+                            text, redeliver_on_mail_outage)
 
 
 async def email_verified(store: Notifications, event: events_pb2.EmailVerified, meta: EventMeta) -> Outcome:
@@ -355,6 +349,11 @@ def format_amount(amount: int, currency: str) -> str:
     return f"{sign}{units // scale}.{units % scale:0{decimals}d} {currency}"
 
 
+def _transfer_footer(transfer_id: str) -> str:
+    """The end of every email about a transfer (a movement or a hold): its reference, the signature."""
+    return f"Reference: {transfer_id}\n\nSimple Bank\n"
+
+
 @dataclass(frozen=True)
 class _Party:
     customer_id: uuid.UUID
@@ -371,7 +370,7 @@ def _parties(event: events_pb2.MoneyMoved) -> list[_Party]:
     amount = format_amount(event.amount, event.currency)
     description = " ".join(event.description.split())[:DESCRIPTION_LENGTH_MAX]
     about = f"Description: {description}\n" if description else ""
-    footer = f"Reference: {event.transfer_id}\n\nSimple Bank\n"
+    footer = _transfer_footer(event.transfer_id)
     MoneyMoved = events_pb2.MoneyMoved
     if event.kind == MoneyMoved.TRANSFER:
         sent_after = format_amount(event.from_balance_after, event.currency)
@@ -464,8 +463,8 @@ async def hold_released(store: Notifications, sender: Sender, event: events_pb2.
     else:
         why = "expired without being taken"
     text = (f"The hold of {amount} on account {event.from_account_id} for account {event.to_account_id} {why}.\n"
-            f"All of it is available to you again; no money moved.\n"
-            f"Reference: {event.transfer_id}\n\nSimple Bank\n")
+            "All of it is available to you again; no money moved.\n"
+            f"{_transfer_footer(event.transfer_id)}")
     payer = _Party(_customer_id(event.from_customer_id), Kind.HOLD_RELEASED, f"A hold of {amount} was released", text)
     return await _tell(store, sender, [payer], meta, redeliver_on_mail_outage)
 
