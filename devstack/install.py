@@ -12,7 +12,9 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 MAVEN_DIR = Path(__file__).resolve().parent / "maven"
 JDK17_HOME = Path("/usr/lib/jvm/java-17-openjdk-amd64")
@@ -34,6 +36,8 @@ GO_TOOLS = {
 _apt_lock = threading.Lock()
 _apt_updated = False
 
+T = TypeVar("T")
+
 
 class InstallError(RuntimeError):
     pass
@@ -49,11 +53,18 @@ def _run(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Pat
         raise InstallError(f"`{' '.join(argv)}` exited with {result.returncode} (see {log})")
 
 
+def _as_root(what: str) -> list[str]:
+    """The prefix that runs `what` as root: none for root, else sudo."""
+    if os.geteuid() == 0:
+        return []
+    if shutil.which("sudo") is None:
+        raise InstallError(f"need root (or sudo) to {what}")
+    return ["sudo"]
+
+
 def apt_install(packages: list[str], log: Path) -> None:
     global _apt_updated
-    if os.geteuid() != 0 and shutil.which("sudo") is None:
-        raise InstallError(f"need root (or sudo) to apt-get install {' '.join(packages)}")
-    prefix = [] if os.geteuid() == 0 else ["sudo"]
+    prefix = _as_root(f"apt-get install {' '.join(packages)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     with _apt_lock:
         if not _apt_updated:
@@ -62,28 +73,35 @@ def apt_install(packages: list[str], log: Path) -> None:
         _run([*prefix, "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], log, env)
 
 
-def postgres_bindir(log: Path) -> Path:
-    def find() -> Path | None:
-        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
-        return versions[-1].parent if versions else None
-
+def _debian(packages: list[str], find: Callable[[], T | None], missing: str, log: Path,
+            installed: Callable[[], None] | None = None) -> T:
+    """What find() finds; when it finds nothing, the packages are installed (then `installed`
+    runs) and it looks again. Still nothing: InstallError, saying what is `missing`."""
     found = find()
     if found is None:
-        apt_install(["postgresql"], log)
+        apt_install(packages, log)
+        if installed is not None:
+            installed()
         found = find()
     if found is None:
-        raise InstallError("postgresql installed but no /usr/lib/postgresql/*/bin/postgres found")
+        raise InstallError(f"{' '.join(packages)} installed but {missing}")
     return found
 
 
+def _if_exists(path: Path) -> Callable[[], Path | None]:
+    return lambda: path if path.exists() else None
+
+
+def postgres_bindir(log: Path) -> Path:
+    def newest() -> Path | None:
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
+        return versions[-1].parent if versions else None
+
+    return _debian(["postgresql"], newest, "no /usr/lib/postgresql/*/bin/postgres found", log)
+
+
 def debian_binary(name: str, package: str, log: Path) -> str:
-    path = shutil.which(name)
-    if path is None:
-        apt_install([package], log)
-        path = shutil.which(name)
-    if path is None:
-        raise InstallError(f"{package} installed but `{name}` is not on PATH")
-    return path
+    return _debian([package], lambda: shutil.which(name), f"`{name}` is not on PATH", log)
 
 
 # The HA mode (BANK_PG_NODES > 1): Debian's Patroni runs on the system python3 with Debian's
@@ -95,74 +113,69 @@ ETCD_BINARY = Path("/usr/bin/etcd")
 
 
 def patroni(log: Path) -> Path:
-    if not PATRONI_BINARY.exists():
-        apt_install(PATRONI_PACKAGES, log)
-    if not PATRONI_BINARY.exists():
-        raise InstallError(f"{' '.join(PATRONI_PACKAGES)} installed but no {PATRONI_BINARY}")
-    return PATRONI_BINARY
+    return _debian(PATRONI_PACKAGES, _if_exists(PATRONI_BINARY), f"no {PATRONI_BINARY}", log)
 
 
 def etcd(log: Path) -> Path:
     """etcd's server binary. The package's own service is never used: on a systemd host it
     would hold port 2379, so it is stopped and disabled right after the install, and the stack
     starts its own etcd with its own data folder."""
-    if not ETCD_BINARY.exists():
-        apt_install(["etcd-server"], log)
+    def disable_its_service() -> None:
         if shutil.which("systemctl") is not None and Path("/run/systemd/system").exists():
-            prefix = [] if os.geteuid() == 0 else ["sudo"]
-            _run([*prefix, "systemctl", "disable", "--now", "etcd.service"], log)
-    if not ETCD_BINARY.exists():
-        raise InstallError(f"etcd-server installed but no {ETCD_BINARY}")
-    return ETCD_BINARY
+            _run([*_as_root("disable etcd.service"), "systemctl", "disable", "--now", "etcd.service"], log)
+
+    return _debian(["etcd-server"], _if_exists(ETCD_BINARY), f"no {ETCD_BINARY}", log, disable_its_service)
 
 
 def java17(log: Path) -> Path:
     """The JDK 17 java binary: Kafka 4 and Cassandra 5 are run on it (not on a newer JDK)."""
-    home = Path(os.environ.get("BANK_JAVA_HOME", str(JDK17_HOME)))
-    if not (home / "bin/java").exists():
-        apt_install(["openjdk-17-jdk-headless"], log)
-    if not (home / "bin/java").exists():
-        raise InstallError(f"no JDK 17 at {home}; set BANK_JAVA_HOME")
-    return home / "bin/java"
+    java = Path(os.environ.get("BANK_JAVA_HOME", str(JDK17_HOME))) / "bin/java"
+    return _debian(["openjdk-17-jdk-headless"], _if_exists(java), f"no {java}; set BANK_JAVA_HOME to a JDK 17", log)
+
+
+def _built_once(target: Path, stamp: Path, source: str, build: Callable[[], None]) -> Path:
+    """target, built from source: by build() unless it exists and its stamp names that source
+    (so a changed pin rebuilds it, and a build cut short is done again)."""
+    if target.exists() and stamp.exists() and stamp.read_text() == source:
+        return target
+    build()
+    stamp.write_text(source)
+    return target
+
+
+def _go(what: str) -> str:
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not Path(go).exists():
+        raise InstallError(f"Go is not installed; {what} is built with Go")
+    return go
 
 
 def maven_classpath(artifact: str, version: str, cache_dir: Path, log: Path) -> Path:
     """Resolve devstack/maven/<artifact>.pom.xml's runtime closure into cache_dir/<artifact>-<version>/lib."""
     lib = cache_dir / f"{artifact}-{version}" / "lib"
-    done = lib / ".complete"
-    if done.exists():
-        return lib
-    mvn = debian_binary("mvn", "maven", log)
-    java = java17(log)
-    pom = MAVEN_DIR / f"{artifact}.pom.xml"
-    if lib.exists():
-        shutil.rmtree(lib)
-    env = dict(os.environ, JAVA_HOME=str(java.parent.parent))
-    _run(
-        [
-            mvn, "-B", "-q", "-f", str(pom), f"-Drevision={version}",
-            "dependency:copy-dependencies", f"-DoutputDirectory={lib}", "-DincludeScope=runtime",
-        ],
-        log,
-        env,
-    )
-    done.write_text(version)
-    return lib
+
+    def build() -> None:
+        mvn = debian_binary("mvn", "maven", log)
+        java = java17(log)
+        pom = MAVEN_DIR / f"{artifact}.pom.xml"
+        if lib.exists():
+            shutil.rmtree(lib)
+        env = dict(os.environ, JAVA_HOME=str(java.parent.parent))
+        _run([mvn, "-B", "-q", "-f", str(pom), f"-Drevision={version}",
+              "dependency:copy-dependencies", f"-DoutputDirectory={lib}", "-DincludeScope=runtime"], log, env)
+
+    return _built_once(lib, lib / ".complete", version, build)
 
 
 def go_tool(name: str, bin_dir: Path, log: Path) -> Path:
-    target = bin_dir / name
     module = GO_TOOLS[name]
-    stamp = bin_dir / f".{name}.version"
-    if target.exists() and stamp.exists() and stamp.read_text() == module:
-        return target
-    go = shutil.which("go") or "/usr/local/go/bin/go"
-    if not Path(go).exists():
-        raise InstallError("Go is not installed; the Go tools (mailpit, grpcurl, ghz) are built with `go install`")
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    _run([go, "install", module], log, dict(os.environ, GOBIN=str(bin_dir), GOFLAGS="-mod=mod"))
-    stamp.write_text(module)
-    return target
+
+    def build() -> None:
+        go = _go(name)
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        _run([go, "install", module], log, dict(os.environ, GOBIN=str(bin_dir), GOFLAGS="-mod=mod"))
+
+    return _built_once(bin_dir / name, bin_dir / f".{name}.version", module, build)
 
 
 # `docker compose config` checks docker-compose.yml without an engine (tests/test_deploy_files.py).
@@ -192,16 +205,15 @@ def docker_compose(bin_dir: Path, log: Path) -> tuple[list[str], dict[str, str]]
     docker CLI itself does not build from the Go module proxy: a dependency is not served.)"""
     config_dir = bin_dir / "docker-config"
     plugin = config_dir / "cli-plugins" / "docker-compose"
-    stamp = bin_dir / ".docker-compose.version"
-    if not (plugin.exists() and stamp.exists() and stamp.read_text() == DOCKER_COMPOSE_MODULE):
-        go = shutil.which("go") or "/usr/local/go/bin/go"
-        if not Path(go).exists():
-            raise InstallError("Go is not installed; the docker compose plugin is built with `go build`")
+
+    def build() -> None:
+        go = _go("the docker compose plugin")
         source = _go_module_dir(go, DOCKER_COMPOSE_MODULE, log)
         version = DOCKER_COMPOSE_MODULE.rpartition("@")[2]
         _run([go, "build", "-trimpath", "-ldflags", f"-w -X github.com/docker/compose/v5/internal.Version={version}",
               "-o", str(plugin), "./cmd"], log, dict(os.environ, GOFLAGS="-mod=mod"), cwd=source)
-        stamp.write_text(DOCKER_COMPOSE_MODULE)
+
+    _built_once(plugin, bin_dir / ".docker-compose.version", DOCKER_COMPOSE_MODULE, build)
     docker = shutil.which("docker")
     if docker is None:
         return [str(plugin)], {}
