@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import os
 import signal
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
@@ -88,16 +90,22 @@ def render(template: Path, out: Path, **values: object) -> Path:
 
 # --- health checks -------------------------------------------------------------------------
 
-async def _http_ok(url: str, expect: str | None = None, timeout_s: float = 2.0) -> bool:
-    def get() -> bool:
+def _http_get(url: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
+    """(HTTP status, body) of a GET; (0, b"") when unreachable. An error status comes with its
+    body: Patroni answers its role endpoints (/primary, /sync) with 503 and a body."""
+    try:
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (loopback URL we build)
-                body = resp.read().decode("utf-8", "replace")
-                return bool(resp.status == 200 and (expect is None or expect in body))
-        except OSError:
-            return False
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (a URL we build)
+                return int(resp.status), resp.read()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read()
+    except OSError:
+        return 0, b""
 
-    return await asyncio.to_thread(get)
+
+async def _http_ok(url: str, expect: str | None = None, timeout_s: float = 2.0) -> bool:
+    status, body = await asyncio.to_thread(_http_get, url, timeout_s)
+    return status == 200 and (expect is None or expect in body.decode("utf-8", "replace"))
 
 
 async def _tcp_ok(host: str, port: int) -> bool:
@@ -363,30 +371,17 @@ def _patroni_env(s: Settings) -> dict[str, str]:
 
 
 def patroni_get(s: Settings, node: int, path: str) -> tuple[int, object]:
-    """(HTTP status, JSON body) of a Patroni REST call on node `node`; (0, None) when unreachable.
-    Patroni answers its role endpoints (/primary, /sync) with 503 and a body, not an error."""
-    import json
-    import urllib.error
-
-    url = f"http://{s.bind_host}:{s.patroni_rest_port(node)}{path}"
+    """(HTTP status, JSON body or None) of a Patroni REST call on node `node`; (0, None) when unreachable."""
+    status, body = _http_get(f"http://{s.bind_host}:{s.patroni_rest_port(node)}{path}")
     try:
-        with urllib.request.urlopen(url, timeout=2.0) as resp:  # noqa: S310 (loopback URL we build)
-            return int(resp.status), json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        try:
-            return int(exc.code), json.loads(exc.read() or b"null")
-        except ValueError:
-            return int(exc.code), None
-    except (OSError, ValueError):
-        return 0, None
+        return status, json.loads(body or b"null")
+    except ValueError:
+        return status, None
 
 
 def _patroni_healthy(node: int) -> Callable[[Settings], Awaitable[bool]]:
-    async def check(s: Settings) -> bool:  # Patroni runs and its PostgreSQL is up, in any role
-        status, _ = await asyncio.to_thread(patroni_get, s, node, "/health")
-        return status == 200
-
-    return check
+    # Patroni runs and its PostgreSQL is up, in any role.
+    return lambda s: _http_ok(f"http://{s.bind_host}:{s.patroni_rest_port(node)}/health")
 
 
 def cluster_members(s: Settings) -> list[dict[str, object]]:
