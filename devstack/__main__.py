@@ -1,4 +1,4 @@
-"""The local stack launcher: `python -m devstack up|run|down|status|logs|env|envoy-config|tls`.
+"""The local stack launcher: `python -m devstack up|run|down|status|logs|env|envoy-config|tls|pg-bootstrap`.
 
 `make up`, `make run` and `make down` are thin aliases. Every setting comes from the
 environment (see `python -m devstack env`).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import config
 from devstack import install, proc, tls
-from devstack.components import envoy_config
+from devstack.components import cluster_bootstrap, envoy_config
 from devstack.stack import Stack, StackError
 
 
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     tls_cmd = sub.add_parser("tls", help="make the local CA and Envoy's localhost certificate if missing or expiring")
     tls_cmd.add_argument("--dir", help="where (default: <stack_dir>/tls)")
     tls_cmd.add_argument("--owner", type=int, help="uid to own the files (docker-compose: Envoy's)")
+    sub.add_parser("pg-bootstrap", help="HA mode: the bank's database, once the Patroni cluster has a leader and a "
+                                        "synchronous standby (docker-compose's ha profile; `up` does it itself)")
     args = parser.parse_args(argv)
 
     settings = config.load()
@@ -119,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         files = tls.LocalTls(Path(args.dir)) if args.dir else tls.local(settings)
         made = tls.ensure(files, owner_uid=args.owner)
         print(f"{'made' if made else 'kept'}: {files.cert} (CA for clients: {files.ca_cert})", file=sys.stderr)
+        return 0
+    if args.command == "pg-bootstrap":
+        if not settings.pg_ha:
+            print("pg-bootstrap is for the HA mode: set BANK_PG_NODES to the number of Patroni nodes", file=sys.stderr)
+            return 2
+        asyncio.run(cluster_bootstrap(settings))
+        print(f"database {settings.pg_database} ready on the cluster's leader", file=sys.stderr)
         return 0
     if args.command == "envoy-config":
         print(envoy_config(settings, compose=args.compose, k8s=args.k8s), end="")

@@ -371,8 +371,10 @@ def _patroni_env(s: Settings) -> dict[str, str]:
 
 
 def patroni_get(s: Settings, node: int, path: str) -> tuple[int, object]:
-    """(HTTP status, JSON body or None) of a Patroni REST call on node `node`; (0, None) when unreachable."""
-    status, body = _http_get(f"http://{s.bind_host}:{s.patroni_rest_port(node)}{path}")
+    """(HTTP status, JSON body or None) of a Patroni REST call on node `node`; (0, None) when
+    unreachable. Node i answers where its PostgreSQL does, on BANK_PG_HOST (the local stack's
+    loopback; in docker-compose, the name every node answers to)."""
+    status, body = _http_get(f"http://{s.pg_host}:{s.patroni_rest_port(node)}{path}")
     try:
         return status, json.loads(body or b"null")
     except ValueError:
@@ -381,7 +383,7 @@ def patroni_get(s: Settings, node: int, path: str) -> tuple[int, object]:
 
 def _patroni_healthy(node: int) -> Callable[[Settings], Awaitable[bool]]:
     # Patroni runs and its PostgreSQL is up, in any role.
-    return lambda s: _http_ok(f"http://{s.bind_host}:{s.patroni_rest_port(node)}/health")
+    return lambda s: _http_ok(f"http://{s.pg_host}:{s.patroni_rest_port(node)}/health")
 
 
 def cluster_members(s: Settings) -> list[dict[str, object]]:
@@ -411,10 +413,11 @@ CLUSTER_READY_TIMEOUT_S = 90.0
 HA_POLL_S = 0.5
 
 
-async def _cluster_bootstrap(s: Settings) -> None:
+async def cluster_bootstrap(s: Settings) -> None:
     """Once a leader and a synchronous standby exist (strict synchronous mode: no commit before
     that), the bank's database on the leader. Idempotent, and run by every node: whichever
-    comes second finds the database there (or loses the race to create it, which is fine)."""
+    comes second finds the database there (or loses the race to create it, which is fine).
+    docker-compose's ha profile runs it too, once (`python -m devstack pg-bootstrap`)."""
     import psycopg
 
     deadline = asyncio.get_running_loop().time() + CLUSTER_READY_TIMEOUT_S
@@ -444,7 +447,7 @@ def ha_components(s: Settings) -> list[Component]:
                   f"postgresql://127.0.0.1:{s.pg_node_port(node)} (Patroni http://127.0.0.1:{s.patroni_rest_port(node)})",
                   _patroni_node(node), _patroni_healthy(node), after=tuple(etcd_names(s)), start_timeout_s=120,
                   # Patroni shuts its PostgreSQL down (fast) on SIGTERM; a replica first, then the leader.
-                  stop_timeout_s=40, env=_patroni_env, bootstrap=_cluster_bootstrap, describe=_patroni_describe(node))
+                  stop_timeout_s=40, env=_patroni_env, bootstrap=cluster_bootstrap, describe=_patroni_describe(node))
         for node in range(1, s.pg_nodes + 1)
     ]
     return members + nodes
