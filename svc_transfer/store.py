@@ -167,10 +167,19 @@ def _movements(rows: Sequence[Sequence[Any]]) -> list[Movement]:
     return movements
 
 
-async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[MovementRequest],
-                           timeout_s: float | None = None) -> list[Movement]:
-    """The movements in one transaction and one round trip (migrations/0006), one result each, in order;
-    LedgerBusy past timeout_s (CALL_DEADLINE_S when None).
+# Ids as text: the caller wants strings, and uuid.UUID objects cost more to make and format. The
+# arrays go in binary (%b): psycopg writes a text array literal with a regex per element, 3x the
+# cost (measured: 2.4 ms against 0.7 ms for 12 arrays of 64).
+MOVE_MONEY_BATCH = (
+    "SELECT ordinal, error, replayed, transfer_id::text, kind, request_id, from_account_id::text,"
+    " to_account_id::text, amount, currency, description, create_time, status, held_amount, expire_time"
+    " FROM move_money_batch(%b::text[], %b::text[], %b::text[], %b::uuid[], %b::uuid[], %b::uuid[],"
+    " %b::bigint[], %b::text[], %b::text[], %b::jsonb[], %b::uuid[], %b::uuid[], %b::int[], %b::uuid[],"
+    " %b::uuid[])")
+
+
+def batch_params(requests: Sequence[MovementRequest]) -> list[Any]:
+    """MOVE_MONEY_BATCH's parameters for these movements (migrations/0006).
 
     The ids are made here, outside the lock window: a new transfer's (none for a POST or VOID,
     whose result is the hold) and its event's, and a POST's second one (its MoneyMoved; the
@@ -185,21 +194,21 @@ async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[Movemen
     params.append([r.hold_seconds for r in requests] if holds else None)
     params.append([r.hold_id for r in requests] if holds else None)
     params.append([new_id() if r.kind == "POST" else None for r in requests] if holds else None)
-    rows = await _fetch(
-        pool,
-        # Ids as text: the caller wants strings, and uuid.UUID objects cost more to make and format.
-        # The arrays go in binary (%b): psycopg writes a text array literal with a regex per
-        # element, 3x the cost (measured: 2.4 ms against 0.7 ms for 12 arrays of 64).
-        "SELECT ordinal, error, replayed, transfer_id::text, kind, request_id, from_account_id::text,"
-        " to_account_id::text, amount, currency, description, create_time, status, held_amount, expire_time"
-        " FROM move_money_batch(%b::text[], %b::text[], %b::text[], %b::uuid[], %b::uuid[], %b::uuid[],"
-        " %b::bigint[], %b::text[], %b::text[], %b::jsonb[], %b::uuid[], %b::uuid[], %b::int[], %b::uuid[],"
-        " %b::uuid[])",
-        params,
-        timeout_s,
-    )
+    return params
+
+
+def batch_results(requests: Sequence[MovementRequest], rows: Sequence[Sequence[Any]]) -> list[Movement]:
+    """One result per movement of MOVE_MONEY_BATCH, in the order of the requests."""
     assert [row[0] for row in rows] == list(range(1, len(requests) + 1)), "a movement without its result"
     return _movements(rows)
+
+
+async def move_money_batch(pool: AsyncConnectionPool, requests: Sequence[MovementRequest],
+                           timeout_s: float | None = None) -> list[Movement]:
+    """The movements in one transaction and one round trip, one result each, in order;
+    LedgerBusy past timeout_s (CALL_DEADLINE_S when None)."""
+    rows = await _fetch(pool, MOVE_MONEY_BATCH, batch_params(requests), timeout_s)
+    return batch_results(requests, rows)
 
 
 async def release_lapsed_holds(pool: AsyncConnectionPool, limit: int) -> list[Movement]:
