@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ INFRA = {"postgres", "redis", "kafka", "cassandra", "mailpit", "prometheus", "en
 PUBLISHED = {8080: "envoy", 8443: "envoy", 8025: "mailpit", 9090: "prometheus"}
 # The HA variant (profile ha): etcd and the Patroni-managed Postgres nodes the services connect to.
 HA_PG_NODES = ["pg-1", "pg-2", "pg-3"]
-HA_ENV = {"BANK_PG_HOST": ",".join(HA_PG_NODES)}
+HA_ENV = {"BANK_PG_NODES": str(len(HA_PG_NODES))}
 
 
 def _compose() -> dict[str, Any]:
@@ -142,37 +143,49 @@ def test_compose_default_runs_one_plain_postgres() -> None:
 
 
 def test_compose_ha_profile_is_patroni_with_synchronous_replication() -> None:
-    """--profile ha: etcd and three Patroni nodes, each with its own name, addresses and volume;
-    commits acknowledged only once a standby has them (strict synchronous mode); every bank
-    service connects to all the nodes, uses the one that accepts writes, and waits for them."""
+    """--profile ha: etcd and three Patroni nodes laid out as the local stack's HA mode (one host
+    name, node i on BANK_PG_PORT + i and BANK_PATRONI_PORT + i), each with its own name and
+    volume; bootstrap settings identical to devstack/templates/patroni.yml (the tested ones);
+    the bank's database made by pg-bootstrap; every bank service's conninfo is Settings.pg_conninfo
+    over all the nodes, and it waits for them and for pg-bootstrap."""
     resolved = _resolved("ha", env=HA_ENV)
     services = resolved["services"]
-    assert {"etcd", *HA_PG_NODES} <= set(services)
+    assert {"etcd", "pg-bootstrap", *HA_PG_NODES} <= set(services)
     patroni = yaml.safe_load(resolved["configs"]["patroni"]["content"].replace("$$", "$"))
-    dcs = patroni["bootstrap"]["dcs"]
-    assert dcs["synchronous_mode"] is True and dcs["synchronous_mode_strict"] is True
-    assert dcs["primary_start_timeout"] == 0 and dcs["postgresql"]["use_pg_rewind"] is True
+    local = yaml.safe_load(Template((REPO / "devstack" / "templates" / "patroni.yml").read_text()).safe_substitute())
+    assert patroni["bootstrap"] == local["bootstrap"], "compose's Patroni bootstrap drifted from the local stack's"
     assert patroni["etcd3"]["hosts"] == "etcd:2379", "etcd 3.4+ has v2 off: the etcd3 section"
     assert any(line.startswith("host replication replicator ") for line in patroni["postgresql"]["pg_hba"])
+    service_env = {k: str(v) for k, v in services["svc_transfer"]["environment"].items()}
+    settings = config.load(service_env)
+    assert settings.pg_nodes == len(HA_PG_NODES)
     volumes = set()
-    for node in HA_PG_NODES:
+    for i, node in enumerate(HA_PG_NODES, start=1):
         spec = services[node]
         environment = spec["environment"]
         assert environment["PATRONI_NAME"] == node
-        assert environment["PATRONI_POSTGRESQL_CONNECT_ADDRESS"] == f"{node}:5432"
-        assert environment["PATRONI_RESTAPI_CONNECT_ADDRESS"] == f"{node}:8008"
-        assert environment["PATRONI_SUPERUSER_USERNAME"] == services["svc_transfer"]["environment"]["BANK_PG_USER"]
+        assert environment["PATRONI_POSTGRESQL_LISTEN"] == f"0.0.0.0:{settings.pg_node_port(i)}"
+        assert environment["PATRONI_POSTGRESQL_CONNECT_ADDRESS"] == f"{node}:{settings.pg_node_port(i)}"
+        assert environment["PATRONI_RESTAPI_LISTEN"] == f"0.0.0.0:{settings.patroni_rest_port(i)}"
+        assert environment["PATRONI_RESTAPI_CONNECT_ADDRESS"] == f"{node}:{settings.patroni_rest_port(i)}"
+        assert environment["PATRONI_SUPERUSER_USERNAME"] == settings.pg_user
+        assert settings.pg_host in spec["networks"]["default"]["aliases"], f"{node} answers to BANK_PG_HOST"
         assert spec["depends_on"]["etcd"]["condition"] == "service_healthy"
         assert [c["target"] for c in spec["configs"]] == ["/etc/patroni/patroni.yml"]
         volumes |= {v["source"] for v in spec["volumes"] if v["type"] == "volume"}
         assert not spec.get("ports"), f"{node} stays on the compose network"
     assert len(volumes) == len(HA_PG_NODES), "each node has its own data volume"
+    bootstrap = services["pg-bootstrap"]
+    assert bootstrap["command"] == ["python", "-m", "devstack", "pg-bootstrap"]
+    assert {k: str(v) for k, v in bootstrap["environment"].items()} == service_env
     for name in BANK_SERVICES:
-        environment = services[name]["environment"]
-        assert environment["BANK_PG_HOST"].split(",") == HA_PG_NODES, name
-        assert environment["PGTARGETSESSIONATTRS"] == "read-write" and int(environment["PGCONNECT_TIMEOUT"]) > 0, name
+        environment = {k: str(v) for k, v in services[name]["environment"].items()}
+        assert not {k for k in environment if k.startswith("PG")}, f"{name}: libpq settings come from pg_conninfo"
+        assert config.load(environment).pg_conninfo == settings.pg_conninfo, name
+        assert "target_session_attrs=read-write" in settings.pg_conninfo
         for node in HA_PG_NODES:
             assert services[name]["depends_on"][node]["condition"] == "service_healthy", (name, node)
+        assert services[name]["depends_on"]["pg-bootstrap"]["condition"] == "service_completed_successfully", name
 
 
 def test_compose_has_the_bank_and_its_infrastructure() -> None:
