@@ -1,6 +1,7 @@
-"""The one stack fixture (and the ledger client `bank` on it): the session starts the local stack through the launcher's own code
-(`devstack.stack.Stack.up`), reusing whatever already runs and is healthy (a developer's
-`make up`), and stops at the end exactly what it started.
+"""The one stack fixture (and the ledger clients `bank` and `banks` on it): the session starts
+the local stack through the launcher's own code (`devstack.stack.Stack.up`), reusing whatever
+already runs and is healthy (a developer's `make up`), and stops at the end exactly what it
+started.
 
 And the end-of-session check that no log of the stack holds a secret the tests used
 (tests/secret_scan.py): it fails the run if one does."""
@@ -51,6 +52,22 @@ async def bank(stack: Stack, settings: config.Settings) -> AsyncIterator[Bank]:
     """The ledger's client (tests/ledger_support.py) on svc_transfer's shared port."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.transfer_grpc_port}") as channel:
         yield Bank(settings, channel)
+
+
+# Connections of `banks`: svc_transfer's processes share the port, and the kernel spreads
+# connections over them, so requests on several connections reach both.
+CHANNELS = 4
+
+
+@pytest.fixture(scope="module")
+async def banks(stack: Stack, settings: config.Settings) -> AsyncIterator[list[Bank]]:
+    """CHANNELS ledger clients, each on a connection of its own to svc_transfer's shared port."""
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{settings.transfer_grpc_port}") for _ in range(CHANNELS)]
+    try:
+        yield [Bank(settings, channel) for channel in channels]
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 def _logs() -> Path:

@@ -1,14 +1,15 @@
 """What the ledger's tests share: a client of TransferService and LedgerService that mints real
-tokens (Bank; the `bank` fixture of tests/conftest.py is one on svc_transfer's port), the status
-and ErrorInfo reason of a refused call, and read-only SQL for the invariants that no API
-exposes (entries, outbox, holds: holds_invariants), and age_holds, time passing for holds."""
+tokens (Bank, holds included; the `bank` and `banks` fixtures of tests/conftest.py are on
+svc_transfer's port), the status and ErrorInfo reason of a refused call, and read-only SQL for
+what no API exposes (transfer rows, deadlocks, the invariants of holds: holds_invariants), and
+age_holds, time passing for holds."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import psycopg
@@ -103,17 +104,78 @@ class Bank:
             ledger_pb2.SetLedgerAccountStatusRequest(account_id=account.account_id, status=status_value),
             metadata=self.service, timeout=TIMEOUT_S)
 
-    async def balances(self, *accounts: Account) -> list[int]:
+    async def hold(self, source: Account, target: Account, amount: int, *, hold_seconds: int = 3600,
+                   request_id: str | None = None) -> transfer_pb2.Transfer:
+        """A hold the payer places: a transfer described "deposit", with hold_seconds."""
+        return await self.transfers.CreateTransfer(  # type: ignore[no-any-return]
+            transfer_pb2.CreateTransferRequest(request_id=request_id or new_request_id(),
+                                               from_account_id=source.account_id, to_account_id=target.account_id,
+                                               amount=amount, currency=source.currency, description="deposit",
+                                               hold_seconds=hold_seconds),
+            metadata=self.customer(source.customer_id), timeout=TIMEOUT_S)
+
+    async def post(self, hold_id: str, caller: Metadata, amount: int | None = None,
+                   request_id: str | None = None) -> transfer_pb2.Transfer:
+        """The hold posted, all of it or `amount`."""
+        request = transfer_pb2.PostTransferRequest(transfer_id=hold_id, request_id=request_id or new_request_id())
+        if amount is not None:
+            request.amount = amount
+        return await self.transfers.PostTransfer(request, metadata=caller, timeout=TIMEOUT_S)  # type: ignore[no-any-return]
+
+    async def void(self, hold_id: str, caller: Metadata, request_id: str | None = None) -> transfer_pb2.Transfer:
+        return await self.transfers.VoidTransfer(  # type: ignore[no-any-return]
+            transfer_pb2.VoidTransferRequest(transfer_id=hold_id, request_id=request_id or new_request_id()),
+            metadata=caller, timeout=TIMEOUT_S)
+
+    async def status_of(self, transfer_id: str) -> int:
+        """The transfer's status, as GetTransfer answers a teller."""
+        found = await self.transfers.GetTransfer(transfer_pb2.GetTransferRequest(transfer_id=transfer_id),
+                                                 metadata=self.teller, timeout=TIMEOUT_S)
+        return found.status  # type: ignore[no-any-return]
+
+    async def ledger_accounts(self, *accounts: Account) -> list[ledger_pb2.LedgerAccount]:
+        """The accounts as the ledger answers them (BatchGetLedgerAccounts), in the order given."""
         reply = await self.ledger.BatchGetLedgerAccounts(
             ledger_pb2.BatchGetLedgerAccountsRequest(account_ids=[a.account_id for a in accounts]),
             metadata=self.service, timeout=TIMEOUT_S)
-        return [a.balance for a in reply.ledger_accounts]
+        return list(reply.ledger_accounts)
+
+    async def balances(self, *accounts: Account) -> list[int]:
+        return [a.balance for a in await self.ledger_accounts(*accounts)]
+
+    async def available(self, *accounts: Account) -> list[tuple[int, int]]:
+        """(balance, available_balance) of each account: available is the balance less the
+        account's PENDING holds as payer (API.md, "Holds")."""
+        return [(a.balance, a.available_balance) for a in await self.ledger_accounts(*accounts)]
 
 
 def sql(settings: Settings, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
     """Read-only look into svc_transfer's schema, for invariants no RPC shows."""
     with psycopg.connect(settings.pg_conninfo, autocommit=True) as conn:
         return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+class TransferRow(NamedTuple):
+    status: str  # "PENDING", "COMPLETED", "VOIDED", "EXPIRED", ...
+    amount: int
+    held_amount: int | None  # None: not a hold
+    from_account_id: str | None
+    to_account_id: str | None
+
+
+def transfer_rows(settings: Settings, transfer_ids: Sequence[str]) -> dict[str, TransferRow]:
+    """The rows of these transfers, by id: a hold's status as the ledger or its release worker
+    left it, read without a token (and on the leader, in the HA mode)."""
+    rows = sql(settings, "SELECT transfer_id::text, status, amount, held_amount, from_account_id::text,"
+                         " to_account_id::text FROM transfer.transfers WHERE transfer_id = ANY(%s::uuid[])",
+               (list(transfer_ids),))
+    return {str(row[0]): TransferRow(*row[1:]) for row in rows}
+
+
+def deadlocks(settings: Settings) -> int:
+    """How many deadlocks Postgres has detected in the database since its statistics began."""
+    [(count,)] = sql(settings, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    return int(count)
 
 
 def age_holds(settings: Settings, transfer_ids: Sequence[str], seconds: float) -> int:

@@ -19,49 +19,19 @@ from bank.transfer.v1 import ledger_pb2, transfer_pb2
 from common.config import Settings
 from devstack.stack import Stack
 from tests.events_support import deposit, holder, service_metric, statement_with, teller_token
-from tests.ledger_support import TIMEOUT_S, Account, Bank, age_holds, holds_invariants, new_request_id, refused, sql
+from tests.ledger_support import (
+    Account,
+    Bank,
+    age_holds,
+    holds_invariants,
+    new_request_id,
+    refused,
+    sql,
+    transfer_rows,
+)
 from tests.support import onboard, rest, until
 
 Transfer = transfer_pb2.Transfer
-Metadata = list[tuple[str, str]]
-
-
-async def hold(bank: Bank, source: Account, target: Account, amount: int, *, hold_seconds: int = 3600,
-               request_id: str | None = None) -> transfer_pb2.Transfer:
-    return await bank.transfers.CreateTransfer(  # type: ignore[no-any-return]
-        transfer_pb2.CreateTransferRequest(request_id=request_id or new_request_id(),
-                                           from_account_id=source.account_id, to_account_id=target.account_id,
-                                           amount=amount, currency=source.currency, description="deposit",
-                                           hold_seconds=hold_seconds),
-        metadata=bank.customer(source.customer_id), timeout=TIMEOUT_S)
-
-
-async def post(bank: Bank, hold_id: str, caller: Metadata, amount: int | None = None,
-               request_id: str | None = None) -> transfer_pb2.Transfer:
-    request = transfer_pb2.PostTransferRequest(transfer_id=hold_id, request_id=request_id or new_request_id())
-    if amount is not None:
-        request.amount = amount
-    return await bank.transfers.PostTransfer(request, metadata=caller, timeout=TIMEOUT_S)  # type: ignore[no-any-return]
-
-
-async def void(bank: Bank, hold_id: str, caller: Metadata, request_id: str | None = None) -> transfer_pb2.Transfer:
-    return await bank.transfers.VoidTransfer(  # type: ignore[no-any-return]
-        transfer_pb2.VoidTransferRequest(transfer_id=hold_id, request_id=request_id or new_request_id()),
-        metadata=caller, timeout=TIMEOUT_S)
-
-
-async def state(bank: Bank, *accounts: Account) -> list[tuple[int, int]]:
-    """(balance, available_balance) of each account, as the ledger answers them."""
-    reply = await bank.ledger.BatchGetLedgerAccounts(
-        ledger_pb2.BatchGetLedgerAccountsRequest(account_ids=[a.account_id for a in accounts]),
-        metadata=bank.service, timeout=TIMEOUT_S)
-    return [(a.balance, a.available_balance) for a in reply.ledger_accounts]
-
-
-async def status_of(bank: Bank, hold_id: str) -> int:
-    found = await bank.transfers.GetTransfer(transfer_pb2.GetTransferRequest(transfer_id=hold_id),
-                                             metadata=bank.teller, timeout=TIMEOUT_S)
-    return found.status  # type: ignore[no-any-return]
 
 
 async def parties(bank: Bank, funds: int = 1_000) -> tuple[Account, Account]:
@@ -81,32 +51,32 @@ def entries_of(settings: Settings, transfer_id: str) -> list[tuple[str, int]]:
 
 async def test_a_hold_reserves_the_amount_without_moving_it(bank: Bank, settings: Settings) -> None:
     payer, payee = await parties(bank)
-    placed = await hold(bank, payer, payee, 700, hold_seconds=600)
+    placed = await bank.hold(payer, payee, 700, hold_seconds=600)
     assert (placed.status, placed.amount, placed.held_amount, placed.kind) == (Transfer.PENDING, 700, 700, Transfer.TRANSFER)
     assert placed.expire_time.ToDatetime() - placed.create_time.ToDatetime() == timedelta(seconds=600)
-    assert await state(bank, payer, payee) == [(1_000, 300), (0, 0)]  # incoming holds do not count until posted
+    assert await bank.available(payer, payee) == [(1_000, 300), (0, 0)]  # incoming holds do not count until posted
     assert entries_of(settings, placed.transfer_id) == []  # no ledger entry until it is posted
 
     # Transfers, withdrawals and new holds are checked against the available balance.
     assert await refused(bank.transfer(payer, payee, 301)) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS")
     assert await refused(bank.withdraw(payer, 301)) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS")
-    assert await refused(hold(bank, payer, payee, 301)) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS")
+    assert await refused(bank.hold(payer, payee, 301)) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS")
     await bank.transfer(payer, payee, 300)
-    assert await state(bank, payer, payee) == [(700, 0), (300, 300)]
+    assert await bank.available(payer, payee) == [(700, 0), (300, 300)]
     holds_invariants(settings, [payer.account_id, payee.account_id])
 
 
 async def test_a_retried_placement_returns_the_first_answer_and_reserves_once(bank: Bank) -> None:
     payer, payee = await parties(bank)
     request_id = new_request_id()
-    first = await hold(bank, payer, payee, 400, request_id=request_id)
-    assert await hold(bank, payer, payee, 400, request_id=request_id) == first
-    assert await refused(hold(bank, payer, payee, 400, request_id=request_id, hold_seconds=60)) \
+    first = await bank.hold(payer, payee, 400, request_id=request_id)
+    assert await bank.hold(payer, payee, 400, request_id=request_id) == first
+    assert await refused(bank.hold(payer, payee, 400, request_id=request_id, hold_seconds=60)) \
         == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
     # The same key without hold_seconds is another request: a transfer is not a hold.
     assert await refused(bank.transfer(payer, payee, 400, request_id=request_id, description="deposit")) \
         == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
-    assert await state(bank, payer) == [(1_000, 600)]
+    assert await bank.available(payer) == [(1_000, 600)]
 
 
 # --- posting and voiding -------------------------------------------------------------------------
@@ -114,51 +84,51 @@ async def test_a_retried_placement_returns_the_first_answer_and_reserves_once(ba
 async def test_a_post_moves_all_or_part_as_one_double_entry_transfer_and_releases_the_rest(
         bank: Bank, settings: Settings) -> None:
     payer, payee = await parties(bank)
-    partial = await hold(bank, payer, payee, 400)
-    whole = await hold(bank, payer, payee, 100)
-    posted = await post(bank, partial.transfer_id, bank.customer(payee.customer_id), amount=250)
+    partial = await bank.hold(payer, payee, 400)
+    whole = await bank.hold(payer, payee, 100)
+    posted = await bank.post(partial.transfer_id, bank.customer(payee.customer_id), amount=250)
     assert (posted.transfer_id, posted.status, posted.amount, posted.held_amount) \
         == (partial.transfer_id, Transfer.COMPLETED, 250, 400)
     assert entries_of(settings, partial.transfer_id) == [(payer.account_id, -250), (payee.account_id, 250)]
-    assert await state(bank, payer, payee) == [(750, 650), (250, 250)]
-    taken = await post(bank, whole.transfer_id, bank.customer(payee.customer_id))  # no amount: all of it
+    assert await bank.available(payer, payee) == [(750, 650), (250, 250)]
+    taken = await bank.post(whole.transfer_id, bank.customer(payee.customer_id))  # no amount: all of it
     assert (taken.status, taken.amount) == (Transfer.COMPLETED, 100)
-    assert await state(bank, payer, payee) == [(650, 650), (350, 350)]
+    assert await bank.available(payer, payee) == [(650, 650), (350, 350)]
     holds_invariants(settings, [payer.account_id, payee.account_id])
 
 
 async def test_more_than_held_is_refused_and_the_hold_stays_pending(bank: Bank) -> None:
     payer, payee = await parties(bank)
-    placed = await hold(bank, payer, payee, 400)
+    placed = await bank.hold(payer, payee, 400)
     payee_md = bank.customer(payee.customer_id)
-    assert await refused(post(bank, placed.transfer_id, payee_md, amount=401)) \
+    assert await refused(bank.post(placed.transfer_id, payee_md, amount=401)) \
         == (grpc.StatusCode.FAILED_PRECONDITION, "EXCEEDS_HELD_AMOUNT")
-    assert await refused(post(bank, placed.transfer_id, payee_md, amount=0)) \
+    assert await refused(bank.post(placed.transfer_id, payee_md, amount=0)) \
         == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_AMOUNT")
-    assert await status_of(bank, placed.transfer_id) == Transfer.PENDING
-    assert await state(bank, payer) == [(1_000, 600)]
+    assert await bank.status_of(placed.transfer_id) == Transfer.PENDING
+    assert await bank.available(payer) == [(1_000, 600)]
 
 
 async def test_a_void_releases_the_whole_hold_and_nothing_moves(bank: Bank, settings: Settings) -> None:
     payer, payee = await parties(bank)
-    placed = await hold(bank, payer, payee, 400)
-    voided = await void(bank, placed.transfer_id, bank.customer(payee.customer_id))
+    placed = await bank.hold(payer, payee, 400)
+    voided = await bank.void(placed.transfer_id, bank.customer(payee.customer_id))
     assert (voided.status, voided.amount, voided.held_amount) == (Transfer.VOIDED, 400, 400)
-    assert await state(bank, payer, payee) == [(1_000, 1_000), (0, 0)]
+    assert await bank.available(payer, payee) == [(1_000, 1_000), (0, 0)]
     assert entries_of(settings, placed.transfer_id) == []
 
 
 async def test_a_settled_hold_is_not_pending_and_a_retry_returns_the_first_answer(bank: Bank) -> None:
     payer, payee = await parties(bank)
     payee_md = bank.customer(payee.customer_id)
-    posted_hold, voided_hold = await hold(bank, payer, payee, 100), await hold(bank, payer, payee, 100)
+    posted_hold, voided_hold = await bank.hold(payer, payee, 100), await bank.hold(payer, payee, 100)
     post_id, void_id = new_request_id(), new_request_id()
-    posted = await post(bank, posted_hold.transfer_id, payee_md, request_id=post_id)
-    voided = await void(bank, voided_hold.transfer_id, payee_md, request_id=void_id)
-    assert await post(bank, posted_hold.transfer_id, payee_md, request_id=post_id) == posted
-    assert await void(bank, voided_hold.transfer_id, payee_md, request_id=void_id) == voided
+    posted = await bank.post(posted_hold.transfer_id, payee_md, request_id=post_id)
+    voided = await bank.void(voided_hold.transfer_id, payee_md, request_id=void_id)
+    assert await bank.post(posted_hold.transfer_id, payee_md, request_id=post_id) == posted
+    assert await bank.void(voided_hold.transfer_id, payee_md, request_id=void_id) == voided
     for hold_id, name in ((posted_hold.transfer_id, "COMPLETED"), (voided_hold.transfer_id, "VOIDED")):
-        for settle in (post(bank, hold_id, payee_md), void(bank, hold_id, payee_md)):
+        for settle in (bank.post(hold_id, payee_md), bank.void(hold_id, payee_md)):
             try:
                 await settle
                 raise AssertionError("a settled hold was settled again")
@@ -166,58 +136,58 @@ async def test_a_settled_hold_is_not_pending_and_a_retry_returns_the_first_answe
                 assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
                 assert name in (error.details() or ""), error.details()
     # The post's key with other parameters (another amount, or a void) is a conflict.
-    assert await refused(post(bank, posted_hold.transfer_id, payee_md, amount=1, request_id=post_id)) \
+    assert await refused(bank.post(posted_hold.transfer_id, payee_md, amount=1, request_id=post_id)) \
         == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
-    assert await refused(void(bank, posted_hold.transfer_id, payee_md, request_id=post_id)) \
+    assert await refused(bank.void(posted_hold.transfer_id, payee_md, request_id=post_id)) \
         == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED")
     # A transfer that was never a hold is not pending either.
     plain = await bank.transfer(payer, payee, 10)
-    assert await refused(void(bank, plain.transfer_id, payee_md)) \
+    assert await refused(bank.void(plain.transfer_id, payee_md)) \
         == (grpc.StatusCode.FAILED_PRECONDITION, "TRANSFER_NOT_PENDING")
-    assert await state(bank, payer, payee) == [(890, 890), (110, 110)]
+    assert await bank.available(payer, payee) == [(890, 890), (110, 110)]
 
 
 async def test_the_payee_or_a_teller_settles_the_payer_cannot_and_a_stranger_sees_nothing(bank: Bank) -> None:
     payer, payee = await parties(bank)
     stranger = await bank.open_account()
-    placed = [await hold(bank, payer, payee, 100) for _ in range(3)]
+    placed = [await bank.hold(payer, payee, 100) for _ in range(3)]
     payer_md, payee_md, stranger_md = (bank.customer(a.customer_id) for a in (payer, payee, stranger))
-    for settle in (post, void):
-        assert await refused(settle(bank, placed[0].transfer_id, payer_md)) \
+    for settle in (bank.post, bank.void):
+        assert await refused(settle(placed[0].transfer_id, payer_md)) \
             == (grpc.StatusCode.FAILED_PRECONDITION, "NOT_PAYEE")
-        assert await refused(settle(bank, placed[0].transfer_id, stranger_md)) \
+        assert await refused(settle(placed[0].transfer_id, stranger_md)) \
             == (grpc.StatusCode.NOT_FOUND, "TRANSFER_NOT_FOUND")
-    assert await refused(post(bank, "not-a-uuid", payee_md)) == (grpc.StatusCode.NOT_FOUND, "TRANSFER_NOT_FOUND")
-    assert (await post(bank, placed[0].transfer_id, payee_md)).status == Transfer.COMPLETED
-    assert (await post(bank, placed[1].transfer_id, bank.teller, amount=40)).amount == 40
-    assert (await void(bank, placed[2].transfer_id, bank.teller)).status == Transfer.VOIDED
+    assert await refused(bank.post("not-a-uuid", payee_md)) == (grpc.StatusCode.NOT_FOUND, "TRANSFER_NOT_FOUND")
+    assert (await bank.post(placed[0].transfer_id, payee_md)).status == Transfer.COMPLETED
+    assert (await bank.post(placed[1].transfer_id, bank.teller, amount=40)).amount == 40
+    assert (await bank.void(placed[2].transfer_id, bank.teller)).status == Transfer.VOIDED
     # A customer who owns both accounts is the payee too.
     own = await bank.open_account(customer_id=payer.customer_id)
-    mine = await hold(bank, payer, own, 50)
-    assert (await void(bank, mine.transfer_id, payer_md)).status == Transfer.VOIDED
-    assert await state(bank, payer, payee) == [(860, 860), (140, 140)]
+    mine = await bank.hold(payer, own, 50)
+    assert (await bank.void(mine.transfer_id, payer_md)).status == Transfer.VOIDED
+    assert await bank.available(payer, payee) == [(860, 860), (140, 140)]
 
 
 async def test_a_frozen_payee_cannot_be_paid_and_the_hold_stays_pending(bank: Bank) -> None:
     payer, payee = await parties(bank)
-    placed = await hold(bank, payer, payee, 100)
+    placed = await bank.hold(payer, payee, 100)
     await bank.set_status(payee, ledger_pb2.LedgerAccount.FROZEN)
-    assert await refused(post(bank, placed.transfer_id, bank.teller)) \
+    assert await refused(bank.post(placed.transfer_id, bank.teller)) \
         == (grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_INACTIVE")
-    assert await status_of(bank, placed.transfer_id) == Transfer.PENDING
+    assert await bank.status_of(placed.transfer_id) == Transfer.PENDING
     await bank.set_status(payee, ledger_pb2.LedgerAccount.ACTIVE)
-    assert (await post(bank, placed.transfer_id, bank.teller)).status == Transfer.COMPLETED
-    assert await state(bank, payer, payee) == [(900, 900), (100, 100)]
+    assert (await bank.post(placed.transfer_id, bank.teller)).status == Transfer.COMPLETED
+    assert await bank.available(payer, payee) == [(900, 900), (100, 100)]
 
 
 async def test_an_account_with_a_pending_hold_on_either_side_cannot_be_closed(bank: Bank) -> None:
     payer, payee = await parties(bank, funds=100)
-    placed = await hold(bank, payer, payee, 100)
+    placed = await bank.hold(payer, payee, 100)
     assert await refused(bank.withdraw(payer, 1)) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS")
     for account in (payee, payer):
         assert await refused(bank.set_status(account, ledger_pb2.LedgerAccount.CLOSED)) \
             == (grpc.StatusCode.FAILED_PRECONDITION, "ACCOUNT_NOT_EMPTY")
-    await void(bank, placed.transfer_id, bank.teller)
+    await bank.void(placed.transfer_id, bank.teller)
     closed = await bank.set_status(payee, ledger_pb2.LedgerAccount.CLOSED)  # balance 0, nothing pending
     assert closed.status == ledger_pb2.LedgerAccount.CLOSED
 
@@ -226,22 +196,21 @@ async def test_an_account_with_a_pending_hold_on_either_side_cannot_be_closed(ba
 
 async def test_a_lapsed_hold_is_refused_at_once_and_released_within_seconds(bank: Bank, settings: Settings) -> None:
     payer, payee = await parties(bank)
-    lapsing, lasting = await hold(bank, payer, payee, 300, hold_seconds=60), await hold(bank, payer, payee, 200)
+    lapsing, lasting = await bank.hold(payer, payee, 300, hold_seconds=60), await bank.hold(payer, payee, 200)
     age_holds(settings, [lapsing.transfer_id], 60)  # its expire_time is now
     # The database's clock decides: refused whether or not the worker released it yet.
-    for settle in (post, void):
-        assert await refused(settle(bank, lapsing.transfer_id, bank.customer(payee.customer_id))) \
+    for settle in (bank.post, bank.void):
+        assert await refused(settle(lapsing.transfer_id, bank.customer(payee.customer_id))) \
             == (grpc.StatusCode.FAILED_PRECONDITION, "HOLD_EXPIRED")
 
     def expired() -> bool | None:
-        return sql(settings, "SELECT status = 'EXPIRED' FROM transfer.transfers WHERE transfer_id = %s",
-                   (lapsing.transfer_id,))[0][0] or None
+        return transfer_rows(settings, [lapsing.transfer_id])[lapsing.transfer_id].status == "EXPIRED" or None
 
     await asyncio.to_thread(until, expired, "the lapsed hold released")  # the worker looks every second
-    assert await status_of(bank, lapsing.transfer_id) == Transfer.EXPIRED
-    assert await status_of(bank, lasting.transfer_id) == Transfer.PENDING
-    assert await state(bank, payer, payee) == [(1_000, 800), (0, 0)]
-    assert await refused(void(bank, lapsing.transfer_id, bank.teller)) \
+    assert await bank.status_of(lapsing.transfer_id) == Transfer.EXPIRED
+    assert await bank.status_of(lasting.transfer_id) == Transfer.PENDING
+    assert await bank.available(payer, payee) == [(1_000, 800), (0, 0)]
+    assert await refused(bank.void(lapsing.transfer_id, bank.teller)) \
         == (grpc.StatusCode.FAILED_PRECONDITION, "HOLD_EXPIRED")
     holds_invariants(settings, [payer.account_id, payee.account_id])
 
@@ -249,13 +218,12 @@ async def test_a_lapsed_hold_is_refused_at_once_and_released_within_seconds(bank
 async def test_holds_lapsed_while_the_ledger_was_down_are_released_on_its_next_start(
         stack: Stack, bank: Bank, settings: Settings) -> None:
     payer, payee = await parties(bank)
-    held = [(await hold(bank, payer, payee, 100, hold_seconds=60)).transfer_id for _ in range(5)]
+    held = [(await bank.hold(payer, payee, 100, hold_seconds=60)).transfer_id for _ in range(5)]
     customer = await asyncio.to_thread(onboard, settings)
     stack.down(["svc_transfer"], out=sys.stderr)
     try:
         age_holds(settings, held, 120)
-        assert sql(settings, "SELECT count(*) FROM transfer.transfers WHERE transfer_id = ANY(%s::uuid[])"
-                             " AND status = 'PENDING'", (held,))[0][0] == 5
+        assert [row.status for row in transfer_rows(settings, held).values()] == ["PENDING"] * 5
     finally:
         await stack.up(["svc_transfer"], out=sys.stderr)
         # The stack as the next tests expect it: svc_account's channel to the ledger is back too
@@ -264,9 +232,9 @@ async def test_holds_lapsed_while_the_ledger_was_down_are_released_on_its_next_s
                                                     token=customer.token).status == 200 or None,
                                 "svc_account reaching the restarted ledger", 30)
     await asyncio.to_thread(
-        until, lambda: sql(settings, "SELECT count(*) = 5 FROM transfer.transfers WHERE transfer_id = ANY(%s::uuid[])"
-                                     " AND status = 'EXPIRED'", (held,))[0][0] or None, "the lapsed holds released", 30)
-    assert await state(bank, payer) == [(1_000, 1_000)]
+        until, lambda: [row.status for row in transfer_rows(settings, held).values()] == ["EXPIRED"] * 5 or None,
+        "the lapsed holds released", 30)
+    assert await bank.available(payer) == [(1_000, 1_000)]
     holds_invariants(settings, [payer.account_id])
     # The worker's lag gauge is back to 0 once nothing lapsed waits.
     await asyncio.to_thread(
@@ -336,11 +304,11 @@ async def test_holds_over_grpc_through_envoy(bank: Bank, settings: Settings) -> 
         gateway = Bank(settings, gateway_channel)
         gateway.ledger = bank.ledger  # internal: never through Envoy
         payer, payee = await parties(gateway, 500)
-        placed = await hold(gateway, payer, payee, 500)
-        assert await refused(post(gateway, placed.transfer_id, gateway.customer(payer.customer_id))) \
+        placed = await gateway.hold(payer, payee, 500)
+        assert await refused(gateway.post(placed.transfer_id, gateway.customer(payer.customer_id))) \
             == (grpc.StatusCode.FAILED_PRECONDITION, "NOT_PAYEE")
-        assert (await post(gateway, placed.transfer_id, gateway.customer(payee.customer_id), 120)).amount == 120
-        assert await state(gateway, payer, payee) == [(380, 380), (120, 120)]
+        assert (await gateway.post(placed.transfer_id, gateway.customer(payee.customer_id), 120)).amount == 120
+        assert await gateway.available(payer, payee) == [(380, 380), (120, 120)]
 
 
 # --- events --------------------------------------------------------------------------------------
@@ -363,11 +331,11 @@ async def test_each_change_of_a_hold_is_one_event_and_a_post_also_moves_money(ba
             await consumer.position(partition)  # fixed now: only what follows is read
 
         payer, payee = await parties(bank)
-        posted = await hold(bank, payer, payee, 400, hold_seconds=60)
-        voided = await hold(bank, payer, payee, 300, hold_seconds=60)
-        lapsed = await hold(bank, payer, payee, 200, hold_seconds=60)
-        await post(bank, posted.transfer_id, bank.customer(payee.customer_id), amount=250)
-        await void(bank, voided.transfer_id, bank.teller)
+        posted = await bank.hold(payer, payee, 400, hold_seconds=60)
+        voided = await bank.hold(payer, payee, 300, hold_seconds=60)
+        lapsed = await bank.hold(payer, payee, 200, hold_seconds=60)
+        await bank.post(posted.transfer_id, bank.customer(payee.customer_id), amount=250)
+        await bank.void(voided.transfer_id, bank.teller)
         age_holds(settings, [lapsed.transfer_id], 60)
         expected = {posted.transfer_id: ["HoldPlaced", "HoldPosted", "MoneyMoved"],
                     voided.transfer_id: ["HoldPlaced", "HoldVoided"], lapsed.transfer_id: ["HoldPlaced", "HoldExpired"]}

@@ -18,12 +18,8 @@ from bank.transfer.v1 import transfer_pb2
 
 from common.config import Settings
 from common.errors import reason_of
-from tests.ledger_support import Account, Bank, age_holds, holds_invariants, sql
+from tests.ledger_support import Account, Bank, age_holds, deadlocks, holds_invariants, sql, transfer_rows
 from tests.support import until
-from tests.test_holds import hold, post, state, void
-from tests.test_transfer_concurrency import banks, deadlocks
-
-__all__ = ["banks"]  # the module fixture of test_transfer_concurrency: CHANNELS connections to the ledger
 
 T = TypeVar("T")
 Transfer = transfer_pb2.Transfer
@@ -54,15 +50,15 @@ async def test_holds_at_once_against_one_balance_take_exactly_what_is_available(
     deadlocks_before = deadlocks(settings)
 
     answers = await asyncio.gather(*(
-        outcome(hold(banks[i % len(banks)], payer, payees[i % len(payees)], 30)) for i in range(64)))
+        outcome(banks[i % len(banks)].hold(payer, payees[i % len(payees)], 30)) for i in range(64)))
 
     placed = [a for a in answers if isinstance(a, Transfer)]
     assert Counter(a if isinstance(a, str) else "PLACED" for a in answers) \
         == {"PLACED": 33, "INSUFFICIENT_FUNDS": 31}  # 33 * 30 = 990 of 1,000
     assert all((p.status, p.held_amount) == (Transfer.PENDING, 30) for p in placed)
-    assert await state(bank, payer) == [(1_000, 10)]
+    assert await bank.available(payer) == [(1_000, 10)]
     assert pending_sum(settings, payer) == 990  # balance - available = the PENDING holds
-    assert await state(bank, *payees) == [(0, 0)] * len(payees)  # incoming holds do not count
+    assert await bank.available(*payees) == [(0, 0)] * len(payees)  # incoming holds do not count
     assert deadlocks(settings) == deadlocks_before
     holds_invariants(settings, [payer.account_id] + [p.account_id for p in payees])
 
@@ -84,7 +80,7 @@ async def test_holds_racing_transfers_and_withdrawals_never_overdraw_the_payer(
     def send(i: int, kind: str, amount: int) -> Awaitable[Transfer]:
         client = banks[i % len(banks)]
         if kind == "HOLD":
-            return hold(client, payer, payee, amount)
+            return client.hold(payer, payee, amount)
         if kind == "TRANSFER":
             return client.transfer(payer, payee, amount)
         return client.withdraw(payer, amount)
@@ -96,13 +92,13 @@ async def test_holds_racing_transfers_and_withdrawals_never_overdraw_the_payer(
     taken = {kind: sum(amount for (k, amount), a in zip(plan, answers, strict=True) if k == kind and not isinstance(a, str))
              for kind in kinds}
     assert all(taken.values()), taken  # each kind got some of the money
-    [(balance, available)] = await state(bank, payer)
+    [(balance, available)] = await bank.available(payer)
     assert balance == funds - taken["TRANSFER"] - taken["WITHDRAWAL"]
     assert available == balance - taken["HOLD"] >= 0
     assert pending_sum(settings, payer) == taken["HOLD"]
     refused_amounts = [amount for (_, amount), a in zip(plan, answers, strict=True) if isinstance(a, str)]
     assert min(refused_amounts) > available  # no refusal that the balance could still have served
-    assert await state(bank, payee) == [(taken["TRANSFER"], taken["TRANSFER"])]
+    assert await bank.available(payee) == [(taken["TRANSFER"], taken["TRANSFER"])]
     holds_invariants(settings, [payer.account_id, payee.account_id])
 
 
@@ -119,7 +115,7 @@ async def test_post_void_and_expiry_racing_for_each_hold_settle_it_exactly_once(
     count = 150
     plan = [(payers[i % 8], payees[(i * 3 + i // 8) % 8], rng.randint(10, 60)) for i in range(count)]
     holds = list(await asyncio.gather(*(
-        hold(banks[i % len(banks)], source, target, amount) for i, (source, target, amount) in enumerate(plan))))
+        banks[i % len(banks)].hold(source, target, amount) for i, (source, target, amount) in enumerate(plan))))
     ids = [h.transfer_id for h in holds]
     lapsed, lapsing = set(ids[0::3]), set(ids[1::3])
     deadlocks_before = deadlocks(settings)
@@ -137,8 +133,8 @@ async def test_post_void_and_expiry_racing_for_each_hold_settle_it_exactly_once(
         target = plan[i][1]
         if h.transfer_id in lapsing:
             await asyncio.sleep(rng.uniform(0.0, 2.5))
-        posting = outcome(post(banks[i % len(banks)], h.transfer_id, bank.customer(target.customer_id)))
-        voiding = outcome(void(banks[(i + 1) % len(banks)], h.transfer_id, bank.teller))
+        posting = outcome(banks[i % len(banks)].post(h.transfer_id, bank.customer(target.customer_id)))
+        voiding = outcome(banks[(i + 1) % len(banks)].void(h.transfer_id, bank.teller))
         if i % 2:  # each goes first half the time: on one connection the first sent is applied first
             voided, posted = await asyncio.gather(voiding, posting)
             return posted, voided
@@ -147,9 +143,7 @@ async def test_post_void_and_expiry_racing_for_each_hold_settle_it_exactly_once(
     answers = await asyncio.gather(*(race(i, h) for i, h in enumerate(holds)))
 
     def settled() -> dict[str, tuple[str, int]] | None:
-        rows = sql(settings, "SELECT transfer_id::text, status, amount FROM transfer.transfers"
-                             " WHERE transfer_id = ANY(%s::uuid[])", (ids,))
-        found = {transfer_id: (status, amount) for transfer_id, status, amount in rows}
+        found = {transfer_id: (row.status, row.amount) for transfer_id, row in transfer_rows(settings, ids).items()}
         return None if any(status == "PENDING" for status, _ in found.values()) else found
 
     final = await asyncio.to_thread(until, settled, "every hold settled or released", 30)
@@ -189,8 +183,8 @@ async def test_post_void_and_expiry_racing_for_each_hold_settle_it_exactly_once(
         if status == "COMPLETED":
             posted_by[source.account_id] += amount
             received_by[target.account_id] += amount
-    assert await state(bank, *payers) == [(10_000 - posted_by[p.account_id],) * 2 for p in payers]
-    assert await state(bank, *payees) == [(received_by[p.account_id],) * 2 for p in payees]
+    assert await bank.available(*payers) == [(10_000 - posted_by[p.account_id],) * 2 for p in payers]
+    assert await bank.available(*payees) == [(received_by[p.account_id],) * 2 for p in payees]
     holds_invariants(settings, [a.account_id for a in payers + payees])
 
 
@@ -208,11 +202,11 @@ async def test_holds_and_posts_in_opposite_directions_never_deadlock(banks: list
         moved = 0
         for i in range(rounds):
             source, target = (alice, bob) if (index + i) % 2 == 0 else (bob, alice)
-            placed = await hold(mine, source, target, 3)
+            placed = await mine.hold(source, target, 3)
             if i % 4 == 3:
-                await void(mine, placed.transfer_id, mine.teller)
+                await mine.void(placed.transfer_id, mine.teller)
             else:
-                settled = await post(mine, placed.transfer_id, mine.customer(target.customer_id), amount=2)
+                settled = await mine.post(placed.transfer_id, mine.customer(target.customer_id), amount=2)
                 assert settled.amount == 2
                 moved += 2 if source is alice else -2
             await mine.transfer(target, source, 1)  # and a plain transfer the other way behind it
@@ -221,5 +215,5 @@ async def test_holds_and_posts_in_opposite_directions_never_deadlock(banks: list
 
     moved = sum(await asyncio.gather(*(client(i) for i in range(clients))))  # any error fails the test
     assert deadlocks(settings) == deadlocks_before
-    assert await state(bank, alice, bob) == [(1_000_000 - moved,) * 2, (1_000_000 + moved,) * 2]
+    assert await bank.available(alice, bob) == [(1_000_000 - moved,) * 2, (1_000_000 + moved,) * 2]
     holds_invariants(settings, [alice.account_id, bob.account_id])

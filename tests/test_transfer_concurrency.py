@@ -8,40 +8,22 @@ import asyncio
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
-import pytest
 from bank.transfer.v1 import transfer_pb2
 
 from common.config import Settings
 from common.errors import reason_of
-from devstack.stack import Stack
-from tests.ledger_support import Account, Bank, new_request_id, sql
+from tests.ledger_support import Account, Bank, deadlocks, new_request_id, sql
 
 ACCOUNTS = 50
 HOT_ACCOUNTS = 5  # half of the transfers touch one of these
 CLIENTS = 32
 MOVEMENTS = 5_000
-CHANNELS = 4  # connections: svc_transfer's processes share the port, the kernel spreads connections
 INITIAL_BALANCE = 20_000
 SEED = 20261124
-
-
-@pytest.fixture(scope="module")
-async def banks(stack: Stack, settings: Settings) -> AsyncIterator[list[Bank]]:
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{settings.transfer_grpc_port}") for _ in range(CHANNELS)]
-    try:
-        yield [Bank(settings, channel) for channel in channels]
-    finally:
-        for channel in channels:
-            await channel.close()
-
-
-def deadlocks(settings: Settings) -> int:
-    [(count,)] = sql(settings, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
-    return int(count)
 
 
 @dataclass(frozen=True)
