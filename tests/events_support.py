@@ -1,25 +1,26 @@
 """What the tests of the asynchronous half share: real customers with accounts, money moved by
-REST through Envoy, statements (ListAccountActivity) and emails (Mailpit) waited for, and
-MoneyMoved events produced straight to Kafka as svc_transfer's relay does."""
+REST through Envoy, statements (ListAccountActivity) and emails (Mailpit) waited for, MoneyMoved
+events produced straight to Kafka as svc_transfer's relay does, and a topic read back."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from bank.events.v1 import events_pb2
 from google.protobuf.message import Message
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.config import Settings
-from common.events import TRANSFER_TOPIC
+from common.events import TOPICS, TRANSFER_TOPIC
 from common.outbox import ensure_topics
 from tests.support import Customer, login, mail_count, mailpit_messages, onboard, rest, until
 
@@ -254,3 +255,54 @@ async def publish(settings: Settings, topic: str, *events: Message, key: bytes |
                                          headers=[("event_type", event.DESCRIPTOR.full_name.encode()), *headers])
     finally:
         await producer.stop()
+
+
+def _partitions(topic: str) -> list[TopicPartition]:
+    return [TopicPartition(topic, partition) for partition in range(TOPICS[topic])]
+
+
+def _reader(settings: Settings) -> AIOKafkaConsumer:
+    """A consumer of no group (it commits nothing and disturbs no group) that sees every record:
+    the relay writes no transactions (common/outbox.py), so read_uncommitted hides nothing."""
+    return AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+                            isolation_level="read_uncommitted", request_timeout_ms=30_000)
+
+
+async def topic_ends(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    """Where each partition of one of the bank's topics ends now: read_topic(since=...) then reads
+    only what is published after."""
+    consumer = _reader(settings)
+    await consumer.start()
+    try:
+        return dict(await consumer.end_offsets(_partitions(topic)))
+    finally:
+        await consumer.stop()
+
+
+async def read_topic(settings: Settings, topic: str, since: Mapping[TopicPartition, int] | None = None,
+                     timeout_s: float = 30.0) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of one of the bank's topics from `since` (topic_ends; None: each partition's
+    beginning) to where each partition ends when called, in log order per partition; fails the
+    test when that is not read within timeout_s."""
+    partitions = _partitions(topic)
+    consumer = _reader(settings)
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        if since is None:
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            for tp in partitions:
+                consumer.seek(tp, since[tp])
+        deadline = time.monotonic() + timeout_s
+        reading = {tp for tp in partitions if await consumer.position(tp) < ends[tp]}
+        while reading:
+            assert time.monotonic() < deadline, f"{topic} not read to its end within {timeout_s:.0f}s"
+            for tp, batch in (await consumer.getmany(*reading, timeout_ms=1000, max_records=5000)).items():
+                records += [record for record in batch if record.offset < ends[tp]]
+            reading = {tp for tp in reading if await consumer.position(tp) < ends[tp]}
+    finally:
+        await consumer.stop()
+    return records

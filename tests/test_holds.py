@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from datetime import timedelta
 from typing import Any
 
 import grpc
-from aiokafka import AIOKafkaConsumer
 from bank.events.v1 import events_pb2
 from bank.transfer.v1 import ledger_pb2, transfer_pb2
 
 from common.config import Settings
+from common.events import TRANSFER_TOPIC
 from devstack.stack import Stack
-from tests.events_support import deposit, holder, service_metric, statement_with, teller_token
+from tests.events_support import (
+    deposit,
+    holder,
+    read_topic,
+    service_metric,
+    statement_with,
+    teller_token,
+    topic_ends,
+)
 from tests.ledger_support import (
     Account,
     Bank,
@@ -29,7 +36,7 @@ from tests.ledger_support import (
     sql,
     transfer_rows,
 )
-from tests.support import onboard, rest, until
+from tests.support import onboard, rest, until, until_async
 
 Transfer = transfer_pb2.Transfer
 
@@ -313,46 +320,37 @@ async def test_holds_over_grpc_through_envoy(bank: Bank, settings: Settings) -> 
 
 # --- events --------------------------------------------------------------------------------------
 
-TRANSFER_TOPIC = "bank.transfer.v1"
-
-
 async def test_each_change_of_a_hold_is_one_event_and_a_post_also_moves_money(bank: Bank, settings: Settings) -> None:
     """On bank.transfer.v1, keyed by the hold: HoldPlaced, then HoldPosted and the MoneyMoved a
     transfer emits (statements and transfer emails need nothing new), or HoldVoided, or
     HoldExpired; each once, in that order."""
-    # No group: every partition of the topic is assigned to this consumer.
-    consumer = AIOKafkaConsumer(TRANSFER_TOPIC, bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = list(consumer.assignment())
-        assert partitions
-        await consumer.seek_to_end(*partitions)
-        for partition in partitions:
-            await consumer.position(partition)  # fixed now: only what follows is read
+    since = await topic_ends(settings, TRANSFER_TOPIC)  # only what follows is read
+    payer, payee = await parties(bank)
+    posted = await bank.hold(payer, payee, 400, hold_seconds=60)
+    voided = await bank.hold(payer, payee, 300, hold_seconds=60)
+    lapsed = await bank.hold(payer, payee, 200, hold_seconds=60)
+    await bank.post(posted.transfer_id, bank.customer(payee.customer_id), amount=250)
+    await bank.void(voided.transfer_id, bank.teller)
+    age_holds(settings, [lapsed.transfer_id], 60)
+    expected = {posted.transfer_id: ["HoldPlaced", "HoldPosted", "MoneyMoved"],
+                voided.transfer_id: ["HoldPlaced", "HoldVoided"], lapsed.transfer_id: ["HoldPlaced", "HoldExpired"]}
 
-        payer, payee = await parties(bank)
-        posted = await bank.hold(payer, payee, 400, hold_seconds=60)
-        voided = await bank.hold(payer, payee, 300, hold_seconds=60)
-        lapsed = await bank.hold(payer, payee, 200, hold_seconds=60)
-        await bank.post(posted.transfer_id, bank.customer(payee.customer_id), amount=250)
-        await bank.void(voided.transfer_id, bank.teller)
-        age_holds(settings, [lapsed.transfer_id], 60)
-        expected = {posted.transfer_id: ["HoldPlaced", "HoldPosted", "MoneyMoved"],
-                    voided.transfer_id: ["HoldPlaced", "HoldVoided"], lapsed.transfer_id: ["HoldPlaced", "HoldExpired"]}
+    async def of_the_holds() -> dict[str, list[tuple[str, bytes]]]:
         seen: dict[str, list[tuple[str, bytes]]] = {key: [] for key in expected}
-        deadline = time.monotonic() + 30
-        while sum(map(len, seen.values())) < sum(map(len, expected.values())) and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    key = (record.key or b"").decode()
-                    if key in seen:
-                        event_type = dict(record.headers)["event_type"].decode().removeprefix("bank.events.v1.")
-                        seen[key].append((event_type, record.value or b""))
-        await asyncio.sleep(1)  # nothing more comes: one event per change
-        for records in (await consumer.getmany(timeout_ms=500)).values():
-            assert not [r for r in records if (r.key or b"").decode() in seen], "a second event for one change"
-    finally:
-        await consumer.stop()
+        for record in await read_topic(settings, TRANSFER_TOPIC, since):
+            key = (record.key or b"").decode()
+            if key in seen:
+                event_type = dict(record.headers)["event_type"].decode().removeprefix("bank.events.v1.")
+                seen[key].append((event_type, record.value or b""))
+        return seen
+
+    async def all_in() -> dict[str, list[tuple[str, bytes]]] | None:
+        seen = await of_the_holds()
+        return seen if sum(map(len, seen.values())) >= sum(map(len, expected.values())) else None
+
+    seen = await until_async(all_in, "an event for each change of the holds", 30, 0.5)
+    await asyncio.sleep(1)  # nothing more comes: one event per change
+    assert await of_the_holds() == seen, "a second event for one change"
     assert {key: [t for t, _ in events] for key, events in seen.items()} == expected
 
     placed = events_pb2.HoldPlaced.FromString(seen[posted.transfer_id][0][1])

@@ -9,14 +9,13 @@ import asyncio
 import collections
 import contextlib
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import murmur2
 from prometheus_client import REGISTRY
 from psycopg import sql
@@ -24,8 +23,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from common import db, outbox
 from common.config import Settings
-from common.events import CUSTOMER_TOPIC, TOPICS
+from common.events import CUSTOMER_TOPIC
 from devstack.stack import Stack
+from tests.events_support import read_topic, topic_ends
 from tests.support import rest, unique_email, until
 
 KEYS = 5
@@ -44,7 +44,7 @@ def _unsent(settings: Settings, keys: list[str], schema: str = "customer") -> in
 
 async def test_relay_survives_a_broker_restart_without_loss_or_reordering(stack: Stack, settings: Settings) -> None:
     keys = [f"order-test-{uuid.uuid4().hex[:8]}" for _ in range(KEYS)]
-    since = await _end_offsets(settings)
+    since = await topic_ends(settings, CUSTOMER_TOPIC)
     stack.down(["kafka"], out=sys.stderr)
     try:
         # Committed while Kafka is down: real registrations and, interleaved, numbered events
@@ -77,43 +77,16 @@ async def test_relay_survives_a_broker_restart_without_loss_or_reordering(stack:
         assert first_deliveries == list(range(EVENTS_PER_KEY)), (key, sequence)
 
 
-async def _end_offsets(settings: Settings) -> dict[TopicPartition, int]:
-    """Where the customer topic's partitions end now: a test reads what was published after."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        return dict(await consumer.end_offsets([TopicPartition(CUSTOMER_TOPIC, p)
-                                                for p in range(TOPICS[CUSTOMER_TOPIC])]))
-    finally:
-        await consumer.stop()
-
-
 async def _read_records(settings: Settings, keys: list[str], since: dict[TopicPartition, int],
                         ) -> dict[str, list[tuple[int, str]]]:
     """(number, event_id) of the test.Sequence events of these keys on the customer topic, from
     `since` to the end, in log order per key."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False)
-    await consumer.start()
     seen: dict[str, list[tuple[int, str]]] = {key: [] for key in keys}
-    try:
-        consumer.assign(list(since))
-        ends = await consumer.end_offsets(list(since))
-        for tp, offset in since.items():
-            consumer.seek(tp, offset)
-        deadline = time.monotonic() + 30
-        reading = {tp for tp in since if since[tp] < ends[tp]}
-        while reading:
-            assert time.monotonic() < deadline, "the customer topic was not read to its end within 30 s"
-            batch = await consumer.getmany(*reading, timeout_ms=1000, max_records=2000)
-            for tp, records in batch.items():
-                for record in records:
-                    key = (record.key or b"").decode()
-                    if key in seen and record.offset < ends[tp]:
-                        number = int((record.value or b"-1").split(b" ")[0])
-                        seen[key].append((number, outbox.decode_headers(record.headers)["event_id"]))
-            reading = {tp for tp in reading if await consumer.position(tp) < ends[tp]}
-    finally:
-        await consumer.stop()
+    for record in await read_topic(settings, CUSTOMER_TOPIC, since):
+        key = (record.key or b"").decode()
+        if key in seen:
+            number = int((record.value or b"-1").split(b" ")[0])
+            seen[key].append((number, outbox.decode_headers(record.headers)["event_id"]))
     return seen
 
 
@@ -129,7 +102,7 @@ async def test_a_batch_larger_than_a_record_batch_keeps_each_keys_order(stack: S
     (16 KiB), so a partition gets several, which must keep the order of the outbox."""
     keys = [f"pack-test-{uuid.uuid4().hex[:8]}" for _ in range(3)]
     events = 40
-    since = await _end_offsets(settings)
+    since = await topic_ends(settings, CUSTOMER_TOPIC)
     with psycopg.connect(settings.pg_conninfo) as conn, conn.transaction():
         for seq in range(events):
             for key in keys:
@@ -259,7 +232,7 @@ async def test_a_batch_whose_mark_was_lost_is_in_kafka_exactly_once(stack: Stack
     keys = [f"lost-mark-{uuid.uuid4().hex[:8]}" for _ in range(KEYS)]
     terminated: list[int] = []
     reconciled = _reconciled()
-    since = await _end_offsets(settings)
+    since = await topic_ends(settings, CUSTOMER_TOPIC)
     async with _own_outbox(settings) as (schema, pool):
         await _write_sequences(pool, keys)
         monkeypatch.setattr(outbox, "_send", _losing_the_mark(settings, schema, terminated))
@@ -279,7 +252,7 @@ async def test_a_relay_without_a_fault_publishes_each_event_once_in_order(stack:
     is in Kafka: each event once, in order per key, none marked sent by the reconcile."""
     keys = [f"plain-{uuid.uuid4().hex[:8]}" for _ in range(KEYS)]
     reconciled = _reconciled()
-    since = await _end_offsets(settings)
+    since = await topic_ends(settings, CUSTOMER_TOPIC)
     async with _own_outbox(settings) as (schema, pool):
         await _write_sequences(pool, keys)
         await _relay_once(settings, schema, pool, keys)
@@ -295,7 +268,7 @@ async def test_a_lost_mark_past_the_reconcile_cap_is_published_again_in_order(
     keys = [f"capped-{uuid.uuid4().hex[:8]}" for _ in range(KEYS)]
     terminated: list[int] = []
     capped = _capped()
-    since = await _end_offsets(settings)
+    since = await topic_ends(settings, CUSTOMER_TOPIC)
     monkeypatch.setattr(outbox, "RECONCILE_RECORDS_MAX", EVENTS_PER_KEY // 2)
     async with _own_outbox(settings) as (schema, pool):
         await _write_sequences(pool, keys)
