@@ -10,6 +10,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,6 +60,16 @@ def holder(settings: Settings, currency: str = "USD") -> Holder:
     """A verified customer with a session and one account."""
     customer = onboard(settings)
     return Holder(customer, open_account(settings, customer, currency))
+
+
+def funded_people(settings: Settings, count: int, funds: int) -> list[Holder]:
+    """count holders (onboarded at once), each account with `funds` USD deposited by a teller."""
+    with ThreadPoolExecutor(count) as pool:
+        people = list(pool.map(lambda _: holder(settings), range(count)))
+    teller = teller_token(settings)
+    for person in people:
+        deposit(settings, teller, person.account_id, funds)
+    return people
 
 
 def deposit(settings: Settings, teller: str, account_id: str, amount: int, currency: str = "USD") -> dict[str, Any]:
@@ -144,10 +155,16 @@ def ledger_movements(settings: Settings, person: Holder) -> list[dict[str, Any]]
     raise AssertionError("more than 100 pages of transfers")
 
 
-def balance(settings: Settings, person: Holder) -> int:
+def account_balances(settings: Settings, person: Holder) -> tuple[int, int]:
+    """(balance, available_balance) of the person's account, as GetAccount answers through Envoy:
+    available is the balance less the account's PENDING holds as payer."""
     response = rest(settings, "GET", f"/v1/accounts/{person.account_id}", token=person.token)
     assert response.status == 200, response.body
-    return int(response.body["balance"])
+    return int(response.body["balance"]), int(response.body["available_balance"])
+
+
+def balance(settings: Settings, person: Holder) -> int:
+    return account_balances(settings, person)[0]
 
 
 def check_converged(settings: Settings, people: list[Holder], total: int, timeout_s: float = CONVERGE_S) -> None:

@@ -1,20 +1,25 @@
-"""What many tests need: a REST client for Envoy, Mailpit's API, and the customer journey
-(register → email → verify → credentials → login) as one call."""
+"""What many tests need: a REST client for Envoy (and one that retries as API.md tells clients
+to), Mailpit's API, the customer journey (register → email → verify → credentials → login) as
+one call, and a component killed with SIGKILL (and started again)."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import re
 import signal
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from common.config import Settings
@@ -77,6 +82,68 @@ def _rest(settings: Settings, method: str, path: str, body: Any, token: str | No
         except ValueError:
             parsed = raw.decode("utf-8", "replace")
         return Response(err.code, dict(err.headers), parsed)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One send of a Request."""
+    sent_s: float  # time.monotonic()
+    answered_s: float
+    response: Response | None  # None: no answer (connection refused or reset, a timeout)
+    error: str = ""  # the connection error's type, when there was no answer
+
+    @property
+    def answer(self) -> str:
+        """"200", "503 STORAGE_UNAVAILABLE", or the connection error's type."""
+        if self.response is None:
+            return self.error
+        return f"{self.response.status} {self.response.reason or ''}".strip()
+
+
+@dataclass
+class Request:
+    """One logical POST of an API client; every retry sends exactly this (same request_id, same
+    body), as API.md tells clients to (AIP-155)."""
+    path: str
+    body: dict[str, Any]
+    token: str
+    attempts: list[Attempt] = field(default_factory=list)
+    first: Response | None = None  # the first answer that ended a send: what any retry must repeat
+
+    @property
+    def request_id(self) -> str:
+        return str(self.body["request_id"])
+
+    @property
+    def transfer_id(self) -> str | None:
+        """The transfer of the first answer, when that was a 200."""
+        if self.first is None or self.first.status != 200:
+            return None
+        return str(self.first.body["transfer_id"])
+
+
+def send_with_retries(settings: Settings, request: Request, final: Callable[[Response], bool], window_s: float,
+                      pause_s: float) -> Response | None:
+    """POSTs the request through Envoy until an answer `final` accepts, sending it again pause_s
+    after any other answer or no answer at all (the outcome is then unknown: the request_id
+    makes the retry safe), for window_s at most. Every send is recorded in request.attempts, the
+    first final answer in request.first. Returns the final answer; None if none came in time."""
+    deadline = time.monotonic() + window_s
+    while True:
+        sent_s = time.monotonic()
+        try:
+            response: Response | None = rest(settings, "POST", request.path, request.body, token=request.token)
+            error = ""
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out: outcome unknown
+            response, error = None, type(exc).__name__
+        request.attempts.append(Attempt(sent_s, time.monotonic(), response, error))
+        if response is not None and final(response):
+            if request.first is None:
+                request.first = response
+            return response
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(pause_s)
 
 
 def mailpit_messages(settings: Settings, query: str) -> list[dict[str, Any]]:
@@ -221,3 +288,42 @@ def kill9(stack: Stack, name: str) -> None:
             time.sleep(0.05)
         assert not proc.alive(record), f"{component} survived SIGKILL"
         pidfile.unlink(missing_ok=True)
+
+
+def children(stack: Stack, name: str) -> list[Path]:
+    """/proc entries of the direct children of each process of the component."""
+    found = []
+    for component in stack.expand([name]):
+        record = proc.read_pidfile(stack.pidfile(component))
+        assert record is not None, f"{component} is not running"
+        found += [Path(f"/proc/{pid}") for pid in Path(f"/proc/{record.pid}/task/{record.pid}/children").read_text().split()]
+    return found
+
+
+async def kill_and_restart(stack: Stack, name: str, down_s: float = 0.0) -> None:
+    """kill9 of the component, down_s of it down, then the launcher starts it again."""
+    # kill9 waits for the component's own process; for Postgres that is `runuser`, and the
+    # postmaster under it lingers as a zombie for a moment, its pid still in postmaster.pid: a
+    # start before it is reaped refuses ("lock file already exists").
+    orphans = children(stack, name)
+    await asyncio.to_thread(kill9, stack, name)
+    await asyncio.to_thread(until, lambda: all(not p.exists() for p in orphans) or None, f"{name}'s children reaped", 30)
+    await asyncio.sleep(down_s)
+    await stack.up([name], out=sys.stderr)
+
+
+async def during_fault(stack: Stack, load: AbstractContextManager[Any], fault: Callable[[], Awaitable[None]],
+                       before_s: float, after_s: float) -> tuple[float, float]:
+    """The fault while the load runs, before_s of load before it and after_s after it; whatever
+    happens, the whole stack is started again for the tests after. Returns when the fault began
+    and when it ended (time.monotonic())."""
+    try:
+        with load:
+            await asyncio.sleep(before_s)
+            began_s = time.monotonic()
+            await fault()
+            ended_s = time.monotonic()
+            await asyncio.sleep(after_s)
+    finally:
+        await stack.up(out=sys.stderr)
+    return began_s, ended_s

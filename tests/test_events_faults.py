@@ -7,7 +7,6 @@ party, and the balances add up. Each test leaves the whole stack up for the test
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 import uuid
@@ -17,8 +16,8 @@ import pytest
 
 from common.config import Settings
 from devstack.stack import Stack
-from tests.events_support import Holder, check_converged, deposit, holder, teller_token
-from tests.support import kill9, rest
+from tests.events_support import Holder, check_converged, funded_people
+from tests.support import during_fault, kill_and_restart, rest
 
 PEOPLE = 4
 STREAM_BEFORE_S = 3.0  # transfers before the fault
@@ -65,48 +64,33 @@ class Stream:
 
 @pytest.fixture(scope="module")
 def people(stack: Stack, settings: Settings) -> list[Holder]:
-    teller = teller_token(settings)
-    found = [holder(settings) for _ in range(PEOPLE)]
-    for person in found:
-        deposit(settings, teller, person.account_id, FUNDS)
-    return found
+    return funded_people(settings, PEOPLE, FUNDS)
 
 
 async def _scenario(stack: Stack, settings: Settings, people: list[Holder],
                     fault: Callable[[], Awaitable[None]]) -> None:
-    try:
-        with Stream(settings, people) as stream:
-            await asyncio.sleep(STREAM_BEFORE_S)
-            await fault()
-            await asyncio.sleep(STREAM_AFTER_S)
-        assert stream.committed > 0
-    finally:
-        await stack.up(out=sys.stderr)  # whatever happened, the whole stack is back for the next tests
+    stream = Stream(settings, people)
+    await during_fault(stack, stream, fault, STREAM_BEFORE_S, STREAM_AFTER_S)
+    assert stream.committed > 0
     await asyncio.to_thread(check_converged, settings, people, PEOPLE * FUNDS)
 
 
-async def _kill_and_restart(stack: Stack, name: str, down_s: float = 0.0) -> None:
-    await asyncio.to_thread(kill9, stack, name)
-    await asyncio.sleep(down_s)
-    await stack.up([name], out=sys.stderr)
-
-
 async def test_svc_notify_killed_mid_stream(stack: Stack, settings: Settings, people: list[Holder]) -> None:
-    await _scenario(stack, settings, people, lambda: _kill_and_restart(stack, "svc_notify"))
+    await _scenario(stack, settings, people, lambda: kill_and_restart(stack, "svc_notify"))
 
 
 async def test_kafka_broker_killed_mid_stream(stack: Stack, settings: Settings, people: list[Holder]) -> None:
-    await _scenario(stack, settings, people, lambda: _kill_and_restart(stack, "kafka", down_s=2.0))
+    await _scenario(stack, settings, people, lambda: kill_and_restart(stack, "kafka", down_s=2.0))
 
 
 async def test_cassandra_killed_mid_stream(stack: Stack, settings: Settings, people: list[Holder]) -> None:
-    await _scenario(stack, settings, people, lambda: _kill_and_restart(stack, "cassandra"))
+    await _scenario(stack, settings, people, lambda: kill_and_restart(stack, "cassandra"))
 
 
 async def test_mailpit_down_for_30_seconds(stack: Stack, settings: Settings, people: list[Holder]) -> None:
-    await _scenario(stack, settings, people, lambda: _kill_and_restart(stack, "mailpit", down_s=30.0))
+    await _scenario(stack, settings, people, lambda: kill_and_restart(stack, "mailpit", down_s=30.0))
 
 
 async def test_outbox_relay_killed_mid_batch(stack: Stack, settings: Settings, people: list[Holder]) -> None:
     # Both svc_transfer processes: whichever holds the relay dies with a batch in flight.
-    await _scenario(stack, settings, people, lambda: _kill_and_restart(stack, "svc_transfer"))
+    await _scenario(stack, settings, people, lambda: kill_and_restart(stack, "svc_transfer"))

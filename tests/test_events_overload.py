@@ -16,11 +16,9 @@ from devstack.stack import Stack
 from tests.events_support import (
     Holder,
     check_converged,
-    deposit,
-    holder,
+    funded_people,
     mailpit_stats,
     service_metric,
-    teller_token,
 )
 from tests.support import rest, until
 
@@ -65,10 +63,7 @@ def _transfer(settings: Settings, people: list[Holder], n: int) -> bool:
 
 def test_a_burst_above_capacity_drains_with_nothing_lost_and_nothing_sent_twice(stack: Stack,
                                                                                settings: Settings) -> None:
-    teller = teller_token(settings)
-    people = [holder(settings) for _ in range(PEOPLE)]
-    for person in people:
-        deposit(settings, teller, person.account_id, FUNDS)
+    people = funded_people(settings, PEOPLE, FUNDS)
     check_converged(settings, people, PEOPLE * FUNDS)  # the deposits are in: the burst starts from quiet
     ignored_before = mailpit_stats(settings)["SMTPIgnored"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import threading
 import time
 import uuid
@@ -19,19 +18,17 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from common.config import Settings
-from devstack import proc
 from devstack.stack import Stack
 from tests import figures
-from tests.events_support import Holder, deposit, holder, teller_token
-from tests.ledger_support import age_holds, holds_invariants, sql
-from tests.support import Response, kill9, rest, until
+from tests.events_support import Holder, account_balances, funded_people, teller_token
+from tests.ledger_support import TransferRow, age_holds, holds_invariants, sql, transfer_rows
+from tests.support import Request, Response, during_fault, kill_and_restart, send_with_retries, until
 
 PEOPLE = 4
 THREADS = 5
@@ -45,18 +42,6 @@ RETRY_PAUSE_S = 0.25
 RETRYABLE_STATUSES = {429, 502, 503, 504}
 RETRYABLE_REASONS = {"LEDGER_BUSY"}
 EXPECTED_REFUSALS = {"TRANSFER_NOT_PENDING", "HOLD_EXPIRED"}
-
-
-@dataclass
-class Request:
-    """One logical request; every retry sends exactly this (same request_id, same body)."""
-
-    path: str
-    body: dict[str, Any]
-    token: str
-    first: Response | None = None  # the first answer that was not an error worth a retry
-    attempts: int = 0
-    sent_s: float = 0.0  # time.monotonic() of the first send
 
 
 @dataclass
@@ -77,6 +62,17 @@ def answer(response: Response) -> tuple[Any, ...]:
     return response.status, response.reason
 
 
+def final(response: Response) -> bool:
+    """An answer that is not an error worth a retry."""
+    return response.status not in RETRYABLE_STATUSES and response.reason not in RETRYABLE_REASONS
+
+
+def answered_500(requests: list[Request]) -> list[tuple[str, Any]]:
+    """(path, body) of every answer 500 or above that is not an error worth a retry."""
+    return [(r.path, a.response.body) for r in requests for a in r.attempts
+            if a.response is not None and a.response.status >= 500 and a.response.status not in RETRYABLE_STATUSES]
+
+
 class Load:
     """Place, post, void, age and settle-again holds among the people, from THREADS threads,
     until stopped; every request and its first answer is kept for the checks."""
@@ -94,31 +90,12 @@ class Load:
         self._open: list[Hold] = []  # PENDING, and nobody asked to settle or age it
         self._done: list[Hold] = []  # a settlement was answered (or given up on), or it was aged
         self.errors: list[str] = []
-        self.answered_500: list[tuple[str, Any]] = []
         self.fault_s: tuple[float, float] = (0.0, 0.0)  # from the SIGKILL to the component's start
 
     def send(self, request: Request) -> Response | None:
         """The first answer worth keeping, retrying the very same request; None if none came
         within RETRY_WINDOW_S (the replay at the end asks again)."""
-        deadline = time.monotonic() + RETRY_WINDOW_S
-        request.sent_s = request.sent_s or time.monotonic()
-        while True:
-            request.attempts += 1
-            try:
-                response: Response | None = rest(self._settings, "POST", request.path, request.body, token=request.token)
-            except OSError:
-                response = None  # Envoy refused or dropped the connection, or a timeout
-            if response is not None and response.status >= 500 and response.status not in RETRYABLE_STATUSES:
-                with self._lock:
-                    self.answered_500.append((request.path, response.body))
-            if response is not None and response.status not in RETRYABLE_STATUSES \
-                    and response.reason not in RETRYABLE_REASONS:
-                if request.first is None:
-                    request.first = response
-                return response
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(RETRY_PAUSE_S)
+        return send_with_retries(self._settings, request, final, RETRY_WINDOW_S, RETRY_PAUSE_S)
 
     def _place(self, rng: random.Random) -> None:
         payer, payee = rng.sample(self._people, 2)
@@ -216,20 +193,16 @@ class Load:
 
 @pytest.fixture
 def people(stack: Stack, settings: Settings) -> list[Holder]:
-    teller = teller_token(settings)
-    with ThreadPoolExecutor(PEOPLE) as pool:
-        found = list(pool.map(lambda _: holder(settings), range(PEOPLE)))
-    for person in found:
-        deposit(settings, teller, person.account_id, FUNDS)
-    return found
+    return funded_people(settings, PEOPLE, FUNDS)
 
 
 def check(settings: Settings, load: Load, people: list[Holder]) -> None:
     assert load.errors == []
     requests = load.placements + [r for h in load.holds.values() for r in h.settlements]
-    retried = sum(1 for r in requests if r.attempts > 1 or r.first is None)
+    retried = sum(1 for r in requests if len(r.attempts) > 1 or r.first is None)
     killed_s, back_s = load.fault_s
-    assert any(killed_s <= r.sent_s <= back_s for r in requests), "no request was sent while the component was down"
+    assert any(killed_s <= r.attempts[0].sent_s <= back_s for r in requests), \
+        "no request was sent while the component was down"
     # A retry of every request_id returns the first answer; a request never answered is answered now.
     with ThreadPoolExecutor(4) as pool:
         replays = list(pool.map(load.send, requests))
@@ -240,21 +213,19 @@ def check(settings: Settings, load: Load, people: list[Holder]) -> None:
     for placement in load.placements:  # a placement first answered by its replay
         assert placement.first is not None and placement.first.status == 200, placement.first
         load.register(placement, placement.first)
-    assert load.answered_500 == []
+    assert answered_500(requests) == []
     refusals = Counter(r.first.reason for r in requests if r.first is not None and r.first.status != 200)
     assert set(refusals) <= EXPECTED_REFUSALS, refusals
     figures.report(f"holds under SIGKILL: {len(load.placements)} holds, {len(requests)} requests, {retried} retried "
-                   f"during the load ({sum(r.attempts for r in requests)} sends with the replays), "
+                   f"during the load ({sum(len(r.attempts) for r in requests)} sends with the replays), "
                    f"refusals {dict(refusals)}")
 
     # The release worker catches up with the aged holds, even those aged while it was down.
     ids = sorted(load.holds)
 
-    def rows() -> dict[str, tuple[Any, ...]] | None:
-        found = {str(row[0]): row[1:] for row in sql(
-            settings, "SELECT transfer_id, status, amount, held_amount, from_account_id::text, to_account_id::text"
-                      " FROM transfer.transfers WHERE transfer_id = ANY(%s::uuid[])", (ids,))}
-        lapsed = [i for i in ids if load.holds[i].aged and found[i][0] == "PENDING"]
+    def rows() -> dict[str, TransferRow] | None:
+        found = transfer_rows(settings, ids)
+        lapsed = [i for i in ids if load.holds[i].aged and found[i].status == "PENDING"]
         return None if lapsed else found
 
     ledger = until(rows, "the aged holds released", 30)
@@ -266,6 +237,7 @@ def check(settings: Settings, load: Load, people: list[Holder]) -> None:
     for transfer_id, held in load.holds.items():
         status, amount, held_amount, source, target = ledger[transfer_id]
         assert (held_amount, source, target) == (held.held, held.payer.account_id, held.payee.account_id)
+        assert held_amount is not None and source is not None and target is not None  # as just checked: for mypy
         wins = [r.first for r in held.settlements if r.first is not None and r.first.status == 200]
         assert len(wins) <= 1, (transfer_id, wins)  # settled at most once
         if wins:
@@ -289,10 +261,8 @@ def check(settings: Settings, load: Load, people: list[Holder]) -> None:
     figures.report(f"holds under SIGKILL, by status: {dict(statuses)}")
     assert statuses["COMPLETED"] and statuses["VOIDED"] and statuses["EXPIRED"]  # the mix did what it meant to
     for person in people:
-        shown = rest(settings, "GET", f"/v1/accounts/{person.account_id}", token=person.token)
-        assert shown.status == 200, shown.body
         expected = (balances[person.account_id], balances[person.account_id] - pending[person.account_id])
-        assert (int(shown.body["balance"]), int(shown.body["available_balance"])) == expected, person.account_id
+        assert account_balances(settings, person) == expected, person.account_id
     holds_invariants(settings, [p.account_id for p in people])
     assert sql(settings, "SELECT currency, sum(balance) FROM transfer.ledger_accounts GROUP BY currency"
                          " HAVING sum(balance) <> 0") == []  # cash included: money is conserved
@@ -301,36 +271,8 @@ def check(settings: Settings, load: Load, people: list[Holder]) -> None:
 async def scenario(stack: Stack, settings: Settings, people: list[Holder], fault: Callable[[], Awaitable[None]],
                    seed: int) -> None:
     load = Load(settings, people, teller_token(settings), seed)
-    try:
-        with load:
-            await asyncio.sleep(STREAM_BEFORE_S)
-            killed_s = time.monotonic()
-            await fault()
-            load.fault_s = (killed_s, time.monotonic())
-            await asyncio.sleep(STREAM_AFTER_S)
-    finally:
-        await stack.up(out=sys.stderr)  # whatever happened, the whole stack is back for the next tests
+    load.fault_s = await during_fault(stack, load, fault, STREAM_BEFORE_S, STREAM_AFTER_S)
     await asyncio.to_thread(check, settings, load, people)
-
-
-def children(stack: Stack, name: str) -> list[Path]:
-    """/proc entries of the direct children of each process of the component."""
-    found = []
-    for component in stack.expand([name]):
-        record = proc.read_pidfile(stack.pidfile(component))
-        assert record is not None, f"{component} is not running"
-        found += [Path(f"/proc/{pid}") for pid in Path(f"/proc/{record.pid}/task/{record.pid}/children").read_text().split()]
-    return found
-
-
-async def kill_and_restart(stack: Stack, name: str) -> None:
-    # kill9 waits for the component's own process; for Postgres that is `runuser`, and the
-    # postmaster under it lingers as a zombie for a moment, its pid still in postmaster.pid: a
-    # start before it is reaped refuses ("lock file already exists").
-    orphans = children(stack, name)
-    await asyncio.to_thread(kill9, stack, name)
-    await asyncio.to_thread(until, lambda: all(not p.exists() for p in orphans) or None, f"{name}'s children reaped", 30)
-    await stack.up([name], out=sys.stderr)
 
 
 async def test_holds_survive_postgres_killed_mid_stream(stack: Stack, settings: Settings, people: list[Holder]) -> None:
