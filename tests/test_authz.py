@@ -30,79 +30,21 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 from bank.customer.v1 import customer_pb2, customer_pb2_grpc
-from google.api import annotations_pb2
-from google.protobuf import descriptor_pb2
 
 from common import auth, config
-from common.config import REPO_ROOT, Settings
+from common.config import Settings
 from common.errors import error_info, status_of
 from devstack.components import envoy_config
 from devstack.stack import Stack
 from svc_account.server import ACCESS as ACCOUNT_ACCESS
 from svc_customer.server import ACCESS as CUSTOMER_ACCESS
 from svc_transfer.server import ACCESS as TRANSFER_ACCESS
+from tests.gateway_support import Rpc, internal_rpcs, public_rpcs
 from tests.support import Customer, Response, login, onboard, rest
 
-DESCRIPTOR_SET = REPO_ROOT / "gen" / "bank.pb"
 # Headers a client might try in order to pass for a service or the teller.
 IMPERSONATION = ("x-bank-service-token", "x-bank-service", "x-bank-role")
-
-
-# --- the routes, from the contract ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class Rpc:
-    method: str  # "/bank.account.v1.AccountService/GetAccount"
-    http_verb: str  # "get", "post", "delete" ("" for a method without a REST mapping)
-    http_path: str  # "/v1/accounts/{account_id}"
-
-
-def _descriptor_rpcs() -> dict[str, list[Rpc]]:
-    """Every bank service in gen/bank.pb with its methods and their REST mapping."""
-    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes())
-    services: dict[str, list[Rpc]] = {}
-    for file in files.file:
-        if not file.package.startswith("bank."):
-            continue
-        for service in file.service:
-            full = f"{file.package}.{service.name}"
-            rpcs = []
-            for method in service.method:
-                rule = method.options.Extensions[annotations_pb2.http]
-                verb = rule.WhichOneof("pattern") or ""
-                rpcs.append(Rpc(f"/{full}/{method.name}", verb, getattr(rule, verb) if verb else ""))
-            services[full] = rpcs
-    return services
-
-
-def _routed_services(settings: Settings) -> set[str]:
-    """The services Envoy routes: its route prefixes "/<service>/"."""
-    config = yaml.safe_load(envoy_config(settings))
-    routed = set()
-    for listener in config["static_resources"]["listeners"]:
-        for chain in listener["filter_chains"]:
-            for network_filter in chain["filters"]:
-                for host in network_filter["typed_config"].get("route_config", {}).get("virtual_hosts", []):
-                    for route in host["routes"]:
-                        prefix = route["match"].get("prefix", "")
-                        if prefix.startswith("/bank.") and prefix.endswith("/"):
-                            routed.add(prefix.strip("/"))
-    return routed
-
-
-SERVICES = _descriptor_rpcs()
-
-
-def public_rpcs(settings: Settings) -> dict[str, Rpc]:
-    routed = _routed_services(settings)
-    return {rpc.method: rpc for name in routed for rpc in SERVICES[name]}
-
-
-def internal_rpcs(settings: Settings) -> list[Rpc]:
-    routed = _routed_services(settings)
-    return [rpc for name, rpcs in SERVICES.items() if name not in routed for rpc in rpcs]
 
 
 # --- who owns what -------------------------------------------------------------------------

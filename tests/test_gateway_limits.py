@@ -12,9 +12,16 @@ import pytest
 
 from common.config import Settings
 from devstack.stack import Stack
+from tests.gateway_support import (
+    BODY_LIMIT_BYTES,
+    HEADER_COUNT_LIMIT,
+    HEADERS_LIMIT_BYTES,
+    SERVICES,
+    Rpc,
+    public_rpcs,
+    raw_request,
+)
 from tests.support import Customer, Response, onboard, rest
-from tests.test_authz import SERVICES, Rpc, public_rpcs
-from tests.test_validation import BODY_LIMIT_BYTES, HEADER_COUNT_LIMIT, HEADERS_LIMIT_BYTES, raw_request
 
 # Headers Envoy or the bank add on the way to a service: an answer must never name them.
 INTERNAL_HEADERS = ("x-bank-", "x-envoy-", "x-forwarded-for", "x-request-id", "metadata size")

@@ -13,7 +13,6 @@ interceptor in common/interceptors.py) and Envoy's limits on bodies and headers.
 
 from __future__ import annotations
 
-import http.client
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -34,15 +33,12 @@ from common.config import Settings
 from common.errors import error_info, status_of
 from common.interceptors import check_rules
 from devstack.stack import Stack
+from tests.gateway_support import BODY_LIMIT_BYTES, HEADER_COUNT_LIMIT, HEADERS_LIMIT_BYTES, raw_request
 from tests.support import Response, rest
 from tests.tokens import TestTokens
 
 BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 TOO_LONG_ID = "x" * 65
-# Envoy's limits (envoy/envoy.yaml.tmpl): 64 KiB bodies, 16 KiB of headers, 64 headers.
-BODY_LIMIT_BYTES = 64 * 1024
-HEADERS_LIMIT_BYTES = 16 * 1024
-HEADER_COUNT_LIMIT = 64
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
@@ -258,17 +254,6 @@ def test_rules_on_the_hot_path_accept_a_valid_transfer() -> None:
 
 
 # --- Envoy's limits -------------------------------------------------------------------------
-
-def raw_request(settings: Settings, method: str, path: str, body: bytes = b"",
-                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", settings.envoy_port, timeout=15)
-    try:
-        connection.request(method, path, body=body, headers={"content-type": "application/json", **(headers or {})})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
 
 def test_envoy_refuses_oversize_bodies_and_headers_and_the_services_keep_working(settings: Settings,
                                                                                     tokens: TestTokens) -> None:
