@@ -10,10 +10,10 @@ import pytest
 from bank.transfer.v1 import ledger_pb2
 
 from common.auth import Caller, Role
-from common.errors import DomainError
 from svc_account import clients, service
 from svc_transfer import service as ledger_service
 from tests.unit.fakes import FakeAccounts, FakeCustomers, FakeLedger, FakeLedgerClient
+from tests.unit.support import refusal
 
 TELLER = Caller("teller-1", Role.TELLER, "s-teller")
 
@@ -23,12 +23,6 @@ def alice(customers: FakeCustomers) -> Caller:
     caller = Caller(str(uuid.uuid4()), Role.CUSTOMER, "s-alice")
     customers.verified.add(caller.subject)
     return caller
-
-
-async def refusal(call: object) -> DomainError:
-    with pytest.raises(DomainError) as raised:
-        await call  # type: ignore[misc]
-    return raised.value
 
 
 async def test_a_verified_customer_opens_an_empty_active_account_in_both_services(

@@ -16,7 +16,7 @@ from common.auth import Caller, Role
 from svc_customer import service
 from svc_customer.store import PendingCode
 from tests.unit.conftest import CustomerWorld
-from tests.unit.test_customer_use_cases import ADDRESS, PASSWORD, log_in, onboarded, refusal, registered, wrong
+from tests.unit.support import ADDRESS, PASSWORD, log_in, onboarded, refusal, registered, wrong
 
 NEW_PASSWORD = "a-brand-new-passphrase"
 

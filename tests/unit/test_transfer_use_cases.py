@@ -10,10 +10,10 @@ import grpc
 import pytest
 
 from common.auth import Caller, Role
-from common.errors import DomainError
 from common.ids import REQUEST_ID_LENGTH_MAX
 from svc_transfer import service
 from tests.unit.fakes import FakeLedger
+from tests.unit.support import refusal
 
 TELLER = Caller("teller-1", Role.TELLER, "s-teller")
 
@@ -30,12 +30,6 @@ async def funded(ledger: FakeLedger, owner: Caller, amount: int, currency: str =
         await service.create_deposit(ledger, TELLER, request_id=f"fund-{account_id}", account_id=account_id,
                                      amount=amount, currency=currency, description="")
     return account_id
-
-
-async def refusal(call: object) -> DomainError:
-    with pytest.raises(DomainError) as raised:
-        await call  # type: ignore[misc]
-    return raised.value
 
 
 async def test_a_transfer_moves_money_once_per_request_id(ledger: FakeLedger) -> None:
