@@ -307,12 +307,13 @@ async def read_topic(settings: Settings, topic: str, since: Mapping[TopicPartiti
     await consumer.start()
     try:
         consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
+        # The seek first: a position not set yet when end_offsets is asked is then reset to the end.
         if since is None:
             await consumer.seek_to_beginning(*partitions)
         else:
             for tp in partitions:
                 consumer.seek(tp, since[tp])
+        ends = await consumer.end_offsets(partitions)
         deadline = time.monotonic() + timeout_s
         reading = {tp for tp in partitions if await consumer.position(tp) < ends[tp]}
         while reading:
