@@ -1,22 +1,58 @@
 """What the tests of the HA mode share (tests/test_ha.py: the cluster alone; tests/test_failover.py:
-the whole bank on it): each member's role, the leader, killing the leader as a power loss would
-(its postmaster, or the whole node), and the cleanup of what such a kill leaves running."""
+the whole bank on it): a stack of their own in the HA mode, each member's role, the leader,
+killing the leader as a power loss would (its postmaster, or the whole node), the killed member
+back as a replica, and the cleanup of what such a kill leaves running."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import shutil
 import signal
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import psycopg
 
 from common import config
 from devstack import proc
-from devstack.components import cluster_members
+from devstack.components import Component, cluster_members
 from devstack.stack import Stack
+from tests.support import until
 
 REPLICA_ROLES = ("replica", "sync_standby")
+SETTLED_TIMEOUT_S = 90.0  # for the whole cluster, settled, before a kill
+
+
+@contextlib.contextmanager
+def own_ha_stack(prefix: str, ports: Mapping[str, str],
+             components: Callable[[config.Settings, dict[str, str]], list[Component]],
+             cache: Path | None = None) -> Iterator[tuple[Stack, list[str]]]:
+    """A stack in the HA mode (three Patroni nodes on one etcd member) in a stack folder of its
+    own and on the ports given (BANK_* variables), so it runs beside the default stack and leaves
+    it alone. It runs the components(settings, environment) of its settings, which come from
+    that environment; `cache` is a folder of downloads to share (Kafka's jars). Yields the stack
+    and the names it started (not the healthy components it found running and reused); stops
+    it afterwards, folder and all."""
+    # Below /tmp, open to others: the nodes run as the postgres user and must reach their folders.
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        if cache is not None:
+            (root / "cache").symlink_to(cache)
+        environment = dict(ports, BANK_STACK_DIR=str(root), BANK_PG_NODES="3", BANK_ETCD_MEMBERS="1")
+        settings = config.load(dict(os.environ, **environment))
+        stack = Stack(settings, components(settings, environment))
+        try:
+            yield stack, asyncio.run(stack.up(out=sys.stderr))
+        finally:
+            stack.down(out=sys.stderr)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def roles(settings: config.Settings) -> dict[str, str]:
@@ -97,3 +133,25 @@ def kill_node(stack: Stack, name: str, data_dir: Path, kill: str) -> None:
         assert record is not None, f"{name} has no pid file"
         os.killpg(record.pid, signal.SIGKILL)
     os.kill(postmaster, signal.SIGKILL)
+
+
+async def kill_the_leader(stack: Stack, kill: str) -> tuple[str, float]:
+    """kill_node of the leader once the cluster is whole and settled: the member killed, and when
+    (time.monotonic())."""
+    old = await asyncio.to_thread(until, lambda: whole_cluster(stack.settings), "the whole cluster, settled",
+                                  SETTLED_TIMEOUT_S, 0.5)
+    data_dir = await asyncio.to_thread(data_directory, stack.settings, old)
+    killed_at = time.monotonic()
+    kill_node(stack, old, data_dir, kill)
+    return old, killed_at
+
+
+async def back_as_replica(stack: Stack, name: str, kill: str, timeout_s: float) -> str:
+    """The role of the killed member once it is back as a replica. A killed node is started
+    again first, by its launcher, as `make up` (or a supervisor) would; a killed postmaster is
+    started again by its Patroni."""
+    if kill == "node":
+        await stack.up([name], out=sys.stderr)
+    return await asyncio.to_thread(
+        until, lambda: role if (role := roles(stack.settings).get(name)) in REPLICA_ROLES else None,
+        f"{name} back as a replica", timeout_s, 0.5)

@@ -35,46 +35,31 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http.client
 import json
-import os
 import random
-import shutil
-import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from bank.events.v1 import events_pb2
-from bank.transfer.v1 import ledger_pb2
 
 from common import config
-from common.events import TOPICS, TRANSFER_TOPIC
+from common.events import TRANSFER_TOPIC
 from devstack.components import SERVICES, Component, all_components
 from devstack.stack import Stack
 from svc_notify.consumer import GROUP_ID, TRANSFER_GROUP_ID
 from tests import figures
-from tests.events_support import metric_samples
-from tests.ha_support import (
-    REPLICA_ROLES,
-    data_directory,
-    kill_node,
-    leader,
-    leader_with_sync_standby,
-    roles,
-    whole_cluster,
-)
-from tests.ledger_support import TIMEOUT_S, Bank, age_holds, holds_invariants, sql
-from tests.support import register, rest, until, wait_for_verification_code
+from tests.events_support import metric_samples, read_topic
+from tests.ha_support import back_as_replica, kill_the_leader, leader, leader_with_sync_standby, own_ha_stack
+from tests.ledger_support import Account, Bank, age_holds, holds_invariants, sql, transfer_rows
+from tests.support import Request, register, send_with_retries, until, wait_for_verification_code
 from tests.tokens import test_tokens
 
 # Every port of the second stack but those of the default stack's components it reuses (REUSED),
@@ -131,26 +116,20 @@ def _with_environment(components: list[Component], environment: dict[str, str]) 
 @pytest.fixture(scope="module")
 def ha_bank(stack: Stack) -> Iterator[Stack]:
     """The second stack, started for this module and stopped after it, folder and all."""
-    # Below /tmp, open to others: the nodes run as the postgres user and must reach their folders.
-    root = Path(tempfile.mkdtemp(prefix="bank-failover-test-", dir="/tmp"))
-    root.chmod(0o755)
-    (root / "cache").symlink_to(stack.paths.cache)  # Kafka's jars: downloaded once, for the default stack
-    environment = dict(PORTS, BANK_STACK_DIR=str(root), BANK_PG_NODES="3", BANK_ETCD_MEMBERS="1")
-    settings = config.load(dict(os.environ, **environment))
-    assert (settings.cassandra_port, settings.smtp_port, settings.mailpit_http_port) \
-        == (stack.settings.cassandra_port, stack.settings.smtp_port, stack.settings.mailpit_http_port)
-    components = [c for c in all_components(settings) if not c.name.startswith(NOT_STARTED)]
-    ha = Stack(settings, _with_environment(components, environment))
-    try:
-        started = asyncio.run(ha.up(out=sys.stderr))
+    def components(settings: config.Settings, environment: dict[str, str]) -> list[Component]:
+        # The default stack's Cassandra and Mailpit, on their own ports: reused, not started again.
+        assert (settings.cassandra_port, settings.smtp_port, settings.mailpit_http_port) \
+            == (stack.settings.cassandra_port, stack.settings.smtp_port, stack.settings.mailpit_http_port)
+        chosen = [c for c in all_components(settings) if not c.name.startswith(NOT_STARTED)]
+        return _with_environment(chosen, environment)
+
+    # The cache holds Kafka's jars: downloaded once, for the default stack.
+    with own_ha_stack("bank-failover-test-", PORTS, components, cache=stack.paths.cache) as (ha, started):
         assert not set(REUSED) & set(started), f"the default stack's {set(REUSED) & set(started)} not reused"
         # Ready once svc_notify's consumers are in their groups too: on a new Kafka their first
         # join meets no group coordinator yet (aiokafka logs it as an error), not a test's business.
-        until(lambda: notify_consuming(settings), "svc_notify's consumers in their groups", GROUPS_JOIN_TIMEOUT_S, 0.5)
+        until(lambda: notify_consuming(ha.settings), "svc_notify's consumers in their groups", GROUPS_JOIN_TIMEOUT_S, 0.5)
         yield ha
-    finally:
-        ha.down(out=sys.stderr)
-        shutil.rmtree(root, ignore_errors=True)
 
     async def still_healthy(name: str) -> bool:
         return await stack.by_name[name].healthy(stack.settings)
@@ -173,48 +152,17 @@ def notify_consuming(settings: config.Settings) -> bool | None:
 
 @dataclass(frozen=True)
 class Party:
-    account_id: str
+    account: Account
     token: str
-
-
-@dataclass(frozen=True)
-class Attempt:
-    sent_s: float  # time.monotonic()
-    answered_s: float
-    answer: str  # "200", "503 STORAGE_UNAVAILABLE", "504", or the connection error's type
-
-
-@dataclass
-class Request:
-    """One logical request; every retry sends exactly this (same request_id, same body)."""
-    path: str
-    body: dict[str, Any]
-    token: str
-    attempts: list[Attempt] = field(default_factory=list)
-    transfer_id: str | None = None  # of the 200
 
     @property
-    def request_id(self) -> str:
-        return str(self.body["request_id"])
+    def account_id(self) -> str:
+        return self.account.account_id
 
 
 def send(settings: config.Settings, request: Request) -> None:
     """Sends the request until it is answered 200, or for REQUEST_DEADLINE_S."""
-    deadline = time.monotonic() + REQUEST_DEADLINE_S
-    while True:
-        sent_s = time.monotonic()
-        try:
-            response = rest(settings, "POST", request.path, request.body, token=request.token)
-            answer = f"{response.status} {response.reason or ''}".strip()
-        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out: outcome unknown
-            response, answer = None, type(exc).__name__
-        request.attempts.append(Attempt(sent_s, time.monotonic(), answer))
-        if response is not None and response.status == 200:
-            request.transfer_id = str(response.body["transfer_id"])
-            return
-        if time.monotonic() > deadline:
-            return
-        time.sleep(RETRY_PAUSE_S)
+    send_with_retries(settings, request, lambda response: response.status == 200, REQUEST_DEADLINE_S, RETRY_PAUSE_S)
 
 
 def send_each(settings: config.Settings, requests: list[Request]) -> None:
@@ -281,7 +229,7 @@ async def open_parties(settings: config.Settings) -> tuple[list[Party], list[Req
     for deposit in deposits:
         await asyncio.to_thread(send, settings, deposit)
         assert deposit.transfer_id is not None, f"a deposit was not made: {deposit.attempts[-3:]}"
-    return [Party(a.account_id, tokens.customer(a.customer_id)) for a in accounts], deposits
+    return [Party(a, tokens.customer(a.customer_id)) for a in accounts], deposits
 
 
 async def place_holds(settings: config.Settings, parties: list[Party]) -> list[Request]:
@@ -296,20 +244,16 @@ async def place_holds(settings: config.Settings, parties: list[Party]) -> list[R
     return holds
 
 
-async def held_by(settings: config.Settings, account_ids: list[str]) -> dict[str, int]:
-    """balance - available_balance of each account, as the ledger answers it: the sum of its
-    PENDING holds as payer (API.md, "Holds")."""
+async def held_by(settings: config.Settings, parties: list[Party]) -> dict[str, int]:
+    """balance - available_balance of each party's account, as the ledger answers it: the sum of
+    its PENDING holds as payer (API.md, "Holds")."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.transfer_grpc_port}") as channel:
-        bank = Bank(settings, channel)
-        reply = await bank.ledger.BatchGetLedgerAccounts(
-            ledger_pb2.BatchGetLedgerAccountsRequest(account_ids=account_ids), metadata=bank.service, timeout=TIMEOUT_S)
-    return {a.account_id: a.balance - a.available_balance for a in reply.ledger_accounts}
+        found = await Bank(settings, channel).available(*(p.account for p in parties))
+    return {p.account_id: balance - available for p, (balance, available) in zip(parties, found, strict=True)}
 
 
 def expired_holds(settings: config.Settings, hold_ids: list[str]) -> int:
-    [(count,)] = sql(settings, "SELECT count(*) FROM transfer.transfers WHERE transfer_id = ANY(%s::uuid[])"
-                               " AND status = 'EXPIRED'", (hold_ids,))
-    return int(count)
+    return sum(1 for row in transfer_rows(settings, hold_ids).values() if row.status == "EXPIRED")
 
 
 def contact_email(settings: config.Settings, customer_id: str) -> str | None:
@@ -350,36 +294,21 @@ HOLD_EXPIRED = events_pb2.HoldExpired.DESCRIPTOR.full_name
 async def transfer_events_on_kafka(settings: config.Settings) -> tuple[dict[str, Counter[str]], Counter[str]]:
     """How many MoneyMoved and HoldExpired records bank.transfer.v1 holds, from its beginning: per
     event type, per transfer id (the payload's; a hold's for HoldExpired), and per event id (the
-    header's) of both, read by a fresh consumer of no group."""
-    partitions = [TopicPartition(TRANSFER_TOPIC, p) for p in range(TOPICS[TRANSFER_TOPIC])]
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                isolation_level="read_committed", request_timeout_ms=30_000)
+    header's) of both."""
     by_transfer: dict[str, Counter[str]] = {MONEY_MOVED: Counter(), HOLD_EXPIRED: Counter()}
     by_event: Counter[str] = Counter()
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        deadline = time.monotonic() + KAFKA_READ_TIMEOUT_S
-        while any([await consumer.position(tp) < end[tp] for tp in partitions]):
-            assert time.monotonic() < deadline, f"{TRANSFER_TOPIC} not read to its end in {KAFKA_READ_TIMEOUT_S:.0f}s"
-            for records in (await consumer.getmany(*partitions, timeout_ms=1000, max_records=5000)).values():
-                for record in records:
-                    headers = {key: value.decode() for key, value in record.headers}
-                    event_type = headers.get("event_type", "")
-                    if event_type == MONEY_MOVED:
-                        event: events_pb2.MoneyMoved | events_pb2.HoldExpired = \
-                            events_pb2.MoneyMoved.FromString(record.value or b"")
-                    elif event_type == HOLD_EXPIRED:
-                        event = events_pb2.HoldExpired.FromString(record.value or b"")
-                    else:
-                        continue
-                    assert event.event_id == headers.get("event_id"), (event.event_id, headers)
-                    by_transfer[event_type][event.transfer_id] += 1
-                    by_event[event.event_id] += 1
-    finally:
-        await consumer.stop()
+    for record in await read_topic(settings, TRANSFER_TOPIC, timeout_s=KAFKA_READ_TIMEOUT_S):
+        headers = {key: value.decode() for key, value in record.headers}
+        event_type = headers.get("event_type", "")
+        if event_type == MONEY_MOVED:
+            event: events_pb2.MoneyMoved | events_pb2.HoldExpired = events_pb2.MoneyMoved.FromString(record.value or b"")
+        elif event_type == HOLD_EXPIRED:
+            event = events_pb2.HoldExpired.FromString(record.value or b"")
+        else:
+            continue
+        assert event.event_id == headers.get("event_id"), (event.event_id, headers)
+        by_transfer[event_type][event.transfer_id] += 1
+        by_event[event.event_id] += 1
     return by_transfer, by_event
 
 
@@ -395,26 +324,21 @@ async def _failover(ha: Stack, kill: str, seed: int) -> None:
     parties, deposits = await open_parties(settings)
     holds = await place_holds(settings, parties)
     hold_ids = [str(h.transfer_id) for h in holds]
-    payers = [str(h.body["from_account_id"]) for h in holds]
-    assert await held_by(settings, payers) == {payer: HOLD_AMOUNT for payer in payers}
+    payers = parties[:HOLDS]  # place_holds: each pays one
+    assert [str(h.body["from_account_id"]) for h in holds] == [p.account_id for p in payers]
+    assert await held_by(settings, payers) == {payer.account_id: HOLD_AMOUNT for payer in payers}
     load = TransferLoad(settings, parties, seed)
     load.start()
     try:
         await asyncio.to_thread(until, lambda: True if load.acknowledged() >= ACKNOWLEDGED_BEFORE_KILL else None,
                                 "transfers before the kill", 90)
-        old = await asyncio.to_thread(until, lambda: whole_cluster(settings), "the whole cluster, settled", 90, 0.5)
-        data_dir = await asyncio.to_thread(data_directory, settings, old)
+        old, killed_at = await kill_the_leader(ha, kill)
         acknowledged_before = load.acknowledged()
-        killed_at = time.monotonic()
-        kill_node(ha, old, data_dir, kill)
         resumed_at = await asyncio.to_thread(until, lambda: load.first_200_sent_after(killed_at),
                                              "a 200 for a request sent after the kill", FAILOVER_WINDOW_MAX_S + 30)
         new = await asyncio.to_thread(until, lambda: n if (n := leader(settings)) not in (None, old) else None,
                                       "a new leader", 30, 0.5)
-        if kill == "node":  # its launcher starts it again, as `make up` (or a supervisor) would
-            await ha.up([old], out=sys.stderr)
-        rejoined = await asyncio.to_thread(until, lambda: r if (r := roles(settings).get(old)) in REPLICA_ROLES else None,
-                                           f"{old} back as a replica", REJOIN_TIMEOUT_S, 0.5)
+        rejoined = await back_as_replica(ha, old, kill, REJOIN_TIMEOUT_S)
         rejoined_at = time.monotonic()
         await asyncio.to_thread(until, lambda: load.first_200_sent_after(rejoined_at), "transfers after the rejoin", 30)
     finally:
@@ -465,7 +389,8 @@ async def _failover(ha: Stack, kill: str, seed: int) -> None:
         until, lambda: time.monotonic() if expired_holds(settings, hold_ids) == HOLDS else None,
         "the aged holds EXPIRED", RELEASE_TIMEOUT_S, 0.2)
     still_held = {payer: held for payer, held in (await held_by(settings, payers)).items() if held != 0}
-    await asyncio.to_thread(holds_invariants, settings, [*payers, *(str(h.body["to_account_id"]) for h in holds)])
+    await asyncio.to_thread(holds_invariants, settings,
+                            [*(p.account_id for p in payers), *(str(h.body["to_account_id"]) for h in holds)])
     projected_email, projected_at = await asyncio.to_thread(
         until, lambda: (e, time.monotonic()) if (e := contact_email(settings, customer["customer_id"])) else None,
         "the registered customer in notify.customer_contacts", PROJECTION_TIMEOUT_S, 0.2)

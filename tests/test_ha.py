@@ -15,34 +15,30 @@ and the old leader comes back as a replica. Margins are wide: these machines are
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from common import config, db
+from common import db
 from common.config import REPO_ROOT
 from devstack.components import ha_components
 from devstack.stack import Stack
 from svc_transfer import store
 from tests import figures
 from tests.ha_support import (
-    REPLICA_ROLES,
-    data_directory,
-    kill_node,
+    back_as_replica,
+    kill_the_leader,
     leader,
     leader_with_sync_standby,
     node_port,
+    own_ha_stack,
     roles,
     whole_cluster,
 )
@@ -51,6 +47,7 @@ from tests.support import until
 FAILOVER_WINDOW_MAX_S = 30.0
 REJOIN_TIMEOUT_S = 90.0
 WRITERS = 4
+PORTS = {"BANK_PG_PORT": "15432", "BANK_PATRONI_PORT": "18008", "BANK_ETCD_PORT": "12379"}
 SCHEMA = "ha_probe"
 # A write failing with one of these has an unknown outcome (the services answer 503 for each).
 WRITE_ERRORS: tuple[type[Exception], ...] = (*db.TRANSIENT_ERRORS, TimeoutError)
@@ -58,18 +55,8 @@ WRITE_ERRORS: tuple[type[Exception], ...] = (*db.TRANSIENT_ERRORS, TimeoutError)
 
 @pytest.fixture(scope="module")
 def ha_stack() -> Iterator[Stack]:
-    # Below /tmp, open to others: the nodes run as the postgres user and must reach their folders.
-    root = Path(tempfile.mkdtemp(prefix="bank-ha-test-", dir="/tmp"))
-    root.chmod(0o755)
-    settings = config.load(dict(os.environ, BANK_STACK_DIR=str(root), BANK_PG_NODES="3", BANK_ETCD_MEMBERS="1",
-                                BANK_PG_PORT="15432", BANK_PATRONI_PORT="18008", BANK_ETCD_PORT="12379"))
-    stack = Stack(settings, ha_components(settings))
-    try:
-        asyncio.run(stack.up(out=sys.stderr))
+    with own_ha_stack("bank-ha-test-", PORTS, lambda settings, _: ha_components(settings)) as (stack, _):
         yield stack
-    finally:
-        stack.down(out=sys.stderr)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
@@ -144,10 +131,7 @@ async def _failover(ha_stack: Stack, load: Load, pool: AsyncConnectionPool, kill
     settings = ha_stack.settings
     await asyncio.to_thread(until, lambda: leader_with_sync_standby(settings), "a leader with a sync standby", 60)
     await asyncio.to_thread(until, lambda: True if len(load.acknowledged) >= 200 else None, "writes before the kill", 60)
-    old = await asyncio.to_thread(until, lambda: whole_cluster(settings), "the whole cluster, settled", 90, 0.5)
-    data_dir = await asyncio.to_thread(data_directory, settings, old)
-    killed_at = time.monotonic()
-    kill_node(ha_stack, old, data_dir, kill)
+    old, killed_at = await kill_the_leader(ha_stack, kill)
     acknowledged_before = len(load.acknowledged)
 
     # Backends of a killed postmaster may finish what they were doing: writes "again" means
@@ -156,11 +140,7 @@ async def _failover(ha_stack: Stack, load: Load, pool: AsyncConnectionPool, kill
     resumed_at = await asyncio.to_thread(until, lambda: load.first_ack_after(killed_at, old_port),
                                          "a write acknowledged by another node after the kill", FAILOVER_WINDOW_MAX_S + 30)
     new = leader(settings)
-    if kill == "node":  # its launcher starts it again, as `make up` would
-        await ha_stack.up([old], out=sys.stderr)
-    rejoined = await asyncio.to_thread(
-        until, lambda: role if (role := roles(settings).get(old)) in REPLICA_ROLES else None,
-        f"{old} back as a replica", REJOIN_TIMEOUT_S, 0.5)
+    rejoined = await back_as_replica(ha_stack, old, kill, REJOIN_TIMEOUT_S)
     await asyncio.to_thread(until, lambda: True if load.first_ack_after(time.monotonic() - 1) else None, "writes go on", 30)
     load.stop.set()
     await asyncio.sleep(0.5)
