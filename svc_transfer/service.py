@@ -113,11 +113,16 @@ def _busy_is_unavailable() -> Iterator[None]:
         raise refused("LEDGER_BUSY") from exc
 
 
-def _check_movement_input(request_id: str, amount: int, currency: str, description: str) -> None:
+def _check_request(request_id: str, amount: int | None) -> None:
+    """What every movement checks first: its request_id, and its amount when it names one."""
     if not 1 <= len(request_id) <= REQUEST_ID_LENGTH_MAX:
         raise invalid("request_id", f"must be 1 to {REQUEST_ID_LENGTH_MAX} characters")
-    if not 0 < amount <= INT64_MAX:
+    if amount is not None and not 0 < amount <= INT64_MAX:
         raise refused("INVALID_AMOUNT")
+
+
+def _check_movement_input(request_id: str, amount: int, currency: str, description: str) -> None:
+    _check_request(request_id, amount)
     if len(description) > DESCRIPTION_LENGTH_MAX:
         raise invalid("description", f"must be at most {DESCRIPTION_LENGTH_MAX} characters")
     if not CURRENCY_CODE.match(currency):
@@ -142,6 +147,14 @@ MOVED_MINOR_UNITS = Counter("ledger_moved_minor_units_total", "Money moved, in t
 METRIC_CURRENCIES = SUPPORTED_CURRENCIES
 
 
+def _currency_label(currency: str) -> str:
+    """A refused post or void names no currency (the hold's is read under its lock, and a
+    refusal returns none): UNKNOWN, apart from requests in currencies the bank lacks (OTHER)."""
+    if not currency:
+        return "UNKNOWN"
+    return currency if currency in METRIC_CURRENCIES else "OTHER"
+
+
 def _nothing() -> None:
     pass
 
@@ -163,7 +176,7 @@ async def _apply(movements: Movements, request: MovementRequest, metric_kind: st
     with _busy_is_unavailable():
         movement = await movements.move(request)
     currency = movement.transfer.currency if movement.transfer is not None else request.currency
-    label = currency if currency in METRIC_CURRENCIES else "OTHER"
+    label = _currency_label(currency)
     if movement.error is not None:
         MOVEMENTS.labels(metric_kind, label, movement.error).inc()
         raise _refusal(movement)
@@ -235,10 +248,7 @@ async def _settle(movements: Movements, caller: Caller, *, kind: str, transfer_i
                   amount: int | None, on_commit: Callable[[], None]) -> Transfer:
     """Posts or voids a hold, as its payee or a teller. Who may, and the hold's state and clock,
     are decided by the ledger under the hold's lock (migrations/0006)."""
-    if not 1 <= len(request_id) <= REQUEST_ID_LENGTH_MAX:
-        raise invalid("request_id", f"must be 1 to {REQUEST_ID_LENGTH_MAX} characters")
-    if amount is not None and not 0 < amount <= INT64_MAX:
-        raise refused("INVALID_AMOUNT")
+    _check_request(request_id, amount)
     hold_id = parse_uuid(transfer_id)
     owner = _customer_id(caller)
     if hold_id is None or (owner is None and not _sees_everything(caller)):

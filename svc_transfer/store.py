@@ -117,6 +117,12 @@ async def _fetch(pool: AsyncConnectionPool, query: str, params: Sequence[Any],
         raise LedgerBusy(f"no answer within {limit_s:.3g} s; the outcome is unknown") from exc
 
 
+# The columns of a transfer in the rows of the ledger's functions and reads, in this order.
+_TRANSFER_COLUMNS = ("transfer_id", "kind", "request_id", "from_account_id", "to_account_id", "amount", "currency",
+                     "description", "create_time", "status", "held_amount", "expire_time")
+_STATUS_AT = _TRANSFER_COLUMNS.index("status")
+
+
 def _transfer(row: Sequence[Any]) -> Transfer:
     (transfer_id, kind, request_id, from_id, to_id, amount, currency, description, create_time, status, held_amount,
      expire_time) = row
@@ -163,7 +169,7 @@ def _movements(rows: Sequence[Sequence[Any]]) -> list[Movement]:
             movements.append(Movement(None, bool(replayed), _transfer(transfer)))
         else:
             # Only a TRANSFER_NOT_PENDING comes back with a status (the hold's): its message names it.
-            movements.append(Movement(error, False, None, transfer[-3]))
+            movements.append(Movement(error, False, None, transfer[_STATUS_AT]))
     return movements
 
 
