@@ -232,18 +232,26 @@ def service_metric(settings: Settings, service: str, name: str, **labels: str) -
     return total
 
 
-async def produce_money_moved(settings: Settings, *events: events_pb2.MoneyMoved) -> None:
-    """Publish events as svc_transfer's relay does: keyed by transfer id, with its headers."""
+TransferEvent = (events_pb2.MoneyMoved | events_pb2.HoldPlaced | events_pb2.HoldPosted | events_pb2.HoldVoided
+                 | events_pb2.HoldExpired)
+
+
+async def produce_transfer_events(settings: Settings, *events: TransferEvent) -> dict[int, int]:
+    """Publish events in order as svc_transfer's relay does: keyed by transfer id, with its
+    headers. Returns the last offset written on each partition."""
     await ensure_topics(settings)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
     await producer.start()
+    last: dict[int, int] = {}
     try:
         for event in events:
             headers = [("event_type", event.DESCRIPTOR.full_name.encode()), ("event_id", event.event_id.encode())]
-            await producer.send_and_wait(TRANSFER_TOPIC, event.SerializeToString(), key=event.transfer_id.encode(),
-                                         headers=headers)
+            sent = await producer.send_and_wait(TRANSFER_TOPIC, event.SerializeToString(),
+                                                key=event.transfer_id.encode(), headers=headers)
+            last[sent.partition] = max(last.get(sent.partition, -1), sent.offset)
     finally:
         await producer.stop()
+    return last
 
 
 @contextlib.asynccontextmanager

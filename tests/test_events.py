@@ -23,7 +23,7 @@ from tests.events_support import (
     deposit,
     holder,
     mails_with,
-    produce_money_moved,
+    produce_transfer_events,
     statement,
     statement_with,
     teller_token,
@@ -140,7 +140,7 @@ async def test_statement_pages_newest_first_across_months_and_a_duplicate_makes_
     months = [datetime(2025, m, d, 12, 0, tzinfo=UTC) for m, d in ((1, 5), (1, 20), (3, 1), (3, 2), (7, 9))]
     events = [_event(owner.account_id, when, 100 + i) for i, when in enumerate(months)]
     # The same event twice (a relay that published again after a crash), and out of order.
-    await produce_money_moved(settings, events[2], *events, events[2])
+    await produce_transfer_events(settings, events[2], *events, events[2])
     lines = await asyncio.to_thread(statement_with, settings, owner.token, owner.account_id, 5)
     assert [int(a["amount"]) for a in lines] == [104, 103, 102, 101, 100]
     # Months listed without a line (a line write that failed for good after its month was
@@ -171,7 +171,7 @@ async def test_a_poisoned_event_is_dead_lettered_by_each_consumer_and_can_be_rep
                           amount=5, currency="USD")
     topic = dlq_topic(TRANSFER_TOPIC)
     start = await dlq.end_offsets(settings, topic)  # what earlier runs parked stays out of the way
-    await produce_money_moved(settings, poisoned)
+    await produce_transfer_events(settings, poisoned)
 
     async def parked(count: int) -> list[dict[str, object]]:
         for _ in range(100):

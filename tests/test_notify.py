@@ -23,8 +23,8 @@ from common import cassandra
 from common.config import Settings
 from common.errors import reason_of
 from common.events import CUSTOMER_TOPIC, TOPICS, TRANSFER_TOPIC
-from common.outbox import ensure_topics
 from devstack.stack import Stack
+from tests.events_support import produce_transfer_events
 from tests.support import mailpit_messages, mailpit_text, unique_email, until_async
 from tests.tokens import TestTokens
 
@@ -248,25 +248,6 @@ HoldEventT = TypeVar("HoldEventT", bound=HoldEvent)
 TRANSFER_GROUPS = ("svc_notify.transfer", "svc_account")
 
 
-async def _produce_transfer_events(settings: Settings, *events: HoldEvent) -> dict[int, int]:
-    """Publish as svc_transfer's relay does (keyed by transfer id, its headers); the last offset
-    written on each partition."""
-    await ensure_topics(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    last: dict[int, int] = {}
-    try:
-        for event in events:
-            headers = [("event_type", event.DESCRIPTOR.full_name.encode()),
-                       ("event_id", event.event_id.encode())]
-            sent = await producer.send_and_wait(TRANSFER_TOPIC, event.SerializeToString(),
-                                                key=event.transfer_id.encode(), headers=headers)
-            last[sent.partition] = max(last.get(sent.partition, -1), sent.offset)
-    finally:
-        await producer.stop()
-    return last
-
-
 async def _committed_past(settings: Settings, group: str, last: dict[int, int]) -> bool:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000)
     await admin.start()
@@ -322,7 +303,7 @@ async def test_released_holds_email_the_payer_once_each_and_no_consumer_is_held_
     for event in (posted, voided, expired):
         event.create_time.GetCurrentTime()
     # The void twice, as the relay does after a crash: the payer still gets one email for it.
-    last = await _produce_transfer_events(settings, placed, posted, voided, voided, expired)
+    last = await produce_transfer_events(settings, placed, posted, voided, voided, expired)
 
     async def emails() -> list[dict[str, object]] | None:
         found = await _mails(settings, payer_email)
