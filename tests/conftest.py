@@ -1,7 +1,7 @@
-"""The one stack fixture (and the ledger clients `bank` and `banks` on it): the session starts
-the local stack through the launcher's own code (`devstack.stack.Stack.up`), reusing whatever
-already runs and is healthy (a developer's `make up`), and stops at the end exactly what it
-started.
+"""The one stack fixture (and on it the ledger clients `bank` and `banks`, and `pool` on
+svc_transfer's schema): the session starts the local stack through the launcher's own code
+(`devstack.stack.Stack.up`), reusing whatever already runs and is healthy (a developer's
+`make up`), and stops at the end exactly what it started.
 
 And the end-of-session check that no log of the stack holds a secret the tests used
 (tests/secret_scan.py): it fails the run if one does."""
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
-from common import config
+from common import config, db
 from devstack.components import Paths
 from devstack.stack import Stack
 from tests import figures, secret_scan
@@ -68,6 +69,16 @@ async def banks(stack: Stack, settings: config.Settings) -> AsyncIterator[list[B
     finally:
         for channel in channels:
             await channel.close()
+
+
+@pytest.fixture
+async def pool(stack: Stack, settings: config.Settings) -> AsyncIterator[AsyncConnectionPool]:
+    """A pool on svc_transfer's schema, for the tests that call its store directly."""
+    pool = await db.open_pool(settings, "transfer")
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 def _logs() -> Path:

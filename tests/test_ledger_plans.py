@@ -6,48 +6,22 @@ transaction, so each measured batch runs alone in a transaction of its own."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import psycopg
-import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from common import db
 from common.config import Settings
-from devstack.stack import Stack
 from svc_transfer import store
 from svc_transfer.store import Movement, MovementRequest
-from tests.ledger_support import Account, Bank, new_request_id
+from tests.batch_support import hold, settle, transfer
+from tests.ledger_support import Account, Bank
 
 HOLDS_PER_BATCH = 200  # batch_size_max is 256
 
 
-@pytest.fixture
-async def pool(stack: Stack, settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
-    pool = await db.open_pool(settings, "transfer")
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-def hold(source: Account, target: Account) -> MovementRequest:
-    return MovementRequest(f"customer:{source.customer_id}", new_request_id(), "TRANSFER", source.customer_id,
-                           source.account_id, target.account_id, 1, source.currency, "", {}, hold_seconds=3600)
-
-
-def settle(kind: str, hold_id: str, payee: Account) -> MovementRequest:
-    return MovementRequest(f"customer:{payee.customer_id}", new_request_id(), kind, payee.customer_id, None, None,
-                           None, "", "", {}, hold_id=hold_id)
-
-
-def transfer(source: Account, target: Account) -> MovementRequest:
-    return MovementRequest(f"customer:{source.customer_id}", new_request_id(), "TRANSFER", source.customer_id,
-                           source.account_id, target.account_id, 1, source.currency, "", {})
-
-
 async def place_holds(pool: AsyncConnectionPool, source: Account, target: Account) -> list[str]:
-    movements = await store.move_money_batch(pool, [hold(source, target) for _ in range(HOLDS_PER_BATCH)])
+    movements = await store.move_money_batch(pool, [hold(source, target, 1) for _ in range(HOLDS_PER_BATCH)])
     assert all(m.error is None and m.transfer is not None for m in movements)
     return [m.transfer.transfer_id for m in movements if m.transfer is not None]
 
@@ -74,7 +48,7 @@ async def test_a_batch_reads_transfers_by_key_whatever_the_number_of_pending_hol
     pending = await place_holds(pool, payer, payee)
 
     async def measured(kind: str, hold_id: str | None = None) -> dict[str, int]:
-        request = transfer(payer, payee) if hold_id is None else settle(kind, hold_id, payee)
+        request = transfer(payer, payee, 1) if hold_id is None else settle(kind, payee, hold_id)
         movements, reads = await reads_of(settings, [request])
         assert movements[0].error is None, movements[0]
         return reads

@@ -24,7 +24,7 @@ from common.errors import reason_of
 from devstack.stack import Stack
 from svc_transfer import events as transfer_events
 from svc_transfer import store
-from svc_transfer.store import MovementRequest
+from tests.batch_support import deposit, hold, settle, transfer
 from tests.ledger_support import Account, Bank, age_holds, holds_invariants, new_request_id, sql
 
 
@@ -33,25 +33,6 @@ async def bank(stack: Stack, settings: Settings) -> AsyncIterator[Bank]:
     # The first process's own port: every call of this module reaches one batcher.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.private_grpc_port('transfer', 0)}") as channel:
         yield Bank(settings, channel)
-
-
-@pytest.fixture
-async def pool(stack: Stack, settings: Settings) -> AsyncIterator[AsyncConnectionPool]:
-    pool = await db.open_pool(settings, "transfer")
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-def transfer(source: Account, target: Account, amount: int, request_id: str | None = None) -> MovementRequest:
-    return MovementRequest(f"customer:{source.customer_id}", request_id or new_request_id(), "TRANSFER",
-                           source.customer_id, source.account_id, target.account_id, amount, source.currency, "", {})
-
-
-def deposit(target: Account, amount: int) -> MovementRequest:
-    return MovementRequest("teller:tests", new_request_id(), "DEPOSIT", None, None, target.account_id, amount,
-                           target.currency, "", {})
 
 
 async def test_a_batch_applies_each_movement_in_order_with_its_own_result(bank: Bank, pool: AsyncConnectionPool) -> None:
@@ -265,19 +246,6 @@ async def test_a_pooled_connection_whose_backend_ended_is_replaced_before_use(
 
 
 # --- holds (migrations/0006): POST, VOID and EXPIRE in the same batch ---------------------------
-
-def hold(source: Account, target: Account, amount: int, hold_seconds: int = 3600,
-         request_id: str | None = None) -> MovementRequest:
-    return dataclasses.replace(transfer(source, target, amount, request_id), hold_seconds=hold_seconds)
-
-
-def settle(kind: str, payee: Account, hold_id: str, amount: int | None = None, request_id: str | None = None,
-           owner_id: str | None = None) -> MovementRequest:
-    """A POST or VOID by the payee's owner (or by owner_id)."""
-    owner = owner_id or payee.customer_id
-    return MovementRequest(f"customer:{owner}", request_id or new_request_id(), kind, owner, None, None, amount, "",
-                           "", {}, hold_id=hold_id)
-
 
 def hold_rows(settings: Settings, ids: list[str]) -> dict[str, tuple[str, int, int, bool]]:
     """(status, amount, held_amount, settled) by hold id, as stored."""
