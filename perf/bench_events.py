@@ -43,9 +43,10 @@ from typing import Any
 
 from common import config
 from common.config import REPO_ROOT
+from common.events import TOPICS, TRANSFER_TOPIC
 from devstack import proc
 from devstack.stack import Stack
-from tests.events_support import Holder, deposit, holder, mailpit_stats, service_metric, teller_token
+from tests.events_support import Holder, deposit, holder, mailpit_stats, metric_samples, service_metric, teller_token
 from tests.support import mail_count, rest
 
 RESULTS = REPO_ROOT / "perf" / "results"
@@ -237,13 +238,27 @@ def people(settings: config.Settings, count: int, funds: int) -> list[Holder]:
     return found
 
 
+def _lag_known(settings: config.Settings) -> bool:
+    """Whether every consumer group of the transfer topic has measured the lag of every partition:
+    a consumer that has just started has measured none, and its lag then reads 0."""
+    for service in ("account", "notify"):
+        measured: dict[str, set[str]] = {}
+        for index in range(settings.processes(service)):
+            for name, labels, _ in metric_samples(settings.metrics_port(service, index)):
+                if name == "consumer_lag_records" and labels.get("topic") == TRANSFER_TOPIC:
+                    measured.setdefault(labels["group"], set()).add(labels["partition"])
+        if not measured or any(len(partitions) < TOPICS[TRANSFER_TOPIC] for partitions in measured.values()):
+            return False
+    return True
+
+
 def wait_caught_up(settings: config.Settings, timeout_s: float = 120.0) -> None:
     """Until the relay has published everything and both consumers' groups have no lag."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         backlog = service_metric(settings, "transfer", "outbox_backlog")
         lag = sum(service_metric(settings, service, "consumer_lag_records") for service in ("account", "notify"))
-        if backlog == 0 and lag == 0:
+        if backlog == 0 and lag == 0 and _lag_known(settings):
             return
         time.sleep(0.5)
     raise RuntimeError(f"the consumers did not catch up within {timeout_s}s")

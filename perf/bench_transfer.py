@@ -33,7 +33,9 @@ The bench's accounts and movements stay in the ledger (JPY, ids under a per-run 
 `make bench-transfer` pauses svc_account and svc_notify for the runs (--pause-consumers): their
 consumers turn each movement into statement lines and emails as it happens, which takes about
 one of the two cores from the path being measured and from pgbench alike (`make bench-events`
-measures that half). Without the flag, the numbers are those of the whole stack at once.
+measures that half). Without the flag, the numbers are those of the whole stack at once. With
+it, the bench starts them again at the end and waits (DRAIN_TIMEOUT_S at most) until they have
+handled the backlog the runs left, so the next sitting, or `make test`, finds the stack idle.
 
 Needs the stack up (`make up`), ghz and k6 (`make tools`; without k6 the REST runs are skipped). Writes perf/results/transfer-<time>.json
 and .png (and transfer-latest.*). 2 CPU cores: the load generators compete with what they load.
@@ -65,6 +67,7 @@ import psycopg
 from common import config
 from common.ids import new_id
 from devstack.stack import Stack
+from perf.bench_events import wait_caught_up
 from tests.tokens import test_tokens
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +86,8 @@ HOLDS_OF = {"pgbench-holds": "pgbench", "rest-envoy-holds": "rest-envoy"}
 PATHS = ("ceiling", "grpc-direct", "grpc-envoy", "rest-envoy", "rest-envoy-holds", "pgbench", "pgbench-holds")
 # The services whose Kafka consumers turn every movement into statement lines and emails.
 CONSUMERS = ["svc_account", "svc_notify"]
+# A full run leaves the paused consumers some 150,000 events; they handle a few hundred a second.
+DRAIN_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -625,6 +630,20 @@ def run_all(bench: Bench, results: list[Result], layouts: dict[str, tuple[int, i
                       f"  errors {result.errors} {result.note}", flush=True)
 
 
+def drain(settings: config.Settings) -> None:
+    """Waits until the consumers started again have handled what the runs published: a draining
+    backlog takes most of the database, and would weigh on whatever runs next."""
+    print(f"waiting for the consumers to catch up with the runs' events (at most {DRAIN_TIMEOUT_S:.0f} s)...",
+          flush=True)
+    started = time.monotonic()
+    try:
+        wait_caught_up(settings, DRAIN_TIMEOUT_S)
+    except RuntimeError as exc:
+        print(f"  {exc}: they are still draining", flush=True)
+        return
+    print(f"  caught up after {time.monotonic() - started:.0f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=int, default=10, help="seconds per run (default 10)")
@@ -633,7 +652,8 @@ def main() -> None:
                                            "pgbench-holds", help="comma-separated, of: " + ", ".join(PATHS))
     parser.add_argument("--pause-consumers", action="store_true",
                         help="stop svc_account and svc_notify for the runs (the synchronous path alone: their event "
-                             "consumers otherwise take about a core of the two), and start them again afterwards")
+                             "consumers otherwise take about a core of the two), and start them again afterwards, "
+                             "waiting until they have caught up")
     parser.add_argument("--whole-stack-first", action="store_true",
                         help="before pausing the consumers, one rest-envoy run per client count (uniform) with every "
                              "consumer running and no backlog: path rest-envoy+consumers")
@@ -712,6 +732,8 @@ def main() -> None:
         shutil.copyfile(json_path, RESULTS / "transfer-latest.json")
         shutil.copyfile(png_path, RESULTS / "transfer-latest.png")
         print(f"wrote {json_path} and {png_path} ({report['wall_time_s']} s)")
+        if args.pause_consumers:
+            drain(settings)
         if not check["ok"]:
             raise SystemExit("the ledger check failed after the bench")
 
