@@ -46,7 +46,7 @@ from common.config import REPO_ROOT
 from common.events import TOPICS, TRANSFER_TOPIC
 from devstack import proc
 from devstack.stack import Stack
-from tests.events_support import Holder, deposit, holder, mailpit_stats, metric_samples, service_metric, teller_token
+from tests.events_support import Holder, deposit, holder, lag_measured, mailpit_stats, service_metric, teller_token
 from tests.support import mail_count, rest
 
 RESULTS = REPO_ROOT / "perf" / "results"
@@ -242,12 +242,12 @@ def _lag_known(settings: config.Settings) -> bool:
     """Whether every consumer group of the transfer topic has measured the lag of every partition:
     a consumer that has just started has measured none, and its lag then reads 0."""
     for service in ("account", "notify"):
-        measured: dict[str, set[str]] = {}
+        measured: dict[str, set[tuple[str, str]]] = {}
         for index in range(settings.processes(service)):
-            for name, labels, _ in metric_samples(settings.metrics_port(service, index)):
-                if name == "consumer_lag_records" and labels.get("topic") == TRANSFER_TOPIC:
-                    measured.setdefault(labels["group"], set()).add(labels["partition"])
-        if not measured or any(len(partitions) < TOPICS[TRANSFER_TOPIC] for partitions in measured.values()):
+            for group, partitions in lag_measured(settings, service, index).items():
+                measured.setdefault(group, set()).update(p for p in partitions if p[0] == TRANSFER_TOPIC)
+        transfer_groups = [partitions for partitions in measured.values() if partitions]
+        if not transfer_groups or any(len(partitions) < TOPICS[TRANSFER_TOPIC] for partitions in transfer_groups):
             return False
     return True
 

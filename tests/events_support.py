@@ -222,6 +222,17 @@ def metric_samples(port: int) -> list[tuple[str, dict[str, str], float]]:
             for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
+def lag_measured(settings: Settings, service: str, index: int) -> dict[str, set[tuple[str, str]]]:
+    """The (topic, partition) pairs whose lag one process of the service has measured, by consumer
+    group (consumer_lag_records, common/consumer.py): a consumer that has not polled a partition
+    yet has no series for it, and reads as no lag."""
+    measured: dict[str, set[tuple[str, str]]] = {}
+    for name, labels, _ in metric_samples(settings.metrics_port(service, index)):
+        if name == "consumer_lag_records":
+            measured.setdefault(labels["group"], set()).add((labels["topic"], labels["partition"]))
+    return measured
+
+
 def service_metric(settings: Settings, service: str, name: str, **labels: str) -> float:
     """The sum of a metric's samples with these labels over every process of the service."""
     total = 0.0

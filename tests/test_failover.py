@@ -56,7 +56,7 @@ from devstack.components import SERVICES, Component, all_components
 from devstack.stack import Stack
 from svc_notify.consumer import GROUP_ID, TRANSFER_GROUP_ID
 from tests import figures
-from tests.events_support import metric_samples, read_topic
+from tests.events_support import lag_measured, read_topic
 from tests.ha_support import back_as_replica, kill_the_leader, leader, leader_with_sync_standby, own_ha_stack
 from tests.ledger_support import Account, Bank, age_holds, holds_invariants, sql, transfer_rows
 from tests.support import Request, register, send_with_retries, until, wait_for_verification_code
@@ -141,9 +141,7 @@ def notify_consuming(settings: config.Settings) -> bool | None:
     """True once each of svc_notify's consumers owns partitions and has polled them: its group's
     consumer_lag_records series (common/consumer.py) are on every process's /metrics."""
     for index in range(settings.processes("notify")):
-        groups = {labels.get("group") for name, labels, _ in metric_samples(settings.metrics_port("notify", index))
-                  if name == "consumer_lag_records"}
-        if not set(NOTIFY_GROUPS) <= groups:
+        if not set(NOTIFY_GROUPS) <= set(lag_measured(settings, "notify", index)):
             return None
     return True
 
